@@ -1,0 +1,157 @@
+//! Debian packages as build inputs: resolve a package's candidate version, download the `.deb`
+//! with `apt-get download` and unpack it with `dpkg-deb -x`, cached by name and version.
+//!
+//! Everything ferry puts in a guest or in the nested host comes through here, so the guest is made
+//! of Debian's own binaries and nothing is fetched from anywhere else.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Errors from resolving, downloading or unpacking a Debian package.
+#[derive(Debug, thiserror::Error)]
+pub enum DebianError {
+    #[error("`{command}` could not be started: {source} (ferry needs Debian's apt and dpkg tools)")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    CommandFailed { command: String, stderr: String },
+    #[error("Debian package `{0}` has no installable version; check the name, or run `apt-get update`")]
+    NoCandidate(String),
+    #[error("`{package}` depends on no `{prefix}*` package; cannot tell which one to use")]
+    NoDependency { package: String, prefix: String },
+    #[error("cannot write the package cache at {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A package unpacked into the cache.
+#[derive(Debug, Clone)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    /// The unpacked file tree (what `dpkg-deb -x` produced).
+    pub root: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Result<String, DebianError> {
+    let command = format!("{cmd:?}").replace('"', "");
+    let out = cmd.output().map_err(|source| DebianError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(DebianError::CommandFailed {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The version apt would install for `name`, running `apt-get update` once if the lists are empty.
+pub fn candidate_version(name: &str) -> Result<String, DebianError> {
+    if let Some(v) = policy_candidate(name)? {
+        return Ok(v);
+    }
+    update_lists()?;
+    policy_candidate(name)?.ok_or_else(|| DebianError::NoCandidate(name.to_string()))
+}
+
+fn policy_candidate(name: &str) -> Result<Option<String>, DebianError> {
+    let out = run(Command::new("apt-cache").args(["policy", name]))?;
+    Ok(out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(|v| v.trim().to_string())
+        .filter(|v| v != "(none)" && !v.is_empty()))
+}
+
+/// Runs `apt-get update`, printing what it does since it takes a while.
+pub fn update_lists() -> Result<(), DebianError> {
+    eprintln!("ferry: refreshing Debian package lists (apt-get update)");
+    run(Command::new("apt-get").args(["update", "-q"])).map(|_| ())
+}
+
+/// The first package that `name` depends on whose name starts with `prefix`, e.g. the versioned
+/// kernel package behind `linux-image-amd64`.
+pub fn dependency_with_prefix(name: &str, prefix: &str) -> Result<String, DebianError> {
+    candidate_version(name)?;
+    let out = run(Command::new("apt-cache").args(["depends", name]))?;
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|d| d.starts_with(prefix))
+        .map(str::to_string)
+        .ok_or_else(|| DebianError::NoDependency {
+            package: name.to_string(),
+            prefix: prefix.to_string(),
+        })
+}
+
+/// Downloads and unpacks `name` (its candidate version) under `cache/debs/`, once per version.
+pub fn fetch(name: &str, cache: &Path) -> Result<Package, DebianError> {
+    let version = candidate_version(name)?;
+    let safe_version = version.replace([':', '/'], "_");
+    let base = cache.join("debs");
+    let root = base.join(format!("{name}_{safe_version}"));
+    let done = root.join(".ferry-unpacked");
+    if !done.exists() {
+        eprintln!("ferry: downloading Debian package {name} {version}");
+        let cache_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DebianError::Cache { path, source }
+        };
+        let dl = base.join(format!(".download-{name}"));
+        let _ = std::fs::remove_dir_all(&dl);
+        std::fs::create_dir_all(&dl).map_err(cache_err(&dl))?;
+        run(Command::new("apt-get")
+            .current_dir(&dl)
+            .args(["download", "-q", &format!("{name}={version}")]))?;
+        let deb = std::fs::read_dir(&dl)
+            .map_err(cache_err(&dl))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| DebianError::NoCandidate(name.to_string()))?;
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).map_err(cache_err(&root))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        std::fs::write(&done, &version).map_err(cache_err(&done))?;
+        let _ = std::fs::remove_dir_all(&dl);
+    }
+    Ok(Package {
+        name: name.to_string(),
+        version,
+        root,
+    })
+}
+
+/// Installs Debian packages on this machine with apt-get (used for tools ferry runs on the host,
+/// such as QEMU for the nested host). `target_release` selects a suite such as a backports one.
+pub fn install(packages: &[&str], target_release: Option<&str>) -> Result<(), DebianError> {
+    eprintln!("ferry: installing {} with apt-get", packages.join(" "));
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"]);
+    if let Some(release) = target_release {
+        cmd.args(["-t", release]);
+    }
+    cmd.args(packages);
+    run(&mut cmd).map(|_| ())
+}
+
+/// The per-user cache directory: `$XDG_CACHE_HOME/ferry`, else `~/.cache/ferry`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERRY_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    base.join("ferry")
+}

@@ -1,0 +1,6 @@
+//! The `ferry` command's library: everything above one VMM (guest images, the nested host, the
+//! `run` command) lives here; the hypervisor itself is the `ferry-vmm` crate.
+
+pub mod cpio;
+pub mod debian;
+pub mod kernel;

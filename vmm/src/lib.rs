@@ -1,0 +1,1 @@
+//! One ferry node's hypervisor.
