@@ -4,3 +4,4 @@
 pub mod cpio;
 pub mod debian;
 pub mod kernel;
+pub mod kmod;
