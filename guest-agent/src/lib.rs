@@ -1,1 +1,16 @@
-//! ferry's guest agent.
+//! ferry's guest agent and the protocol it speaks with the host.
+//!
+//! - [`protocol`]: the frames on the wire, written down once.
+//! - [`client`]: the host's side (used by the VMM over the serial port and by the nested host
+//!   over TCP).
+//! - [`server`]: the agent's side, which the `ferry-agent` binary runs in the guest.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+mod sys;
+
+pub use client::{AgentConnection, ClientError, Stream};
+pub use protocol::{ExecRequest, Hello, Message, PROTOCOL_VERSION};
+pub use server::Agent;
+pub use sys::make_raw;

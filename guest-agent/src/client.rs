@@ -1,0 +1,350 @@
+//! The host's side of the agent protocol: connect, run commands, power the guest off.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    Decoder, ExecRequest, Hello, Message, ProtocolError, PROTOCOL_VERSION, STREAM_CHUNK,
+};
+
+/// A byte stream the protocol can run over.
+pub trait Stream: Read + Write + Send + Sized + 'static {
+    /// A second handle to the same stream (for writing while another thread reads).
+    fn try_clone_stream(&self) -> io::Result<Self>;
+    /// Sets how long a read may block; `None` blocks indefinitely.
+    fn set_read_timeout_opt(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn set_read_timeout_opt(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl Stream for UnixStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn set_read_timeout_opt(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+/// A character device such as a serial port. Read timeouts are not supported.
+impl Stream for File {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn set_read_timeout_opt(&self, t: Option<Duration>) -> io::Result<()> {
+        match t {
+            None => Ok(()),
+            Some(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "read timeouts are not supported on a plain file",
+            )),
+        }
+    }
+}
+
+/// Errors talking to an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The transport failed.
+    #[error("agent connection: {context}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The transport's error.
+        #[source]
+        source: io::Error,
+    },
+    /// No answer in time.
+    #[error(
+        "the guest agent did not answer within {0:?} while {1}; is the guest up and \
+         ferry-agent running in it (see the guest console)?"
+    )]
+    Timeout(Duration, &'static str),
+    /// The peer closed the connection.
+    #[error("the connection to the guest agent closed while {0}")]
+    Disconnected(&'static str),
+    /// The agent sent something this build cannot decode.
+    #[error("bad frame from the guest agent")]
+    Protocol(#[from] ProtocolError),
+    /// The agent's Hello announced another protocol version.
+    #[error(
+        "the guest agent speaks protocol version {agent}, ferry speaks {host}; rebuild the \
+         guest image (`ferry image build --force`)"
+    )]
+    VersionMismatch {
+        /// The agent's version.
+        agent: u16,
+        /// Ours.
+        host: u8,
+    },
+    /// The command to run was empty.
+    #[error("no command to run")]
+    EmptyCommand,
+    /// Writing the command's output to the caller's writers failed.
+    #[error("cannot write the command's output")]
+    Output(#[source] io::Error),
+}
+
+/// How often the handshake asks again for a Hello while waiting.
+const HELLO_RETRY: Duration = Duration::from_secs(2);
+
+/// A connection to one agent, after its Hello.
+pub struct AgentConnection<S: Stream> {
+    reader: S,
+    writer: Arc<Mutex<S>>,
+    decoder: Decoder,
+    hello: Hello,
+    timeout: Duration,
+    next_nonce: u64,
+    buf: Vec<u8>,
+}
+
+impl<S: Stream> AgentConnection<S> {
+    /// Waits up to `timeout` for the agent's Hello, skipping anything else on the stream (boot
+    /// noise, stale frames), and checks the protocol version. Asks for a Hello (again) every
+    /// couple of seconds, for an agent that started before the host attached.
+    pub fn handshake(stream: S, timeout: Duration) -> Result<Self, ClientError> {
+        let writer = stream
+            .try_clone_stream()
+            .map_err(|source| ClientError::Io {
+                context: "cannot clone the stream",
+                source,
+            })?;
+        let mut conn = Self {
+            reader: stream,
+            writer: Arc::new(Mutex::new(writer)),
+            decoder: Decoder::new(),
+            hello: Hello {
+                version: 0,
+                agent_version: String::new(),
+                kernel_release: String::new(),
+                online_cpus: 0,
+            },
+            timeout,
+            next_nonce: 1,
+            buf: vec![0; 64 * 1024],
+        };
+        let deadline = Instant::now() + timeout;
+        let mut version_error = None;
+        let hello = 'wait: loop {
+            conn.send(&Message::HelloRequest)?;
+            let ask_again = Instant::now() + HELLO_RETRY;
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(version_error
+                        .unwrap_or(ClientError::Timeout(timeout, "waiting for its Hello")));
+                }
+                if now >= ask_again {
+                    continue 'wait;
+                }
+                let wait = deadline.min(ask_again) - now;
+                match conn.receive(Some(wait), "waiting for its Hello") {
+                    Ok(Message::Hello(h)) => break 'wait h,
+                    Ok(_) | Err(ClientError::Timeout(..)) => {}
+                    // A newer agent: report it if no valid Hello follows.
+                    Err(ClientError::Protocol(e @ ProtocolError::UnsupportedVersion { .. })) => {
+                        version_error = Some(ClientError::Protocol(e))
+                    }
+                    // Garbage that happened to contain a magic.
+                    Err(ClientError::Protocol(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if hello.version != u16::from(PROTOCOL_VERSION) {
+            return Err(ClientError::VersionMismatch {
+                agent: hello.version,
+                host: PROTOCOL_VERSION,
+            });
+        }
+        conn.hello = hello;
+        Ok(conn)
+    }
+
+    /// What the agent said about itself.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Round-trip time of a Ping, waiting at most the handshake's timeout.
+    pub fn ping(&mut self) -> Result<Duration, ClientError> {
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        let start = Instant::now();
+        self.send(&Message::Ping { nonce })?;
+        let deadline = start + self.timeout;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                return Err(ClientError::Timeout(self.timeout, "waiting for a Pong"));
+            }
+            if let Message::Pong { nonce: n } = self.receive(Some(wait), "waiting for a Pong")? {
+                if n == nonce {
+                    return Ok(start.elapsed());
+                }
+            }
+        }
+    }
+
+    /// Runs a command, copies its stdout/stderr to the writers as they arrive, forwards
+    /// `stdin` (if Some) on a thread, and returns the exit code: the command's status (128 +
+    /// signal for a signal death), or for a command that could not start, the agent's code
+    /// (127 not found, 126 not executable) with its message written to `stderr`.
+    ///
+    /// `req.stdin` is ignored: stdin is forwarded exactly when `stdin` is `Some`.
+    pub fn exec(
+        &mut self,
+        req: &ExecRequest,
+        stdin: Option<Box<dyn Read + Send>>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<i32, ClientError> {
+        if req.argv.is_empty() {
+            return Err(ClientError::EmptyCommand);
+        }
+        let req = ExecRequest {
+            stdin: stdin.is_some(),
+            ..req.clone()
+        };
+        self.send(&Message::Exec(req))?;
+        let done = Arc::new(AtomicBool::new(false));
+        if let Some(input) = stdin {
+            let writer = Arc::clone(&self.writer);
+            let done = Arc::clone(&done);
+            std::thread::Builder::new()
+                .name("ferry-stdin".into())
+                .spawn(move || forward_stdin(input, &writer, &done))
+                .map_err(|source| ClientError::Io {
+                    context: "cannot start the stdin thread",
+                    source,
+                })?;
+        }
+        let result = self.exec_output(stdout, stderr);
+        // Under the writer lock, so the stdin thread sends nothing after this.
+        let _w = lock(&self.writer);
+        done.store(true, Ordering::SeqCst);
+        result
+    }
+
+    fn exec_output(
+        &mut self,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<i32, ClientError> {
+        const DURING: &str = "a command was running";
+        loop {
+            match self.receive(None, DURING)? {
+                Message::Stdout(b) => write_out(stdout, &b)?,
+                Message::Stderr(b) => write_out(stderr, &b)?,
+                Message::Exited { code } => return Ok(code),
+                Message::Failed { code, message } => {
+                    write_out(stderr, format!("{message}\n").as_bytes())?;
+                    return Ok(code);
+                }
+                // Stale Hellos or Pongs.
+                _ => {}
+            }
+        }
+    }
+
+    /// Asks the agent to sync and power the guest off. Returns once the request is sent.
+    pub fn power_off(&mut self) -> Result<(), ClientError> {
+        self.send(&Message::PowerOff)
+    }
+
+    fn send(&self, msg: &Message) -> Result<(), ClientError> {
+        let frame = msg.encode_checked()?;
+        let mut w = lock(&self.writer);
+        w.write_all(&frame)
+            .and_then(|()| w.flush())
+            .map_err(|source| ClientError::Io {
+                context: "cannot send to the agent",
+                source,
+            })
+    }
+
+    /// The next message, waiting at most `timeout` for each read (`None`: forever).
+    fn receive(
+        &mut self,
+        timeout: Option<Duration>,
+        during: &'static str,
+    ) -> Result<Message, ClientError> {
+        self.reader
+            .set_read_timeout_opt(timeout)
+            .map_err(|source| ClientError::Io {
+                context: "cannot set a read timeout",
+                source,
+            })?;
+        loop {
+            if let Some(m) = self.decoder.next()? {
+                return Ok(m);
+            }
+            match self.reader.read(&mut self.buf) {
+                Ok(0) => return Err(ClientError::Disconnected(during)),
+                Ok(n) => self.decoder.push(&self.buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ClientError::Timeout(timeout.unwrap_or_default(), during))
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(ClientError::Disconnected(during))
+                }
+                Err(source) => {
+                    return Err(ClientError::Io {
+                        context: "cannot read from the agent",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn lock<S>(m: &Mutex<S>) -> MutexGuard<'_, S> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write_out(w: &mut dyn Write, bytes: &[u8]) -> Result<(), ClientError> {
+    w.write_all(bytes)
+        .and_then(|()| w.flush())
+        .map_err(ClientError::Output)
+}
+
+/// Copies `input` to the agent as Stdin frames, then StdinClosed; stops early once `done`.
+fn forward_stdin<S: Stream>(mut input: Box<dyn Read + Send>, writer: &Mutex<S>, done: &AtomicBool) {
+    let mut buf = vec![0; STREAM_CHUNK];
+    loop {
+        let msg = match input.read(&mut buf) {
+            Ok(0) => Message::StdinClosed,
+            Ok(n) => Message::Stdin(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => Message::StdinClosed,
+        };
+        let last = msg == Message::StdinClosed;
+        let mut w = lock(writer);
+        if done.load(Ordering::SeqCst) {
+            return;
+        }
+        if w.write_all(&msg.encode()).and_then(|()| w.flush()).is_err() || last {
+            return;
+        }
+    }
+}

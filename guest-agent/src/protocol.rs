@@ -1,0 +1,795 @@
+//! The wire protocol between ferry (the host) and `ferry-agent` (inside a guest).
+//!
+//! The transport is any byte stream: a serial port (`/dev/ttyS1` in the guest), a TCP
+//! connection (the nested host), later vsock. On it travel length-prefixed frames:
+//!
+//! ```text
+//! offset  size  field
+//! 0       2     magic, b"FY"
+//! 2       1     protocol version (PROTOCOL_VERSION)
+//! 3       1     message type (see `MessageType`)
+//! 4       4     payload length, u32 little-endian, at most MAX_PAYLOAD
+//! 8       n     payload
+//! ```
+//!
+//! Payload fields are encoded in order, little-endian: integers at their natural width, `bool`
+//! as one byte (0 or 1), strings as a u32 byte length and UTF-8 bytes, lists as a u32 count
+//! and the elements, `Option<String>` as one byte (0 = None, 1 = Some) then the string. Byte
+//! payloads (`Stdin`, `Stdout`, `Stderr`) are the raw bytes, unprefixed. A frame's payload must
+//! be consumed exactly: trailing bytes are an error.
+//!
+//! The [`Decoder`] resynchronises on the magic after garbage (a serial line can carry anything
+//! before the agent starts), never panics, and never buffers more than one frame plus what the
+//! caller pushed.
+
+use std::fmt;
+
+/// The protocol version this code speaks; carried in every frame header and in [`Hello`].
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// The two bytes every frame starts with.
+pub const MAGIC: [u8; 2] = *b"FY";
+
+/// Size of a frame header: magic, version, type, payload length.
+pub const HEADER_LEN: usize = 8;
+
+/// The largest payload a frame may carry (1 MiB). Larger lengths are rejected unread.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// A chunk size for streamed bytes (`Stdin`, `Stdout`, `Stderr`) well below [`MAX_PAYLOAD`].
+pub const STREAM_CHUNK: usize = 32 * 1024;
+
+/// Errors from decoding (or, for oversize messages, encoding) a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The frame was written by a different protocol version than ours.
+    #[error(
+        "the peer speaks ferry agent protocol version {found}, this build speaks version \
+         {supported}; rebuild the guest image (`ferry image build --force`) so both sides match"
+    )]
+    UnsupportedVersion {
+        /// The version byte found in the frame header.
+        found: u8,
+        /// [`PROTOCOL_VERSION`].
+        supported: u8,
+    },
+    /// The header announced a payload over [`MAX_PAYLOAD`].
+    #[error("frame payload of {len} bytes exceeds the limit of {max} bytes")]
+    Oversize {
+        /// The announced payload length.
+        len: u64,
+        /// [`MAX_PAYLOAD`].
+        max: usize,
+    },
+    /// The type byte names no message this version knows.
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    /// The payload ended before all fields of the message were read.
+    #[error("{message} payload is truncated")]
+    Truncated {
+        /// The message being decoded.
+        message: MessageType,
+    },
+    /// The payload had bytes left over after its last field.
+    #[error("{message} payload has {extra} trailing bytes")]
+    TrailingBytes {
+        /// The message being decoded.
+        message: MessageType,
+        /// How many bytes were left over.
+        extra: usize,
+    },
+    /// A string field was not valid UTF-8.
+    #[error("{message} payload holds a string that is not UTF-8")]
+    InvalidUtf8 {
+        /// The message being decoded.
+        message: MessageType,
+    },
+    /// A boolean or option tag was neither 0 nor 1.
+    #[error("{message} payload holds an invalid tag byte {tag}")]
+    InvalidTag {
+        /// The message being decoded.
+        message: MessageType,
+        /// The byte found.
+        tag: u8,
+    },
+}
+
+/// The type byte of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageType {
+    /// [`Message::Hello`].
+    Hello = 1,
+    /// [`Message::HelloRequest`].
+    HelloRequest = 2,
+    /// [`Message::Exec`].
+    Exec = 3,
+    /// [`Message::Stdin`].
+    Stdin = 4,
+    /// [`Message::StdinClosed`].
+    StdinClosed = 5,
+    /// [`Message::Stdout`].
+    Stdout = 6,
+    /// [`Message::Stderr`].
+    Stderr = 7,
+    /// [`Message::Exited`].
+    Exited = 8,
+    /// [`Message::Failed`].
+    Failed = 9,
+    /// [`Message::PowerOff`].
+    PowerOff = 10,
+    /// [`Message::Ping`].
+    Ping = 11,
+    /// [`Message::Pong`].
+    Pong = 12,
+}
+
+impl MessageType {
+    /// The type for a frame's type byte, if this version knows it.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        use MessageType::*;
+        Some(match b {
+            1 => Hello,
+            2 => HelloRequest,
+            3 => Exec,
+            4 => Stdin,
+            5 => StdinClosed,
+            6 => Stdout,
+            7 => Stderr,
+            8 => Exited,
+            9 => Failed,
+            10 => PowerOff,
+            11 => Ping,
+            12 => Pong,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for MessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What the agent says about itself when a connection starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The protocol version the agent speaks ([`PROTOCOL_VERSION`] of its build).
+    pub version: u16,
+    /// The agent's crate version, e.g. `0.1.0`.
+    pub agent_version: String,
+    /// The guest kernel's release, as `uname -r` prints it.
+    pub kernel_release: String,
+    /// Number of online CPUs in the guest.
+    pub online_cpus: u32,
+}
+
+/// A command for the agent to run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecRequest {
+    /// The command and its arguments; `argv[0]` is looked up in the `PATH` of `env`.
+    pub argv: Vec<String>,
+    /// The complete environment of the command (nothing is inherited from the agent). Without
+    /// a `PATH` entry the agent uses a standard one.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/` when absent.
+    pub cwd: Option<String>,
+    /// Whether the host will send `Stdin` frames; otherwise stdin is `/dev/null`.
+    pub stdin: bool,
+}
+
+/// One protocol message; each maps to one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Agent → host: sent unsolicited when the serial transport opens, on every accepted TCP
+    /// connection, and in answer to [`Message::HelloRequest`].
+    Hello(Hello),
+    /// Host → agent: "send your Hello again" (for a host that attaches after the agent started).
+    HelloRequest,
+    /// Host → agent: run a command. One command runs at a time per connection.
+    Exec(ExecRequest),
+    /// Host → agent: bytes for the running command's stdin.
+    Stdin(Vec<u8>),
+    /// Host → agent: the running command's stdin reached end of file.
+    StdinClosed,
+    /// Agent → host: bytes the command wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Agent → host: bytes the command wrote to stderr.
+    Stderr(Vec<u8>),
+    /// Agent → host: the command ended; sent after all of its output.
+    Exited {
+        /// Its exit status, or 128 + the signal number if a signal killed it.
+        code: i32,
+    },
+    /// Agent → host: the command could not be started.
+    Failed {
+        /// Shell-style status: 127 when the command was not found, 126 when it is not
+        /// executable, 125 for other failures (e.g. another command is running).
+        code: i32,
+        /// A message for the user, e.g. `ferry-agent: foo: command not found`.
+        message: String,
+    },
+    /// Host → agent: sync the file systems and power the guest off.
+    PowerOff,
+    /// Either direction: ask for a [`Message::Pong`] with the same nonce.
+    Ping {
+        /// Any value; echoed in the answer.
+        nonce: u64,
+    },
+    /// Either direction: the answer to a [`Message::Ping`].
+    Pong {
+        /// The nonce of the ping being answered.
+        nonce: u64,
+    },
+}
+
+impl Message {
+    /// This message's type byte.
+    pub fn message_type(&self) -> MessageType {
+        match self {
+            Message::Hello(_) => MessageType::Hello,
+            Message::HelloRequest => MessageType::HelloRequest,
+            Message::Exec(_) => MessageType::Exec,
+            Message::Stdin(_) => MessageType::Stdin,
+            Message::StdinClosed => MessageType::StdinClosed,
+            Message::Stdout(_) => MessageType::Stdout,
+            Message::Stderr(_) => MessageType::Stderr,
+            Message::Exited { .. } => MessageType::Exited,
+            Message::Failed { .. } => MessageType::Failed,
+            Message::PowerOff => MessageType::PowerOff,
+            Message::Ping { .. } => MessageType::Ping,
+            Message::Pong { .. } => MessageType::Pong,
+        }
+    }
+
+    /// The whole frame: header and payload. The payload may exceed [`MAX_PAYLOAD`] (a peer
+    /// would reject it); [`Message::encode_checked`] refuses that instead.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + 16);
+        out.extend_from_slice(&MAGIC);
+        out.push(PROTOCOL_VERSION);
+        out.push(self.message_type() as u8);
+        out.extend_from_slice(&[0; 4]);
+        let mut p = Payload(&mut out);
+        match self {
+            Message::Hello(h) => {
+                p.u16(h.version);
+                p.str(&h.agent_version);
+                p.str(&h.kernel_release);
+                p.u32(h.online_cpus);
+            }
+            Message::Exec(e) => {
+                p.u32(len_u32(e.argv.len()));
+                for a in &e.argv {
+                    p.str(a);
+                }
+                p.u32(len_u32(e.env.len()));
+                for (k, v) in &e.env {
+                    p.str(k);
+                    p.str(v);
+                }
+                match &e.cwd {
+                    None => p.u8(0),
+                    Some(c) => {
+                        p.u8(1);
+                        p.str(c);
+                    }
+                }
+                p.u8(u8::from(e.stdin));
+            }
+            Message::Stdin(b) | Message::Stdout(b) | Message::Stderr(b) => p.0.extend_from_slice(b),
+            Message::Exited { code } => p.i32(*code),
+            Message::Failed { code, message } => {
+                p.i32(*code);
+                p.str(message);
+            }
+            Message::Ping { nonce } | Message::Pong { nonce } => p.u64(*nonce),
+            Message::HelloRequest | Message::StdinClosed | Message::PowerOff => {}
+        }
+        let len = len_u32(out.len() - HEADER_LEN);
+        out[4..8].copy_from_slice(&len.to_le_bytes());
+        out
+    }
+
+    /// Like [`Message::encode`], but refuses a payload over [`MAX_PAYLOAD`].
+    pub fn encode_checked(&self) -> Result<Vec<u8>, ProtocolError> {
+        let frame = self.encode();
+        let len = frame.len() - HEADER_LEN;
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::Oversize {
+                len: len as u64,
+                max: MAX_PAYLOAD,
+            });
+        }
+        Ok(frame)
+    }
+
+    /// Decodes a payload of the given type.
+    fn decode(ty: MessageType, payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = Reader { buf: payload, ty };
+        let msg = match ty {
+            MessageType::Hello => Message::Hello(Hello {
+                version: r.u16()?,
+                agent_version: r.string()?,
+                kernel_release: r.string()?,
+                online_cpus: r.u32()?,
+            }),
+            MessageType::HelloRequest => Message::HelloRequest,
+            MessageType::Exec => {
+                let n = r.u32()?;
+                let mut argv = Vec::new();
+                for _ in 0..n {
+                    argv.push(r.string()?);
+                }
+                let n = r.u32()?;
+                let mut env = Vec::new();
+                for _ in 0..n {
+                    env.push((r.string()?, r.string()?));
+                }
+                let cwd = if r.flag()? { Some(r.string()?) } else { None };
+                let stdin = r.flag()?;
+                Message::Exec(ExecRequest {
+                    argv,
+                    env,
+                    cwd,
+                    stdin,
+                })
+            }
+            MessageType::Stdin => Message::Stdin(r.rest()),
+            MessageType::StdinClosed => Message::StdinClosed,
+            MessageType::Stdout => Message::Stdout(r.rest()),
+            MessageType::Stderr => Message::Stderr(r.rest()),
+            MessageType::Exited => Message::Exited { code: r.i32()? },
+            MessageType::Failed => Message::Failed {
+                code: r.i32()?,
+                message: r.string()?,
+            },
+            MessageType::PowerOff => Message::PowerOff,
+            MessageType::Ping => Message::Ping { nonce: r.u64()? },
+            MessageType::Pong => Message::Pong { nonce: r.u64()? },
+        };
+        if !r.buf.is_empty() {
+            return Err(ProtocolError::TrailingBytes {
+                message: ty,
+                extra: r.buf.len(),
+            });
+        }
+        Ok(msg)
+    }
+}
+
+/// Lengths beyond u32 cannot be framed; they saturate and the peer rejects them as oversize.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Appends payload fields.
+struct Payload<'a>(&'a mut Vec<u8>);
+
+impl Payload<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u32(len_u32(s.len()));
+        self.0.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// Reads payload fields; every read is bounds-checked against the payload, so a hostile
+/// length or count can never make it allocate more than the payload's size.
+struct Reader<'a> {
+    buf: &'a [u8],
+    ty: MessageType,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(ProtocolError::Truncated { message: self.ty });
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn flag(&mut self) -> Result<bool, ProtocolError> {
+        match self.array::<1>()?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            tag => Err(ProtocolError::InvalidTag {
+                message: self.ty,
+                tag,
+            }),
+        }
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn i32(&mut self) -> Result<i32, ProtocolError> {
+        Ok(i32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let len = self.u32()? as usize;
+        let ty = self.ty;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::InvalidUtf8 { message: ty })
+    }
+    fn rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf).to_vec()
+    }
+}
+
+/// Splits a byte stream into messages.
+///
+/// Feed it what the transport delivers with [`Decoder::push`] and take messages out with
+/// [`Decoder::next`] until it returns `Ok(None)`. Bytes before a magic are skipped (and
+/// counted). After an error the decoder has already dropped the offending bytes (the whole
+/// frame if its header was sound, else just its magic), so calling `next` again continues with
+/// what follows.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    skipped: u64,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes received from the transport.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Total bytes discarded so far while looking for a frame's magic.
+    pub fn skipped_bytes(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Bytes received but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed.
+    #[allow(clippy::should_implement_trait)] // Fallible, so not an Iterator.
+    pub fn next(&mut self) -> Result<Option<Message>, ProtocolError> {
+        self.resync();
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let version = self.buf[2];
+        let type_byte = self.buf[3];
+        let len = u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]);
+        if version != PROTOCOL_VERSION {
+            // The header may not mean what we think; do not trust its length.
+            self.buf.drain(..MAGIC.len());
+            return Err(ProtocolError::UnsupportedVersion {
+                found: version,
+                supported: PROTOCOL_VERSION,
+            });
+        }
+        let len = len as usize;
+        if len > MAX_PAYLOAD {
+            self.buf.drain(..MAGIC.len());
+            return Err(ProtocolError::Oversize {
+                len: len as u64,
+                max: MAX_PAYLOAD,
+            });
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let result = match MessageType::from_byte(type_byte) {
+            Some(ty) => Message::decode(ty, &self.buf[HEADER_LEN..HEADER_LEN + len]).map(Some),
+            None => Err(ProtocolError::UnknownType(type_byte)),
+        };
+        self.buf.drain(..HEADER_LEN + len);
+        result
+    }
+
+    /// Drops bytes before the first magic, keeping a trailing first magic byte that may be
+    /// completed by the next push.
+    fn resync(&mut self) {
+        let start = match self.buf.windows(2).position(|w| w == MAGIC) {
+            Some(pos) => pos,
+            None if self.buf.last() == Some(&MAGIC[0]) => self.buf.len() - 1,
+            None => self.buf.len(),
+        };
+        if start > 0 {
+            self.skipped += start as u64;
+            self.buf.drain(..start);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION.into(),
+                agent_version: "0.1.0".into(),
+                kernel_release: "6.1.0-48-amd64".into(),
+                online_cpus: 2,
+            }),
+            Message::HelloRequest,
+            Message::Exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo é".into()],
+                env: vec![
+                    ("PATH".into(), "/bin".into()),
+                    ("EMPTY".into(), String::new()),
+                ],
+                cwd: Some("/tmp".into()),
+                stdin: true,
+            }),
+            Message::Exec(ExecRequest {
+                argv: vec![],
+                env: vec![],
+                cwd: None,
+                stdin: false,
+            }),
+            Message::Stdin(b"in\0\xff".to_vec()),
+            Message::Stdin(Vec::new()),
+            Message::StdinClosed,
+            Message::Stdout(vec![0xff; 1000]),
+            Message::Stderr(b"err\n".to_vec()),
+            Message::Exited { code: 0 },
+            Message::Exited { code: -1 },
+            Message::Failed {
+                code: 127,
+                message: "ferry-agent: foo: command not found".into(),
+            },
+            Message::PowerOff,
+            Message::Ping { nonce: u64::MAX },
+            Message::Pong { nonce: 7 },
+        ]
+    }
+
+    fn decode_all(d: &mut Decoder) -> Vec<Result<Message, ProtocolError>> {
+        let mut out = Vec::new();
+        loop {
+            match d.next() {
+                Ok(None) => return out,
+                Ok(Some(m)) => out.push(Ok(m)),
+                Err(e) => out.push(Err(e)),
+            }
+        }
+    }
+
+    /// A frame with an arbitrary header and payload.
+    fn raw_frame(version: u8, ty: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = MAGIC.to_vec();
+        f.push(version);
+        f.push(ty);
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all_messages() {
+            let frame = m.encode();
+            assert_eq!(&frame[..2], b"FY");
+            assert_eq!(frame[2], PROTOCOL_VERSION);
+            assert_eq!(
+                u32::from_le_bytes(frame[4..8].try_into().unwrap()) as usize,
+                frame.len() - HEADER_LEN
+            );
+            let mut d = Decoder::new();
+            d.push(&frame);
+            assert_eq!(d.next(), Ok(Some(m.clone())), "{m:?}");
+            assert_eq!(d.next(), Ok(None));
+            assert_eq!(d.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_decode_in_order() {
+        let msgs = all_messages();
+        let stream: Vec<u8> = msgs.iter().flat_map(Message::encode).collect();
+        for chunk in [1, 2, 3, 7, 100] {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for piece in stream.chunks(chunk) {
+                d.push(piece);
+                got.extend(decode_all(&mut d).into_iter().map(Result::unwrap));
+            }
+            assert_eq!(got, msgs, "chunk size {chunk}");
+            assert_eq!(d.skipped_bytes(), 0);
+        }
+    }
+
+    #[test]
+    fn garbage_before_a_frame_is_skipped_and_counted() {
+        let mut d = Decoder::new();
+        // Console noise, including a lone 'F' and an 'F' that ends a push.
+        let noise = b"[    1.234] F boot noise\r\nF";
+        d.push(noise);
+        assert_eq!(d.next(), Ok(None));
+        let frame = Message::Pong { nonce: 9 }.encode();
+        d.push(&frame[1..]);
+        assert_eq!(d.next(), Ok(Some(Message::Pong { nonce: 9 })));
+        assert_eq!(d.skipped_bytes(), noise.len() as u64 - 1);
+    }
+
+    #[test]
+    fn oversize_length_is_rejected_without_waiting_or_allocating() {
+        let mut d = Decoder::new();
+        let mut f = raw_frame(PROTOCOL_VERSION, MessageType::Stdout as u8, b"");
+        f[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        d.push(&f);
+        d.push(&Message::Ping { nonce: 1 }.encode());
+        assert_eq!(
+            d.next(),
+            Err(ProtocolError::Oversize {
+                len: u32::MAX as u64,
+                max: MAX_PAYLOAD
+            })
+        );
+        assert_eq!(d.next(), Ok(Some(Message::Ping { nonce: 1 })));
+        assert_eq!(d.skipped_bytes(), 6); // The rest of the bad header.
+    }
+
+    #[test]
+    fn exactly_max_payload_is_accepted_and_one_more_is_not() {
+        let ok = Message::Stdout(vec![1; MAX_PAYLOAD]);
+        assert!(ok.encode_checked().is_ok());
+        let mut d = Decoder::new();
+        d.push(&ok.encode());
+        assert_eq!(d.next(), Ok(Some(ok)));
+        let big = Message::Stdout(vec![1; MAX_PAYLOAD + 1]);
+        assert!(matches!(
+            big.encode_checked(),
+            Err(ProtocolError::Oversize { .. })
+        ));
+        d.push(&big.encode());
+        assert!(matches!(d.next(), Err(ProtocolError::Oversize { .. })));
+    }
+
+    #[test]
+    fn newer_version_is_a_clear_error() {
+        let mut d = Decoder::new();
+        d.push(&raw_frame(2, MessageType::Hello as u8, b"whatever"));
+        let err = d.next().unwrap_err();
+        assert_eq!(
+            err,
+            ProtocolError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            }
+        );
+        assert!(err.to_string().contains("version 2"));
+    }
+
+    #[test]
+    fn unknown_type_consumes_the_frame_and_decoding_continues() {
+        let mut d = Decoder::new();
+        // The unknown frame's payload contains a magic that must not be mistaken for a frame.
+        d.push(&raw_frame(PROTOCOL_VERSION, 0xee, b"FY\x01\x0b\0\0\0\0"));
+        d.push(&Message::StdinClosed.encode());
+        assert_eq!(d.next(), Err(ProtocolError::UnknownType(0xee)));
+        assert_eq!(d.next(), Ok(Some(Message::StdinClosed)));
+    }
+
+    #[test]
+    fn truncated_and_malformed_payloads_are_errors() {
+        let cases: Vec<(Vec<u8>, ProtocolError)> = vec![
+            (
+                raw_frame(1, MessageType::Exited as u8, &[1, 2]),
+                ProtocolError::Truncated {
+                    message: MessageType::Exited,
+                },
+            ),
+            (
+                raw_frame(1, MessageType::Ping as u8, &[0; 9]),
+                ProtocolError::TrailingBytes {
+                    message: MessageType::Ping,
+                    extra: 1,
+                },
+            ),
+            (
+                // A string claiming 4 GiB inside a 12-byte payload.
+                raw_frame(
+                    1,
+                    MessageType::Failed as u8,
+                    &[127, 0, 0, 0, 255, 255, 255, 255],
+                ),
+                ProtocolError::Truncated {
+                    message: MessageType::Failed,
+                },
+            ),
+            (
+                raw_frame(
+                    1,
+                    MessageType::Failed as u8,
+                    &[1, 0, 0, 0, 2, 0, 0, 0, 0xc3, 0x28],
+                ),
+                ProtocolError::InvalidUtf8 {
+                    message: MessageType::Failed,
+                },
+            ),
+            (
+                // An argv count of 4 billion with no elements.
+                raw_frame(1, MessageType::Exec as u8, &[255, 255, 255, 255]),
+                ProtocolError::Truncated {
+                    message: MessageType::Exec,
+                },
+            ),
+            (
+                raw_frame(1, MessageType::Exec as u8, &[0, 0, 0, 0, 0, 0, 0, 0, 7, 0]),
+                ProtocolError::InvalidTag {
+                    message: MessageType::Exec,
+                    tag: 7,
+                },
+            ),
+        ];
+        for (frame, want) in cases {
+            let mut d = Decoder::new();
+            d.push(&frame);
+            d.push(&Message::PowerOff.encode());
+            assert_eq!(d.next(), Err(want));
+            assert_eq!(d.next(), Ok(Some(Message::PowerOff)));
+        }
+    }
+
+    #[test]
+    fn hostile_random_input_never_panics_and_later_frames_survive() {
+        // A small xorshift generator: deterministic, no extra crates.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..2000 {
+            let mut d = Decoder::new();
+            let n = (rnd() % 64) as usize;
+            let mut junk: Vec<u8> = (0..n).map(|_| rnd() as u8).collect();
+            // Salt with magics and plausible headers so the frame paths get exercised.
+            if round % 2 == 0 && n > 8 {
+                junk[0..2].copy_from_slice(&MAGIC);
+                junk[2] = PROTOCOL_VERSION;
+                junk[3] = (rnd() % 14) as u8;
+                junk[4..8].copy_from_slice(&((rnd() % 48) as u32).to_le_bytes());
+            }
+            d.push(&junk);
+            for _ in 0..100 {
+                if let Ok(None) = d.next() {
+                    break;
+                }
+            }
+            assert!(d.buffered() <= HEADER_LEN + 48 + 64);
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The agent's side of the protocol: serve one connection (a serial port or a TCP stream),
+//! running commands and streaming their output.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::client::Stream;
+use crate::protocol::{
+    Decoder, ExecRequest, Hello, Message, ProtocolError, PROTOCOL_VERSION, STREAM_CHUNK,
+};
+use crate::sys;
+
+/// `PATH` for commands whose environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Exit code for a command that was not found.
+pub const CODE_NOT_FOUND: i32 = 127;
+/// Exit code for a command that exists but cannot be executed.
+pub const CODE_NOT_EXECUTABLE: i32 = 126;
+/// Exit code when the agent itself could not run the request.
+pub const CODE_AGENT_FAILURE: i32 = 125;
+
+/// What the agent does on [`Message::PowerOff`].
+pub type PowerOffFn = Arc<dyn Fn() + Send + Sync>;
+
+/// The agent: configuration shared by all connections.
+#[derive(Clone)]
+pub struct Agent {
+    chroot: Option<PathBuf>,
+    power_off: PowerOffFn,
+    hello: Hello,
+}
+
+impl Agent {
+    /// An agent that runs commands in `chroot` (if given) and powers the machine off with
+    /// reboot(2) on request.
+    pub fn new(chroot: Option<PathBuf>) -> Self {
+        Self {
+            chroot,
+            power_off: Arc::new(|| {
+                let err = sys::power_off();
+                log(format_args!("power-off failed: {err}"));
+            }),
+            hello: Hello {
+                version: PROTOCOL_VERSION.into(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                kernel_release: sys::kernel_release().unwrap_or_else(|_| "unknown".into()),
+                online_cpus: sys::online_cpus(),
+            },
+        }
+    }
+
+    /// Replaces what [`Message::PowerOff`] does (tests must not power their machine off).
+    pub fn with_power_off(mut self, f: PowerOffFn) -> Self {
+        self.power_off = f;
+        self
+    }
+
+    /// The Hello this agent sends.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Serves one connection until it closes: sends Hello, then answers requests. A command
+    /// still running when the connection closes is killed.
+    pub fn serve<S: Stream>(&self, mut stream: S) -> io::Result<()> {
+        let writer: SharedWriter<S> = Arc::new(Mutex::new(stream.try_clone_stream()?));
+        send(&writer, &Message::Hello(self.hello.clone()))?;
+        let mut session = Session::default();
+        let mut decoder = Decoder::new();
+        let mut buf = vec![0; 64 * 1024];
+        let result = loop {
+            let n = match stream.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e),
+            };
+            decoder.push(&buf[..n]);
+            let skipped = decoder.skipped_bytes();
+            let step = loop {
+                match decoder.next() {
+                    Ok(Some(msg)) => {
+                        if let Err(e) = self.handle(msg, &mut session, &writer) {
+                            break Err(e);
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(e) => log_frame_error(&e),
+                }
+            };
+            if decoder.skipped_bytes() != skipped {
+                log(format_args!(
+                    "skipped {} bytes of garbage",
+                    decoder.skipped_bytes() - skipped
+                ));
+            }
+            if let Err(e) = step {
+                break Err(e);
+            }
+        };
+        session.end();
+        result
+    }
+
+    fn handle<S: Stream>(
+        &self,
+        msg: Message,
+        session: &mut Session,
+        writer: &SharedWriter<S>,
+    ) -> io::Result<()> {
+        match msg {
+            Message::HelloRequest => send(writer, &Message::Hello(self.hello.clone())),
+            Message::Ping { nonce } => send(writer, &Message::Pong { nonce }),
+            Message::Pong { .. } => Ok(()),
+            Message::Exec(req) => {
+                if session.is_running() {
+                    return send(
+                        writer,
+                        &Message::Failed {
+                            code: CODE_AGENT_FAILURE,
+                            message: "ferry-agent: another command is still running".into(),
+                        },
+                    );
+                }
+                match self.start(&req, writer) {
+                    Ok(running) => {
+                        *session = running;
+                        Ok(())
+                    }
+                    Err((code, message)) => send(writer, &Message::Failed { code, message }),
+                }
+            }
+            Message::Stdin(bytes) => {
+                if let Some(tx) = &session.stdin {
+                    // Fails only once the child's stdin is gone; the bytes are moot then.
+                    let _ = tx.send(bytes);
+                }
+                Ok(())
+            }
+            Message::StdinClosed => {
+                session.stdin = None;
+                Ok(())
+            }
+            Message::PowerOff => {
+                log(format_args!("powering off on request"));
+                session.end();
+                (self.power_off)();
+                Ok(())
+            }
+            other @ (Message::Hello(_)
+            | Message::Stdout(_)
+            | Message::Stderr(_)
+            | Message::Exited { .. }
+            | Message::Failed { .. }) => {
+                log(format_args!(
+                    "ignoring {} message, which only agents send",
+                    other.message_type()
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    /// Spawns the command and the threads that stream its output and report its end.
+    fn start<S: Stream>(
+        &self,
+        req: &ExecRequest,
+        writer: &SharedWriter<S>,
+    ) -> Result<Session, (i32, String)> {
+        let mut child = self.spawn(req)?;
+        let pid = child.id();
+        let done = Arc::new(AtomicBool::new(false));
+        let pumps: Vec<JoinHandle<()>> = [
+            child
+                .stdout
+                .take()
+                .map(|o| pump(o, Message::Stdout, writer)),
+            child
+                .stderr
+                .take()
+                .map(|e| pump(e, Message::Stderr, writer)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let stdin = child.stdin.take().map(|child_stdin| {
+            let (tx, rx) = sync_channel(16);
+            std::thread::spawn(move || feed_stdin(child_stdin, rx));
+            tx
+        });
+        let writer = Arc::clone(writer);
+        let finished = Arc::clone(&done);
+        std::thread::spawn(move || {
+            for p in pumps {
+                let _ = p.join();
+            }
+            let code = match child.wait() {
+                Ok(status) => exit_code(status),
+                Err(e) => {
+                    log(format_args!("cannot wait for pid {pid}: {e}"));
+                    CODE_AGENT_FAILURE
+                }
+            };
+            // Before Exited goes out, so a host's next Exec never finds us busy.
+            finished.store(true, Ordering::SeqCst);
+            let _ = send(&writer, &Message::Exited { code });
+        });
+        Ok(Session {
+            pid: Some(pid),
+            done,
+            stdin,
+        })
+    }
+
+    fn spawn(&self, req: &ExecRequest) -> Result<Child, (i32, String)> {
+        let Some(program) = req.argv.first() else {
+            return Err((CODE_AGENT_FAILURE, "ferry-agent: empty command".into()));
+        };
+        let cwd = req.cwd.as_deref().unwrap_or("/");
+        let cwd_seen_from_here = match &self.chroot {
+            Some(root) => root.join(cwd.trim_start_matches('/')),
+            None => PathBuf::from(cwd),
+        };
+        if !cwd_seen_from_here.is_dir() {
+            return Err((
+                CODE_AGENT_FAILURE,
+                format!("ferry-agent: cannot change directory to {cwd}: No such directory"),
+            ));
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(&req.argv[1..])
+            .env_clear()
+            .envs(req.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if !req.env.iter().any(|(k, _)| k == "PATH") {
+            cmd.env("PATH", DEFAULT_PATH);
+        }
+        match &self.chroot {
+            Some(root) => sys::chroot_before_exec(&mut cmd, root, cwd)
+                .map_err(|e| (CODE_AGENT_FAILURE, format!("ferry-agent: {e}")))?,
+            None => {
+                cmd.current_dir(cwd);
+            }
+        }
+        cmd.spawn().map_err(|e| spawn_failure(program, &e))
+    }
+}
+
+/// Code and message for a command that could not start, worded like a shell's.
+fn spawn_failure(program: &str, e: &io::Error) -> (i32, String) {
+    match e.kind() {
+        io::ErrorKind::NotFound if !program.contains('/') => (
+            CODE_NOT_FOUND,
+            format!("ferry-agent: {program}: command not found"),
+        ),
+        io::ErrorKind::NotFound => (
+            CODE_NOT_FOUND,
+            format!("ferry-agent: {program}: No such file or directory"),
+        ),
+        io::ErrorKind::PermissionDenied => (
+            CODE_NOT_EXECUTABLE,
+            format!("ferry-agent: {program}: Permission denied"),
+        ),
+        _ => (CODE_NOT_EXECUTABLE, format!("ferry-agent: {program}: {e}")),
+    }
+}
+
+/// A shell-style exit code: the status, or 128 + the signal that killed the process.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(CODE_AGENT_FAILURE)
+}
+
+type SharedWriter<S> = Arc<Mutex<S>>;
+
+/// The command running on a connection, if any.
+#[derive(Default)]
+struct Session {
+    pid: Option<u32>,
+    done: Arc<AtomicBool>,
+    stdin: Option<SyncSender<Vec<u8>>>,
+}
+
+impl Session {
+    fn is_running(&self) -> bool {
+        self.pid.is_some() && !self.done.load(Ordering::SeqCst)
+    }
+
+    /// Kills the command if it still runs.
+    fn end(&mut self) {
+        self.stdin = None;
+        if let Some(pid) = self.pid {
+            if !self.done.load(Ordering::SeqCst) {
+                log(format_args!("killing pid {pid}: its session ended"));
+                sys::kill(pid);
+            }
+        }
+    }
+}
+
+fn lock<S>(m: &Mutex<S>) -> MutexGuard<'_, S> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn send<S: Stream>(writer: &Mutex<S>, msg: &Message) -> io::Result<()> {
+    let frame = msg.encode();
+    let mut w = lock(writer);
+    w.write_all(&frame)?;
+    w.flush()
+}
+
+/// Streams a pipe to the host as frames made by `wrap`, until end of file.
+fn pump<S: Stream>(
+    mut pipe: impl Read + Send + 'static,
+    wrap: fn(Vec<u8>) -> Message,
+    writer: &SharedWriter<S>,
+) -> JoinHandle<()> {
+    let writer = Arc::clone(writer);
+    std::thread::spawn(move || {
+        let mut buf = vec![0; STREAM_CHUNK];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if send(&writer, &wrap(buf[..n].to_vec())).is_err() {
+                        // The host is gone; closing the pipe lets the command see EPIPE.
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+/// Writes what the host sends to the command's stdin; closes it when the sender is dropped.
+/// After a write error it keeps draining, so the connection's reader never blocks on it.
+fn feed_stdin(mut stdin: ChildStdin, rx: Receiver<Vec<u8>>) {
+    let mut open = true;
+    for bytes in rx {
+        if open && stdin.write_all(&bytes).is_err() {
+            open = false;
+        }
+    }
+}
+
+fn log_frame_error(e: &ProtocolError) {
+    log(format_args!("dropping a bad frame: {e}"));
+}
+
+/// A line on stderr (the guest console).
+pub fn log(args: std::fmt::Arguments<'_>) {
+    eprintln!("ferry-agent: {args}");
+}

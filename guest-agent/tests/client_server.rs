@@ -1,0 +1,313 @@
+//! The host client against the real agent server, over a UnixStream pair and loopback TCP.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_guest_agent::protocol::{Decoder, Message};
+use ferry_guest_agent::{Agent, AgentConnection, ClientError, ExecRequest, PROTOCOL_VERSION};
+
+const T: Duration = Duration::from_secs(10);
+
+fn test_agent() -> (Agent, Arc<AtomicUsize>) {
+    let power_offs = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&power_offs);
+    let agent = Agent::new(None).with_power_off(Arc::new(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    }));
+    (agent, power_offs)
+}
+
+/// An agent serving one end of a socket pair on a thread; the client's end.
+fn unix_pair() -> (UnixStream, Arc<AtomicUsize>) {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let (agent, power_offs) = test_agent();
+    std::thread::spawn(move || agent.serve(guest));
+    (host, power_offs)
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+fn run<S: ferry_guest_agent::Stream>(
+    conn: &mut AgentConnection<S>,
+    req: &ExecRequest,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> (i32, Vec<u8>, Vec<u8>) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = conn.exec(req, stdin, &mut out, &mut err).unwrap();
+    (code, out, err)
+}
+
+#[test]
+fn handshake_reports_the_agent() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let hello = conn.hello().clone();
+    assert_eq!(hello.version, u16::from(PROTOCOL_VERSION));
+    assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(hello.kernel_release, release.trim());
+    assert!(hello.online_cpus >= 1);
+    assert!(conn.ping().unwrap() < T);
+    assert!(conn.ping().is_ok());
+}
+
+#[test]
+fn exec_streams_stdout_and_stderr_and_returns_the_status() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let (code, out, err) = run(&mut conn, &sh("echo out; echo err >&2; exit 3"), None);
+    assert_eq!(
+        (code, &out[..], &err[..]),
+        (3, &b"out\n"[..], &b"err\n"[..])
+    );
+    // The connection serves the next command.
+    let (code, out, _) = run(&mut conn, &sh("printf again"), None);
+    assert_eq!((code, &out[..]), (0, &b"again"[..]));
+}
+
+#[test]
+fn env_cwd_and_default_path_are_applied() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let req = ExecRequest {
+        env: vec![("GREETING".into(), "hi there".into())],
+        cwd: Some("/tmp".into()),
+        ..sh("echo \"$GREETING\"; pwd; echo \"$PATH\"; echo \"${HOME:-unset}\"")
+    };
+    let (code, out, _) = run(&mut conn, &req, None);
+    assert_eq!(code, 0);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "hi there\n/tmp\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\nunset\n"
+    );
+}
+
+#[test]
+fn missing_command_is_127_with_a_message() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let req = ExecRequest {
+        argv: vec!["ferry-no-such-command".into()],
+        ..Default::default()
+    };
+    let (code, out, err) = run(&mut conn, &req, None);
+    assert_eq!(code, 127);
+    assert!(out.is_empty());
+    assert_eq!(
+        String::from_utf8(err).unwrap(),
+        "ferry-agent: ferry-no-such-command: command not found\n"
+    );
+}
+
+#[test]
+fn non_executable_file_is_126() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let dir = std::env::temp_dir().join(format!("ferry-agent-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("not-executable");
+    std::fs::write(&file, "#!/bin/sh\necho no\n").unwrap();
+    let req = ExecRequest {
+        argv: vec![file.to_str().unwrap().into()],
+        ..Default::default()
+    };
+    let (code, _, err) = run(&mut conn, &req, None);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 126);
+    assert!(String::from_utf8(err)
+        .unwrap()
+        .ends_with("Permission denied\n"));
+}
+
+#[test]
+fn signal_death_is_128_plus_the_signal() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let (code, _, _) = run(&mut conn, &sh("kill -9 $$"), None);
+    assert_eq!(code, 128 + 9);
+}
+
+#[test]
+fn stdin_is_forwarded_to_cat_and_closed() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    // Larger than one stream chunk and than a pipe buffer, to exercise back-pressure.
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let req = ExecRequest {
+        argv: vec!["cat".into()],
+        ..Default::default()
+    };
+    let (code, out, _) = run(
+        &mut conn,
+        &req,
+        Some(Box::new(std::io::Cursor::new(input.clone()))),
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out, input);
+    // Without stdin the command reads /dev/null.
+    let (code, out, _) = run(&mut conn, &sh("wc -c"), None);
+    assert_eq!((code, String::from_utf8(out).unwrap().trim()), (0, "0"));
+}
+
+#[test]
+fn stdin_that_never_ends_does_not_block_a_command_that_ignores_it() {
+    let (host, _) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let (code, out, _) = run(
+        &mut conn,
+        &sh("echo done"),
+        Some(Box::new(std::io::repeat(b'x'))),
+    );
+    assert_eq!((code, &out[..]), (0, &b"done\n"[..]));
+    let (code, _, _) = run(&mut conn, &sh("exit 5"), None);
+    assert_eq!(code, 5);
+}
+
+#[test]
+fn connection_dropping_mid_exec_is_an_error() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    // A fake agent: Hello, then it takes the Exec and hangs up.
+    std::thread::spawn(move || {
+        let mut guest = guest;
+        let (agent, _) = test_agent();
+        guest
+            .write_all(&Message::Hello(agent.hello().clone()).encode())
+            .unwrap();
+        let mut dec = Decoder::new();
+        let mut buf = [0; 4096];
+        loop {
+            let n = guest.read(&mut buf).unwrap();
+            dec.push(&buf[..n]);
+            while let Some(m) = dec.next().unwrap() {
+                if let Message::Exec(_) = m {
+                    guest
+                        .write_all(&Message::Stdout(b"partial".to_vec()).encode())
+                        .unwrap();
+                    return;
+                }
+            }
+        }
+    });
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let e = conn
+        .exec(&sh("sleep 100"), None, &mut out, &mut err)
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Disconnected(_)), "{e:?}");
+    assert!(e.to_string().contains("closed while a command was running"));
+    assert_eq!(out, b"partial");
+}
+
+#[test]
+fn handshake_skips_garbage_and_times_out_on_silence() {
+    let (host, mut guest) = UnixStream::pair().unwrap();
+    let (agent, _) = test_agent();
+    let mut stream = b"boot noise FY\x01\xff\x00\x00\x00\x00 more".to_vec();
+    stream.extend_from_slice(&Message::Hello(agent.hello().clone()).encode());
+    guest.write_all(&stream).unwrap();
+    let conn = AgentConnection::handshake(host, T).unwrap();
+    assert_eq!(conn.hello(), agent.hello());
+
+    let (host, _guest) = UnixStream::pair().unwrap();
+    let e = AgentConnection::handshake(host, Duration::from_millis(300))
+        .err()
+        .unwrap();
+    assert!(matches!(e, ClientError::Timeout(..)), "{e:?}");
+}
+
+#[test]
+fn handshake_names_a_newer_protocol_version() {
+    let (host, mut guest) = UnixStream::pair().unwrap();
+    let mut frame = Message::Hello(test_agent().0.hello().clone()).encode();
+    frame[2] = PROTOCOL_VERSION + 1;
+    guest.write_all(&frame).unwrap();
+    let e = AgentConnection::handshake(host, Duration::from_millis(300))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("bad frame"), "{e}");
+    let source = std::error::Error::source(&e).unwrap().to_string();
+    assert!(source.contains("version 2"), "{source}");
+}
+
+#[test]
+fn an_agent_that_started_earlier_answers_a_hello_request() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let (agent, _) = test_agent();
+    std::thread::spawn(move || agent.serve(guest));
+    // Consume the unsolicited Hello, as if the host had not been listening yet.
+    let mut raw = host.try_clone().unwrap();
+    let mut dec = Decoder::new();
+    let mut buf = [0; 4096];
+    while dec.next().unwrap().is_none() {
+        let n = raw.read(&mut buf).unwrap();
+        dec.push(&buf[..n]);
+    }
+    assert_eq!(dec.buffered(), 0);
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    assert!(conn.ping().is_ok());
+}
+
+#[test]
+fn power_off_reaches_the_agent() {
+    let (host, power_offs) = unix_pair();
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    conn.power_off().unwrap();
+    conn.ping().unwrap(); // Frames are handled in order, so the power-off has run.
+    assert_eq!(power_offs.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn tcp_connections_are_served_concurrently() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (agent, _) = test_agent();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let agent = agent.clone();
+            std::thread::spawn(move || agent.serve(s.unwrap()));
+        }
+    });
+    let mut slow = AgentConnection::handshake(TcpStream::connect(addr).unwrap(), T).unwrap();
+    let mut fast = AgentConnection::handshake(TcpStream::connect(addr).unwrap(), T).unwrap();
+    let waiter = std::thread::spawn(move || run(&mut slow, &sh("sleep 1; echo slow"), None));
+    let (code, out, _) = run(&mut fast, &sh("echo fast"), None);
+    assert_eq!((code, &out[..]), (0, &b"fast\n"[..]));
+    assert!(!waiter.is_finished());
+    let (code, out, _) = waiter.join().unwrap();
+    assert_eq!((code, &out[..]), (0, &b"slow\n"[..]));
+}
+
+#[test]
+fn a_second_exec_while_one_runs_is_refused() {
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    let (agent, _) = test_agent();
+    std::thread::spawn(move || agent.serve(guest));
+    let mut frames = Message::Exec(sh("sleep 1")).encode();
+    frames.extend(Message::Exec(sh("echo no")).encode());
+    host.write_all(&frames).unwrap();
+    let mut dec = Decoder::new();
+    let mut buf = [0; 4096];
+    let mut got = Vec::new();
+    while !got.iter().any(|m| matches!(m, Message::Exited { .. })) {
+        let n = host.read(&mut buf).unwrap();
+        assert_ne!(n, 0);
+        dec.push(&buf[..n]);
+        while let Some(m) = dec.next().unwrap() {
+            got.push(m);
+        }
+    }
+    assert!(matches!(got[0], Message::Hello(_)));
+    assert!(
+        matches!(&got[1], Message::Failed { code: 125, message } if message.contains("still running"))
+    );
+    assert_eq!(got[2], Message::Exited { code: 0 });
+}
