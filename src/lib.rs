@@ -5,3 +5,4 @@ pub mod cpio;
 pub mod debian;
 pub mod kernel;
 pub mod kmod;
+pub mod nested;

@@ -1,0 +1,738 @@
+//! The nested host: a real KVM host on machines whose own `/dev/kvm` cannot boot a stock kernel.
+//!
+//! QEMU's TCG emulates AMD SVM with nested paging, so a Linux booted under it (Debian's own
+//! kernel) loads `kvm-amd` and offers a real `/dev/kvm`. This module boots such an "outer
+//! machine" in the background with the host's root shared read-only over virtio-9p, and runs
+//! commands in it chrooted into that root through `ferry-agent`: the host-built `ferry` binary
+//! then runs unchanged against a real `/dev/kvm`. See platform-notes.md, section 2.
+//!
+//! - [`qemu`]: installs QEMU 10 when needed and builds its command line.
+//! - [`initramfs`]: the outer machine's initramfs and `/init`.
+//! - [`state`]: the state file that lets later `ferry` processes find a running host.
+
+mod busybox;
+pub mod initramfs;
+pub mod qemu;
+pub mod state;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_guest_agent::client::{AgentConnection, ClientError};
+use ferry_guest_agent::protocol::ExecRequest;
+
+use crate::debian::{self, DebianError};
+use crate::kernel::KernelPackage;
+use crate::kmod::KmodError;
+use state::HostState;
+
+/// Errors of the nested host.
+#[derive(Debug, thiserror::Error)]
+pub enum NestedError {
+    #[error("cannot get QEMU for the nested host: {0}")]
+    QemuInstall(String),
+    #[error("cannot fetch a Debian package for the nested host")]
+    Debian(#[from] DebianError),
+    #[error("cannot collect the outer machine's kernel modules")]
+    Kmod(#[from] KmodError),
+    #[error("cannot build the guest agent for the outer machine: {0}")]
+    Agent(String),
+    #[error("cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start QEMU ({program})")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the nested host did not come up: {reason}\n\
+         last lines of its console ({console}):\n{tail}"
+    )]
+    Boot {
+        reason: String,
+        console: PathBuf,
+        tail: String,
+    },
+    #[error("the nested host's agent (127.0.0.1:{port})")]
+    Client {
+        port: u16,
+        #[source]
+        source: ClientError,
+    },
+    #[error("no nested host is running; start one with `ferry host start`")]
+    NotRunning,
+}
+
+/// How the outer machine is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostOptions {
+    /// Guest RAM of the outer machine, MiB. Inner guests come out of this.
+    pub memory_mib: u32,
+    /// Virtual CPUs of the outer machine (TCG threads).
+    pub cpus: u32,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: 4096,
+            cpus: 2,
+        }
+    }
+}
+
+/// How long the outer machine may take from QEMU's start to the agent's Hello.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a connection may take to get the agent's Hello from a running host.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits for the outer machine to power off before killing QEMU.
+const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// Console lines shown when the host fails to come up.
+const TAIL_LINES: usize = 25;
+
+/// A running outer machine.
+#[derive(Debug)]
+pub struct NestedHost {
+    state: HostState,
+    /// QEMU as our child, when this process started it (so it can be reaped).
+    child: Option<Child>,
+}
+
+/// `<cache>/nested/host`: state file, console log, lock.
+pub fn state_dir() -> PathBuf {
+    debian::cache_dir().join("nested").join("host")
+}
+
+fn state_file() -> PathBuf {
+    state_dir().join("state")
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NestedError {
+    let what = what.into();
+    move |source| NestedError::Io { what, source }
+}
+
+/// An exclusive lock on `<cache>/nested/host/lock`, held while a host is started, probed or
+/// stopped, so two ferry processes never boot two hosts. Released on drop.
+struct HostLock {
+    _file: File,
+}
+
+impl HostLock {
+    fn acquire() -> Result<Self, NestedError> {
+        let dir = state_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let path = dir.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        loop {
+            // SAFETY: flock on a descriptor we own; it only changes the lock state.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(Self { _file: file });
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(NestedError::Io {
+                    what: format!("lock {}", path.display()),
+                    source: err,
+                });
+            }
+        }
+    }
+}
+
+impl NestedHost {
+    /// Boots the outer machine in the background and waits until its agent answers; returns
+    /// the host already running if there is one. Installs QEMU 10 and builds the initramfs
+    /// first when needed. On failure nothing is left running.
+    pub fn start(opts: &HostOptions) -> Result<Self, NestedError> {
+        let _lock = HostLock::acquire()?;
+        if let Some(host) = Self::running_locked()? {
+            eprintln!(
+                "ferry: nested host: already running (QEMU pid {}, agent on 127.0.0.1:{})",
+                host.state.pid, host.state.port
+            );
+            return Ok(host);
+        }
+        let cache = debian::cache_dir();
+        let qemu = qemu::ensure()?;
+        let kernel = KernelPackage::fetch(&cache)?;
+        let busybox = debian::fetch("busybox-static", &cache)?;
+        let agent = agent_binary()?;
+        let initrd = initramfs::ensure(
+            &cache,
+            &initramfs::Inputs {
+                kernel: &kernel,
+                busybox: &busybox,
+                agent: &agent,
+            },
+        )?;
+
+        let dir = state_dir();
+        let console_log = dir.join("console.log");
+        let qemu_log = dir.join("qemu.log");
+        let port = free_port()?;
+        let cmdline = kernel_cmdline(&cache);
+        let args = qemu::command_line(&qemu::BootSpec {
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            kernel: &kernel.vmlinuz,
+            initrd: &initrd,
+            cmdline: &cmdline,
+            host_port: port,
+            guest_port: initramfs::AGENT_PORT,
+            console_log: &console_log,
+        });
+        // Start from an empty console log, so a failure shows this boot's lines.
+        File::create(&console_log).map_err(io_err(format!("create {}", console_log.display())))?;
+        let stderr_file =
+            File::create(&qemu_log).map_err(io_err(format!("create {}", qemu_log.display())))?;
+        eprintln!(
+            "ferry: nested host: booting Debian {} under QEMU {}.{}.{} (TCG with emulated AMD SVM, \
+             {} MiB, {} vCPUs); console: {}",
+            kernel.release,
+            qemu.version.0,
+            qemu.version.1,
+            qemu.version.2,
+            opts.memory_mib,
+            opts.cpus,
+            console_log.display()
+        );
+        let started = Instant::now();
+        let child = Command::new(&qemu.path)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr_file)
+            // Its own process group: a Ctrl-C meant for this ferry does not reach it.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| NestedError::Spawn {
+                program: qemu.path.display().to_string(),
+                source,
+            })?;
+        let state = HostState {
+            pid: child.id() as i32,
+            port,
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            console_log: console_log.clone(),
+        };
+        let mut host = Self {
+            state,
+            child: Some(child),
+        };
+        // Recorded before the wait, so `ferry host stop` finds a host whose starter died.
+        if let Err(e) = host.state.store(&state_file()) {
+            host.kill();
+            return Err(e);
+        }
+        match host.wait_ready(started, &qemu_log) {
+            Ok(hello_kernel) => {
+                eprintln!(
+                    "ferry: nested host: ready after {:.1} s (kernel {hello_kernel}, QEMU pid {}, \
+                     agent on 127.0.0.1:{})",
+                    started.elapsed().as_secs_f64(),
+                    host.state.pid,
+                    port
+                );
+                Ok(host)
+            }
+            Err(e) => {
+                host.kill();
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls until the agent's Hello arrives, QEMU exits, or [`BOOT_TIMEOUT`] passes.
+    fn wait_ready(&mut self, started: Instant, qemu_log: &Path) -> Result<String, NestedError> {
+        let deadline = started + BOOT_TIMEOUT;
+        let mut last_error = String::from("no answer yet");
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let qemu_err = std::fs::read_to_string(qemu_log).unwrap_or_default();
+                    return Err(self.boot_error(format!(
+                        "QEMU exited ({status}) after {:.1} s{}",
+                        started.elapsed().as_secs_f64(),
+                        if qemu_err.trim().is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", qemu_err.trim())
+                        }
+                    )));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.boot_error(format!(
+                    "its agent did not answer within {} s ({last_error})",
+                    BOOT_TIMEOUT.as_secs()
+                )));
+            }
+            // QEMU's user network accepts connections to the forwarded port even before the
+            // guest listens (and then drops them), so only a Hello counts as "up".
+            match self.connect(Duration::from_secs(3).min(deadline - now)) {
+                Ok(conn) => return Ok(conn.hello().kernel_release.clone()),
+                Err(e) => last_error = error_chain(&e),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn boot_error(&self, reason: String) -> NestedError {
+        NestedError::Boot {
+            reason,
+            console: self.state.console_log.clone(),
+            tail: console_tail(&self.state.console_log, TAIL_LINES),
+        }
+    }
+
+    /// The host started earlier (by this or another ferry process), if its QEMU is alive and
+    /// its agent answers. A state file left by a dead host is removed; a live QEMU whose agent
+    /// does not answer is stopped.
+    pub fn running() -> Result<Option<Self>, NestedError> {
+        let _lock = HostLock::acquire()?;
+        Self::running_locked()
+    }
+
+    fn running_locked() -> Result<Option<Self>, NestedError> {
+        let path = state_file();
+        let Some(state) = HostState::load(&path)? else {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        };
+        let mut host = Self { state, child: None };
+        if !state::qemu_alive(host.state.pid) {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        match host.connect(HANDSHAKE_TIMEOUT) {
+            Ok(_) => Ok(Some(host)),
+            Err(e) => {
+                eprintln!(
+                    "ferry: nested host: QEMU pid {} is running but its agent does not answer \
+                     ({}); stopping it",
+                    host.state.pid,
+                    error_chain(&e)
+                );
+                host.kill();
+                Ok(None)
+            }
+        }
+    }
+
+    /// A new connection to the agent (one per command; the agent serves each on its own thread).
+    fn connect(&self, timeout: Duration) -> Result<AgentConnection<TcpStream>, NestedError> {
+        let port = self.state.port;
+        let client = |source| NestedError::Client { port, source };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|source| {
+            client(ClientError::Io {
+                context: "cannot connect",
+                source,
+            })
+        })?;
+        let _ = stream.set_nodelay(true);
+        AgentConnection::handshake(stream, timeout).map_err(client)
+    }
+
+    /// Runs `argv` chrooted into the host's root inside the outer machine, in `cwd` (a host
+    /// path; the host's files are visible read-only at the same paths, with a writable /tmp and
+    /// /run of its own) with exactly the environment `env`. Streams the command's stdout and
+    /// stderr to ours, forwards our stdin when `forward_stdin`, and returns its exit code
+    /// (128 + signal if a signal killed it; 127/126 if it could not be started).
+    ///
+    /// Safe to call from several threads or processes at once: each call has its own
+    /// connection.
+    pub fn exec(
+        &self,
+        argv: &[String],
+        cwd: &Path,
+        env: &[(String, String)],
+        forward_stdin: bool,
+    ) -> Result<i32, NestedError> {
+        let mut conn = self.connect(HANDSHAKE_TIMEOUT)?;
+        let req = ExecRequest {
+            argv: argv.to_vec(),
+            env: env.to_vec(),
+            cwd: Some(cwd.to_string_lossy().into_owned()),
+            stdin: forward_stdin,
+        };
+        let stdin: Option<Box<dyn Read + Send>> = if forward_stdin {
+            Some(Box::new(std::io::stdin()))
+        } else {
+            None
+        };
+        let mut stdout = std::io::stdout();
+        let mut stderr = std::io::stderr();
+        conn.exec(&req, stdin, &mut stdout, &mut stderr)
+            .map_err(|source| NestedError::Client {
+                port: self.state.port,
+                source,
+            })
+    }
+
+    /// Like [`NestedHost::exec`], but collects stdout and stderr instead of streaming them.
+    pub fn exec_output(
+        &self,
+        argv: &[String],
+        cwd: &Path,
+        env: &[(String, String)],
+    ) -> Result<(i32, Vec<u8>, Vec<u8>), NestedError> {
+        let mut conn = self.connect(HANDSHAKE_TIMEOUT)?;
+        let req = ExecRequest {
+            argv: argv.to_vec(),
+            env: env.to_vec(),
+            cwd: Some(cwd.to_string_lossy().into_owned()),
+            stdin: false,
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = conn
+            .exec(&req, None, &mut out, &mut err)
+            .map_err(|source| NestedError::Client {
+                port: self.state.port,
+                source,
+            })?;
+        Ok((code, out, err))
+    }
+
+    /// Asks the outer machine to power off, waits for QEMU to exit (killing it after
+    /// [`POWER_OFF_TIMEOUT`]), and removes the state file.
+    pub fn stop(mut self) -> Result<(), NestedError> {
+        let _lock = HostLock::acquire()?;
+        let pid = self.state.pid;
+        eprintln!("ferry: nested host: powering off (QEMU pid {pid})");
+        let asked = self
+            .connect(HANDSHAKE_TIMEOUT)
+            .and_then(|mut c| {
+                c.power_off().map_err(|source| NestedError::Client {
+                    port: self.state.port,
+                    source,
+                })
+            })
+            .is_ok();
+        let deadline = Instant::now()
+            + if asked {
+                POWER_OFF_TIMEOUT
+            } else {
+                Duration::ZERO
+            };
+        while self.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.alive() {
+            eprintln!("ferry: nested host: QEMU pid {pid} still running; killing it");
+        }
+        self.kill();
+        Ok(())
+    }
+
+    fn alive(&mut self) -> bool {
+        if let Some(child) = self.child.as_mut() {
+            return matches!(child.try_wait(), Ok(None));
+        }
+        state::qemu_alive(self.state.pid)
+    }
+
+    /// Kills QEMU's process group (SIGTERM, then SIGKILL), reaps it if it is our child, and
+    /// removes the state file if it still names this host.
+    fn kill(&mut self) {
+        let pgid = self.state.pid;
+        if self.alive() {
+            // SAFETY: kill(2) on QEMU's own process group (it was started with
+            // process_group(0), and qemu_alive checked the pid is QEMU); no memory is involved.
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if self.alive() {
+                // SAFETY: as above.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        let path = state_file();
+        if HostState::load(&path)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.pid == pgid)
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// One line for the user: `QEMU pid 123, agent on 127.0.0.1:40000, up 85 s, console: <path>`.
+    pub fn describe(&self) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!(
+            "QEMU pid {}, agent on 127.0.0.1:{}, up {} s, console: {}",
+            self.state.pid,
+            self.state.port,
+            now.saturating_sub(self.state.started_at),
+            self.state.console_log.display()
+        )
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> i32 {
+        self.state.pid
+    }
+
+    /// The port on 127.0.0.1 forwarded to the agent.
+    pub fn port(&self) -> u16 {
+        self.state.port
+    }
+
+    /// Unix time (seconds) the host was started.
+    pub fn started_at(&self) -> u64 {
+        self.state.started_at
+    }
+
+    /// The outer machine's serial console log.
+    pub fn console_log(&self) -> &Path {
+        &self.state.console_log
+    }
+}
+
+/// The static `ferry-agent` to put in the initramfs.
+fn agent_binary() -> Result<PathBuf, NestedError> {
+    // Stand-in until `crate::image::static_agent` lands.
+    std::env::var_os("FERRY_AGENT")
+        .map(PathBuf::from)
+        .ok_or_else(|| NestedError::Agent("set FERRY_AGENT to a static ferry-agent".into()))
+}
+
+/// The outer kernel's command line. `ferry.keep` names the cache dir, which /init keeps visible
+/// if it lies under /tmp or /run (which get their own writable layer in the chroot).
+fn kernel_cmdline(cache: &Path) -> String {
+    let mut s = String::from("console=ttyS0 panic=-1 loglevel=4 mitigations=off");
+    let cache = cache.to_string_lossy();
+    if !cache.contains(char::is_whitespace) {
+        s.push_str(" ferry.keep=");
+        s.push_str(&cache);
+    }
+    s
+}
+
+/// A port on 127.0.0.1 nobody listens on right now.
+fn free_port() -> Result<u16, NestedError> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io_err("find a free TCP port on 127.0.0.1"))
+}
+
+/// An error and its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// The last `n` lines of a log file (at most its last 64 KiB), for error messages.
+pub fn console_tail(path: &Path, n: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::from("  (no console output)");
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let lines: Vec<String> = BufReader::new(f)
+        .split(b'\n')
+        .map_while(Result::ok)
+        .map(|l| String::from_utf8_lossy(&l).trim_end().to_string())
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    if tail.is_empty() {
+        return String::from("  (no console output)");
+    }
+    tail.iter()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Why this machine's `/dev/kvm` cannot boot a stock kernel, as a sentence for the user that
+/// says what to do; `None` if it can.
+pub fn local_kvm_problem() -> Option<String> {
+    local_kvm_problem_at(Path::new("/dev/kvm"), Path::new("/sys/module"))
+}
+
+fn local_kvm_problem_at(dev: &Path, sys_module: &Path) -> Option<String> {
+    const NESTED: &str = "ferry can run its VMs in a nested host instead (QEMU emulating AMD SVM, \
+                          slow but real KVM): `ferry host start`";
+    match File::options().read(true).write(true).open(dev) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some(format!(
+                "this machine has no {}: enable hardware virtualisation (VT-x/AMD-V in the \
+                 firmware, or nested virtualisation for a cloud VM) and load kvm_intel or \
+                 kvm_amd; or {NESTED}",
+                dev.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Some(format!(
+                "no permission to open {}: add yourself to its group (`sudo adduser $USER kvm`, \
+                 then log in again) or run ferry as root",
+                dev.display()
+            ))
+        }
+        Err(e) => return Some(format!("cannot open {}: {e}; {NESTED}", dev.display())),
+    }
+    if sys_module.join("kvm_pvm").exists() {
+        return Some(format!(
+            "{} here is PVM (the kvm_pvm module), which runs guest kernel code in an instruction \
+             emulator that lacks int3, xrstor and cmpxchg16b: a stock kernel dies early in boot \
+             (int3_selftest). {NESTED}",
+            dev.display()
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferry-nested-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn kvm_problems_are_explained() {
+        let d = temp_dir("kvm");
+        let missing = local_kvm_problem_at(&d.join("kvm"), &d).unwrap();
+        assert!(
+            missing.contains("no ") && missing.contains("ferry host start"),
+            "{missing}"
+        );
+
+        std::fs::write(d.join("kvm"), b"").unwrap();
+        assert_eq!(local_kvm_problem_at(&d.join("kvm"), &d), None);
+
+        std::fs::create_dir(d.join("kvm_pvm")).unwrap();
+        let pvm = local_kvm_problem_at(&d.join("kvm"), &d).unwrap();
+        assert!(
+            pvm.contains("PVM") && pvm.contains("ferry host start"),
+            "{pvm}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn console_tail_shows_the_last_lines() {
+        let d = temp_dir("tail");
+        let log = d.join("console.log");
+        let text: String = (1..=40).map(|i| format!("line {i}\r\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let tail = console_tail(&log, 3);
+        assert_eq!(tail, "  | line 38\n  | line 39\n  | line 40");
+        assert!(console_tail(&d.join("none"), 3).contains("no console output"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn kernel_cmdline_keeps_the_cache_visible() {
+        let c = kernel_cmdline(Path::new("/tmp/ferry-cache"));
+        assert!(c.contains("console=ttyS0"));
+        assert!(c.contains("ferry.keep=/tmp/ferry-cache"));
+        assert!(!kernel_cmdline(Path::new("/tmp/a b")).contains("ferry.keep"));
+    }
+
+    /// Boots the real nested host and checks `/dev/kvm` inside it. Slow (QEMU TCG); runs only
+    /// with FERRY_NESTED_TESTS=1.
+    #[test]
+    fn nested_host_offers_a_working_dev_kvm() {
+        if std::env::var_os("FERRY_NESTED_TESTS").is_none_or(|v| v != "1") {
+            eprintln!("skipped: set FERRY_NESTED_TESTS=1 to boot the nested host");
+            return;
+        }
+        let t0 = Instant::now();
+        let host = NestedHost::start(&HostOptions::default()).expect("start the nested host");
+        eprintln!(
+            "nested host: start() took {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let check = || -> Result<(), String> {
+            let t = Instant::now();
+            let (code, out, err) = host
+                .exec_output(&["uname".into(), "-r".into()], Path::new("/"), &env)
+                .map_err(|e| error_chain(&e))?;
+            eprintln!(
+                "nested host: `uname -r` took {:.2} s: {}",
+                t.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&out).trim()
+            );
+            if code != 0 {
+                return Err(format!("uname: {code}: {}", String::from_utf8_lossy(&err)));
+            }
+            let py =
+                "import os,fcntl;fd=os.open('/dev/kvm',os.O_RDWR);print(fcntl.ioctl(fd,0xAE00))";
+            let t = Instant::now();
+            let (code, out, err) = host
+                .exec_output(
+                    &["python3".into(), "-c".into(), py.into()],
+                    Path::new("/"),
+                    &env,
+                )
+                .map_err(|e| error_chain(&e))?;
+            eprintln!(
+                "nested host: python3 KVM_GET_API_VERSION took {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
+            if code != 0 || String::from_utf8_lossy(&out).trim() != "12" {
+                return Err(format!(
+                    "KVM_GET_API_VERSION: status {code}, stdout {:?}, stderr {:?}",
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
+                ));
+            }
+            let again = NestedHost::running().map_err(|e| error_chain(&e))?;
+            if again.map(|h| h.pid()) != Some(host.pid()) {
+                return Err("running() does not find the host".into());
+            }
+            Ok(())
+        };
+        let result = check();
+        let pid = host.pid();
+        host.stop().expect("stop the nested host");
+        assert!(!state::qemu_alive(pid), "QEMU still running after stop()");
+        assert!(NestedHost::running().unwrap().is_none());
+        result.unwrap();
+    }
+}
