@@ -3,6 +3,7 @@
 
 pub mod cpio;
 pub mod debian;
+pub mod image;
 pub mod kernel;
 pub mod kmod;
 pub mod nested;
