@@ -7,3 +7,6 @@ pub mod image;
 pub mod kernel;
 pub mod kmod;
 pub mod nested;
+pub mod run;
+pub mod signals;
+pub mod terminal;

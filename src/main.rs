@@ -1,1 +1,366 @@
-fn main() {}
+//! The `ferry` command.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use ferry::run::{LocalRun, RunError, DEFAULT_BOOT_TIMEOUT, DEFAULT_CMDLINE};
+use ferry::{debian, image, nested};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Process-migration cluster of lightweight KVM VMMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest in ferry's VMM: an interactive console, or `-- CMD` to run one command in a
+    /// fresh guest and exit with its status.
+    Run(RunArgs),
+    /// The guest image (Debian's kernel, busybox and the ferry agent in an initramfs).
+    Image {
+        #[command(subcommand)]
+        action: ImageAction,
+    },
+    /// The nested host: a QEMU machine with a real KVM, for machines whose own KVM cannot boot a
+    /// stock kernel. Starting one keeps it up, so later `ferry run`s start in seconds.
+    Host {
+        #[command(subcommand)]
+        action: HostAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageAction {
+    /// Build the guest image now (otherwise it is built on first use); cached until an input
+    /// changes.
+    Build {
+        /// Rebuild even if the cached image is current.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostAction {
+    /// Boot the nested host and leave it running.
+    Start {
+        /// Memory of the nested host, e.g. 4G.
+        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        memory: u64,
+        /// vCPUs of the nested host.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
+    /// Power the nested host off.
+    Stop,
+    /// Say whether a nested host is running.
+    Status,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HostChoice {
+    /// This machine's KVM if it can boot a stock kernel, else the nested host.
+    Auto,
+    /// This machine's KVM.
+    Local,
+    /// The nested host.
+    Nested,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
+    /// Guest memory: a number of MiB, or with a K, M or G suffix.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// Kernel to boot (a bzImage or an ELF vmlinux); default: the guest image's Debian kernel.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs; default: the guest image's.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, replacing the default.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Where to run the VMM.
+    #[arg(long, value_enum, default_value_t = HostChoice::Auto)]
+    host: HostChoice,
+    /// Also write the guest console to this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Seconds to wait for the guest agent after power-on.
+    #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs())]
+    boot_timeout: u64,
+    /// Print no progress lines.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Command to run in the guest (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// Parses `512`, `512M`, `4G`, `65536K` into bytes; a bare number is MiB.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown size suffix `{c}`; use K, M or G")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1 << 20),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; write e.g. 512M or 2G"))?;
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("`{s}` is not a usable size"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => cmd_run(args),
+        Command::Image {
+            action: ImageAction::Build { force },
+        } => image::ensure(&debian::cache_dir(), force)
+            .map(|img| {
+                eprintln!(
+                    "ferry: guest image {} (kernel {}) at {}",
+                    img.key,
+                    img.kernel_release,
+                    img.dir.display()
+                );
+                0
+            })
+            .context("building the guest image"),
+        Command::Host { action } => cmd_host(action),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("ferry: error: {err:#}");
+            let usage = err
+                .downcast_ref::<RunError>()
+                .is_some_and(RunError::is_usage)
+                || err.downcast_ref::<UsageError>().is_some();
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+/// An error in what the user asked for (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
+    for (what, path) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
+        if let Some(p) = path {
+            if !p.is_file() {
+                return Err(UsageError(format!(
+                    "{what} {}: no such file",
+                    p.display()
+                ))
+                .into());
+            }
+        }
+    }
+    let use_nested = match args.host {
+        HostChoice::Local => false,
+        HostChoice::Nested => {
+            if !args.quiet {
+                eprintln!("ferry: using the nested host (--host nested)");
+            }
+            true
+        }
+        HostChoice::Auto => match nested::local_kvm_problem() {
+            None => false,
+            Some(reason) => {
+                if !args.quiet {
+                    eprintln!("ferry: using the nested host: {reason}");
+                }
+                true
+            }
+        },
+    };
+    let (kernel, initrd) = resolve_image(&args)?;
+    if use_nested {
+        return run_nested(&args, &kernel, &initrd);
+    }
+    if args.host == HostChoice::Local {
+        if let Some(reason) = nested::local_kvm_problem() {
+            if !args.quiet {
+                eprintln!("ferry: warning: {reason}");
+            }
+        }
+    }
+    let code = ferry::run::run(LocalRun {
+        vcpus: args.vcpus,
+        mem_size: args.memory,
+        kernel,
+        initrd: Some(initrd),
+        cmdline: args.cmdline.clone(),
+        command: args.command.clone(),
+        console_log: args.console_log.clone(),
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+        verbose: !args.quiet,
+    })?;
+    Ok(code)
+}
+
+/// The kernel and initramfs to boot: given on the command line, or the guest image's.
+fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
+    match (&args.kernel, &args.initrd) {
+        (Some(k), Some(i)) => Ok((absolute(k)?, absolute(i)?)),
+        _ => {
+            let img = image::ensure(&debian::cache_dir(), false).context("preparing the guest image")?;
+            let kernel = match &args.kernel {
+                Some(k) => absolute(k)?,
+                None => img.kernel.clone(),
+            };
+            let initrd = match &args.initrd {
+                Some(i) => absolute(i)?,
+                None => img.initrd.clone(),
+            };
+            Ok((kernel, initrd))
+        }
+    }
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+/// Runs this same `ferry run` inside the nested host (starting one for this run if none is up),
+/// with the image resolved here, where the cache is writable.
+fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("locating the ferry binary")?;
+    let mut argv = vec![
+        exe.to_string_lossy().into_owned(),
+        "run".into(),
+        "--host".into(),
+        "local".into(),
+        "--vcpus".into(),
+        args.vcpus.to_string(),
+        "--memory".into(),
+        format!("{}K", args.memory >> 10),
+        "--kernel".into(),
+        kernel.to_string_lossy().into_owned(),
+        "--initrd".into(),
+        initrd.to_string_lossy().into_owned(),
+        "--cmdline".into(),
+        args.cmdline.clone(),
+        "--boot-timeout".into(),
+        args.boot_timeout.to_string(),
+    ];
+    if args.quiet {
+        argv.push("--quiet".into());
+    }
+    if let Some(log) = &args.console_log {
+        // The host's files are read-only inside the nested host: the log is written there and
+        // copied out is not possible, so refuse clearly instead of failing late.
+        bail!(UsageError(format!(
+            "--console-log {} cannot be written from the nested host; run with --host local on a machine with hardware KVM, or leave it out",
+            log.display()
+        )));
+    }
+    if !args.command.is_empty() {
+        argv.push("--".into());
+        argv.extend(args.command.iter().cloned());
+    }
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let env: Vec<(String, String)> = ["HOME", "TERM", "FERRY_CACHE_DIR", "XDG_CACHE_HOME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .chain([(
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        )])
+        .collect();
+    let (host, one_shot) = match nested::NestedHost::running()? {
+        Some(h) => (h, false),
+        None => (nested::NestedHost::start(&nested::HostOptions::default())?, true),
+    };
+    // The guest console is interactive through the nested host too: keystrokes go through raw.
+    let raw = if args.command.is_empty() {
+        ferry::terminal::RawMode::enable(&std::io::stdin())?
+    } else {
+        None
+    };
+    let result = host.exec(&argv, &cwd, &env, true);
+    drop(raw);
+    if one_shot {
+        if let Err(e) = host.stop() {
+            eprintln!("ferry: warning: stopping the nested host: {e}");
+        }
+    }
+    Ok(result?)
+}
+
+fn cmd_host(action: HostAction) -> anyhow::Result<i32> {
+    match action {
+        HostAction::Start { memory, cpus } => {
+            if let Some(h) = nested::NestedHost::running()? {
+                eprintln!("ferry: a nested host is already running ({})", h.describe());
+                return Ok(0);
+            }
+            let h = nested::NestedHost::start(&nested::HostOptions {
+                memory_mib: (memory >> 20) as u32,
+                cpus,
+            })?;
+            eprintln!("ferry: nested host running ({})", h.describe());
+            Ok(0)
+        }
+        HostAction::Stop => match nested::NestedHost::running()? {
+            Some(h) => {
+                h.stop()?;
+                eprintln!("ferry: nested host stopped");
+                Ok(0)
+            }
+            None => {
+                eprintln!("ferry: no nested host is running");
+                Ok(0)
+            }
+        },
+        HostAction::Status => match nested::NestedHost::running()? {
+            Some(h) => {
+                println!("running {}", h.describe());
+                Ok(0)
+            }
+            None => {
+                println!("stopped");
+                Ok(3)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_and_without_suffix() {
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("65536K"), Ok(64 << 20));
+        assert!(parse_size("12Q").unwrap_err().contains("suffix"));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("0").is_err());
+    }
+}

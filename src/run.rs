@@ -1,0 +1,378 @@
+//! `ferry run` on this machine's KVM: boot a guest in ferry's VMM, attach its console or run one
+//! command in it through the guest agent, and report how it ended.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_guest_agent::client::{AgentConnection, ClientError};
+use ferry_guest_agent::protocol::{ExecRequest, Hello};
+use ferry_vmm::boot::{BootError, BootSpec, KernelImage};
+use ferry_vmm::devices::serial::SerialPort;
+use ferry_vmm::{Vm, VmConfig, VmError, VmExit};
+
+/// Kernel command line for ferry's guests: console on the first UART, the i8042 reset for
+/// `reboot`, and a panic ends the VM instead of hanging it.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+
+/// How long a guest may take from power-on to its agent's hello.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Errors of a local run. `is_usage()` tells those caused by the user's input (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("the guest agent did not become ready: {cause}\n{console}")]
+    AgentNotReady { cause: String, console: String },
+    #[error("the guest agent connection failed while running the command: {0}")]
+    Agent(#[from] ClientError),
+    #[error("the guest stopped before the command finished ({reason})\n{console}")]
+    GuestStopped { reason: String, console: String },
+    #[error("the guest failed: {reason}\n{console}")]
+    GuestFailed { reason: String, console: String },
+    #[error("cannot set up the console: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl RunError {
+    /// True for errors the user fixes by changing the command line (exit status 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            RunError::Boot(_)
+                | RunError::Vm(VmError::Boot(_))
+                | RunError::Vm(VmError::OpenKvm(_))
+                | RunError::Vm(VmError::VcpuCount(_))
+        )
+    }
+}
+
+/// What to run.
+pub struct LocalRun {
+    pub vcpus: u8,
+    pub mem_size: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// Run this command through the agent and power off; otherwise attach the console.
+    pub command: Vec<String>,
+    /// Also write everything the console prints to this file.
+    pub console_log: Option<PathBuf>,
+    pub boot_timeout: Duration,
+    /// Print progress lines on stderr.
+    pub verbose: bool,
+}
+
+/// The last bytes the console printed, for error messages.
+#[derive(Clone, Default)]
+struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl ConsoleTail {
+    const KEEP: usize = 4096;
+
+    fn push(&self, b: &[u8]) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.extend(b);
+        let excess = t.len().saturating_sub(Self::KEEP);
+        t.drain(..excess);
+    }
+
+    /// The last `n` lines, indented, under a heading.
+    fn render(&self, n: usize) -> String {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes: Vec<u8> = t.iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(n);
+        let mut s = String::from("last console lines:");
+        if lines.is_empty() {
+            s.push_str(" (none)");
+        }
+        for l in &lines[start..] {
+            s.push_str("\n  | ");
+            s.push_str(l.trim_end_matches('\r'));
+        }
+        s
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes: Vec<u8> = t.iter().copied().collect();
+        String::from_utf8_lossy(&bytes).contains(needle)
+    }
+}
+
+/// Where the guest console's bytes go: the terminal (interactive runs), a log file, and the tail.
+struct ConsoleSink {
+    stdout: bool,
+    log: Option<File>,
+    tail: ConsoleTail,
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.tail.push(b);
+        if self.stdout {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(b);
+            let _ = out.flush();
+        }
+        if let Some(f) = &mut self.log {
+            let _ = f.write_all(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Copies what the host writes into `stream` into the UART's input queue.
+fn pump_into(mut stream: UnixStream, port: Arc<Mutex<SerialPort>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => port
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_input(&buf[..n]),
+        }
+    }
+}
+
+/// Exit status for a guest that ended on its own in an interactive run.
+fn interactive_status(exit: &VmExit) -> Option<i32> {
+    match exit {
+        VmExit::PowerOff | VmExit::Reset => Some(0),
+        _ => None,
+    }
+}
+
+/// Boots the guest and runs it to the end. Returns the exit status for the `ferry` process.
+pub fn run(spec: LocalRun) -> Result<i32, RunError> {
+    let started = Instant::now();
+    let kernel = KernelImage::inspect(&spec.kernel)?;
+    let boot = BootSpec {
+        kernel,
+        initrd: spec.initrd.clone(),
+        cmdline: spec.cmdline.clone(),
+    };
+    boot.check(spec.mem_size)?;
+
+    let interactive = spec.command.is_empty();
+    let tail = ConsoleTail::default();
+    let log = match &spec.console_log {
+        Some(p) => Some(File::create(p)?),
+        None => None,
+    };
+    let console = ConsoleSink {
+        stdout: interactive,
+        log,
+        tail: tail.clone(),
+    };
+    let (vmm_end, host_end) = UnixStream::pair()?;
+    let vm = Vm::new(VmConfig {
+        vcpus: spec.vcpus,
+        mem_size: spec.mem_size,
+        boot,
+        console: Box::new(console),
+        agent: Box::new(vmm_end.try_clone()?),
+        log_dirty: false,
+    })?;
+    let agent_port = vm.agent_port();
+    let console_port = vm.console();
+    std::thread::Builder::new()
+        .name("agent-pump".into())
+        .spawn(move || pump_into(vmm_end, agent_port))?;
+
+    let running = vm.start()?;
+    let exit = running.exit_request();
+    {
+        let exit = exit.clone();
+        // SIGINT/SIGTERM stop the VM cleanly; the exit status says which signal it was.
+        let _ = crate::signals::on_terminate(move |_sig| exit.request(VmExit::Stopped));
+    }
+    // When the VM ends, the agent connection ends too, so nobody waits on a dead guest.
+    {
+        let exit = exit.clone();
+        let host_end = host_end.try_clone()?;
+        std::thread::Builder::new()
+            .name("vm-exit-watch".into())
+            .spawn(move || {
+                exit.wait();
+                let _ = host_end.shutdown(Shutdown::Both);
+            })?;
+    }
+    if spec.verbose {
+        eprintln!("ferry: VM started ({} vCPUs, {} MiB)", spec.vcpus, spec.mem_size >> 20);
+    }
+
+    if interactive {
+        let _raw = crate::terminal::RawMode::enable(&io::stdin())?;
+        spawn_console_input(console_port, exit.clone())?;
+        let verbose = spec.verbose;
+        std::thread::Builder::new()
+            .name("agent-hello".into())
+            .spawn(move || report_ready(host_end, started, verbose))?;
+        let reason = running.wait();
+        drop(_raw);
+        return match interactive_status(&reason) {
+            Some(code) => Ok(code),
+            None if reason == VmExit::Stopped => Ok(130),
+            None => Err(guest_failed(&reason, &tail)),
+        };
+    }
+
+    let mut conn = match AgentConnection::handshake(host_end, spec.boot_timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            let cause = match exit.get() {
+                Some(reason) => describe_exit(&reason, &tail),
+                None => e.to_string(),
+            };
+            drop(running);
+            return Err(RunError::AgentNotReady {
+                cause,
+                console: tail.render(15),
+            });
+        }
+    };
+    if spec.verbose {
+        announce(conn.hello(), started);
+    }
+    let req = ExecRequest {
+        argv: spec.command.clone(),
+        env: vec![
+            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            ("HOME".into(), "/root".into()),
+            ("TERM".into(), std::env::var("TERM").unwrap_or_else(|_| "dumb".into())),
+        ],
+        cwd: Some("/root".into()),
+        stdin: true,
+    };
+    let stdin: Box<dyn Read + Send> = Box::new(io::stdin());
+    let result = conn.exec(&req, Some(stdin), &mut io::stdout(), &mut io::stderr());
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            let reason = exit.get();
+            drop(running);
+            return Err(match reason {
+                Some(r) => RunError::GuestStopped {
+                    reason: describe_exit(&r, &tail),
+                    console: tail.render(15),
+                },
+                None => RunError::Agent(e),
+            });
+        }
+    };
+    // The command is done: power the guest off and wait for it, briefly.
+    let _ = conn.power_off();
+    if exit.wait_timeout(Duration::from_secs(30)).is_none() && spec.verbose {
+        eprintln!("ferry: the guest did not power off within 30 s; stopping it");
+    }
+    drop(running);
+    if spec.verbose {
+        eprintln!("ferry: done in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(code)
+}
+
+fn describe_exit(reason: &VmExit, tail: &ConsoleTail) -> String {
+    match reason {
+        VmExit::Reset if tail.contains("Kernel panic") => "the guest kernel panicked".into(),
+        VmExit::Reset => "the guest rebooted".into(),
+        VmExit::PowerOff => "the guest powered off".into(),
+        VmExit::TripleFault => "the guest triple-faulted".into(),
+        VmExit::Stopped => "stopped by a signal".into(),
+        VmExit::Error(e) => e.clone(),
+    }
+}
+
+fn guest_failed(reason: &VmExit, tail: &ConsoleTail) -> RunError {
+    RunError::GuestFailed {
+        reason: describe_exit(reason, tail),
+        console: tail.render(15),
+    }
+}
+
+fn announce(hello: &Hello, started: Instant) {
+    eprintln!(
+        "ferry: guest agent ready after {:.1} s: kernel {}, {} vCPUs online, agent {} (protocol {})",
+        started.elapsed().as_secs_f64(),
+        hello.kernel_release,
+        hello.online_cpus,
+        hello.agent_version,
+        hello.version
+    );
+}
+
+/// Waits for the agent's hello in an interactive run, prints it, then keeps draining the channel
+/// so the guest never blocks on it.
+fn report_ready(stream: UnixStream, started: Instant, verbose: bool) {
+    let drain = stream.try_clone();
+    if let Ok(conn) = AgentConnection::handshake(stream, DEFAULT_BOOT_TIMEOUT) {
+        if verbose {
+            // The terminal is raw: end the line ourselves.
+            announce(conn.hello(), started);
+            eprint!("\r");
+        }
+    }
+    if let Ok(mut s) = drain {
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// Copies the terminal's keystrokes to the guest console. Ctrl-A then `x` stops the VM (the
+/// terminal is raw, so Ctrl-C goes to the guest).
+fn spawn_console_input(
+    port: Arc<Mutex<SerialPort>>,
+    exit: Arc<ferry_vmm::devices::ExitRequest>,
+) -> io::Result<()> {
+    const CTRL_A: u8 = 0x01;
+    std::thread::Builder::new()
+        .name("console-input".into())
+        .spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buf = [0u8; 1024];
+            let mut escape = false;
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut out = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    if escape {
+                        escape = false;
+                        match b {
+                            b'x' | b'X' => {
+                                exit.request(VmExit::Stopped);
+                                return;
+                            }
+                            CTRL_A => out.push(CTRL_A),
+                            other => out.extend_from_slice(&[CTRL_A, other]),
+                        }
+                    } else if b == CTRL_A {
+                        escape = true;
+                    } else {
+                        out.push(b);
+                    }
+                }
+                port.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .queue_input(&out);
+            }
+        })?;
+    Ok(())
+}
