@@ -278,7 +278,7 @@ fn tcp_connections_are_served_concurrently() {
     });
     let mut slow = AgentConnection::handshake(TcpStream::connect(addr).unwrap(), T).unwrap();
     let mut fast = AgentConnection::handshake(TcpStream::connect(addr).unwrap(), T).unwrap();
-    let waiter = std::thread::spawn(move || run(&mut slow, &sh("sleep 1; echo slow"), None));
+    let waiter = std::thread::spawn(move || run(&mut slow, &sh("sleep 2; echo slow"), None));
     let (code, out, _) = run(&mut fast, &sh("echo fast"), None);
     assert_eq!((code, &out[..]), (0, &b"fast\n"[..]));
     assert!(!waiter.is_finished());
@@ -310,4 +310,34 @@ fn a_second_exec_while_one_runs_is_refused() {
         matches!(&got[1], Message::Failed { code: 125, message } if message.contains("still running"))
     );
     assert_eq!(got[2], Message::Exited { code: 0 });
+}
+
+#[test]
+fn chrooted_agent_runs_commands_inside_the_root() {
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !is_root {
+        eprintln!("skipped: chroot(2) needs root");
+        return;
+    }
+    // The root "/" keeps the host's shell reachable while going through chroot(2) and chdir(2).
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = Agent::new(Some("/".into()));
+    std::thread::spawn(move || agent.serve(guest));
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let req = ExecRequest {
+        cwd: Some("/tmp".into()),
+        ..sh("pwd")
+    };
+    let (code, out, _) = run(&mut conn, &req, None);
+    assert_eq!((code, &out[..]), (0, &b"/tmp\n"[..]));
+    let req = ExecRequest {
+        cwd: Some("/no/such/dir".into()),
+        ..sh("pwd")
+    };
+    let (code, _, err) = run(&mut conn, &req, None);
+    assert_eq!(code, 125);
+    assert!(String::from_utf8(err).unwrap().contains("/no/such/dir"));
 }
