@@ -198,6 +198,13 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
         },
     };
     let (kernel, initrd) = resolve_image(&args)?;
+    ferry::run::check_inputs(
+        args.vcpus,
+        args.memory,
+        &kernel,
+        Some(&initrd),
+        &args.cmdline,
+    )?;
     if use_nested {
         return run_nested(&args, &kernel, &initrd);
     }

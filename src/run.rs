@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,16 +157,37 @@ fn interactive_status(exit: &VmExit) -> Option<i32> {
     }
 }
 
+/// Checks what the user asked for (vCPU count, kernel, initramfs, memory, command line) without
+/// starting anything, so that bad input is refused before any VM or host exists.
+pub fn check_inputs(
+    vcpus: u8,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<BootSpec, RunError> {
+    if vcpus == 0 || vcpus > ferry_vmm::vm::MAX_VCPUS {
+        return Err(VmError::VcpuCount(vcpus).into());
+    }
+    let boot = BootSpec {
+        kernel: KernelImage::inspect(kernel)?,
+        initrd: initrd.map(Path::to_path_buf),
+        cmdline: cmdline.to_string(),
+    };
+    boot.check(mem_size)?;
+    Ok(boot)
+}
+
 /// Boots the guest and runs it to the end. Returns the exit status for the `ferry` process.
 pub fn run(spec: LocalRun) -> Result<i32, RunError> {
     let started = Instant::now();
-    let kernel = KernelImage::inspect(&spec.kernel)?;
-    let boot = BootSpec {
-        kernel,
-        initrd: spec.initrd.clone(),
-        cmdline: spec.cmdline.clone(),
-    };
-    boot.check(spec.mem_size)?;
+    let boot = check_inputs(
+        spec.vcpus,
+        spec.mem_size,
+        &spec.kernel,
+        spec.initrd.as_deref(),
+        &spec.cmdline,
+    )?;
 
     let interactive = spec.command.is_empty();
     let tail = ConsoleTail::default();
@@ -264,9 +285,14 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
     let code = match result {
         Ok(code) => code,
         Err(e) => {
-            let reason = exit.get();
+            // Give a guest that is going down a moment to finish, so we know how it ended.
+            let reason = exit.wait_timeout(Duration::from_secs(5));
             drop(running);
             return Err(match reason {
+                // The command powered the guest off or rebooted it (`poweroff`, `reboot`): the
+                // guest ended as asked.
+                Some(VmExit::PowerOff) => return Ok(0),
+                Some(VmExit::Reset) if !tail.contains("Kernel panic") => return Ok(0),
                 Some(r) => RunError::GuestStopped {
                     reason: describe_exit(&r, &tail),
                     console: tail.render(15),

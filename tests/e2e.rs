@@ -1,1 +1,422 @@
-fn main() {}
+//! End-to-end tests: real stock Debian guests booted by the `ferry` binary, checked the way a
+//! user would check them (what a command prints, the exit status, what the guest says).
+//!
+//! Where this machine's KVM cannot boot a stock kernel (PVM), one nested host is started for the
+//! whole suite and stopped at the end, and every `ferry run` goes through it. Each case has a
+//! time limit. Run one case with `cargo test --test e2e -- NAME`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// What a finished `ferry` invocation left.
+struct Outcome {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    fn explain(&self) -> String {
+        format!(
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code(),
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+type CaseResult = Result<(), String>;
+
+fn check(cond: bool, what: &str, out: &Outcome) -> CaseResult {
+    if cond {
+        Ok(())
+    } else {
+        Err(format!("{what}\n{}", out.explain()))
+    }
+}
+
+/// Reads a child's pipe on a thread, so neither pipe can fill up and block it.
+fn collect(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx
+}
+
+fn wait_with_limit(mut child: Child, limit: Duration) -> Result<Outcome, String> {
+    let out = collect(child.stdout.take().expect("stdout is piped"));
+    let err = collect(child.stderr.take().expect("stderr is piped"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+            return Err(format!(
+                "no result within {} s; stderr so far:\n{stderr}",
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok(Outcome {
+        status,
+        stdout: out.recv().unwrap_or_default(),
+        stderr: err.recv().unwrap_or_default(),
+    })
+}
+
+/// Runs `ferry ARGS` with `stdin` as its input, within `limit`.
+fn ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<Outcome, String> {
+    let mut child = Command::new(FERRY)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {FERRY}: {e}"))?;
+    let mut input = child.stdin.take().expect("stdin is piped");
+    let bytes = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&bytes);
+    });
+    wait_with_limit(child, limit)
+}
+
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+const QUICK_LIMIT: Duration = Duration::from_secs(60);
+
+struct Suite {
+    /// Kernel release of the guest image (what `uname -r` must print).
+    release: String,
+    /// A world-readable copy of the image's kernel and initramfs, for runs as another user.
+    public_kernel: PathBuf,
+    public_initrd: PathBuf,
+}
+
+fn nproc_reports_every_vcpu(_: &Suite) -> CaseResult {
+    let out = ferry(&["run", "--vcpus", "2", "--", "nproc"], b"", BOOT_LIMIT)?;
+    check(out.code() == 0, "ferry run -- nproc exits 0", &out)?;
+    check(out.stdout.trim() == "2", "nproc prints 2", &out)?;
+    check(
+        out.stderr.contains("guest agent ready") && out.stderr.contains("2 vCPUs online"),
+        "the agent announces itself with its vCPU count",
+        &out,
+    )
+}
+
+fn uname_prints_the_debian_kernel_release(s: &Suite) -> CaseResult {
+    let out = ferry(&["run", "--", "uname", "-r"], b"", BOOT_LIMIT)?;
+    check(out.code() == 0, "exits 0", &out)?;
+    check(
+        out.stdout.trim() == s.release,
+        &format!("uname -r prints {}", s.release),
+        &out,
+    )?;
+    check(
+        out.stderr.contains(&format!("kernel {}", s.release)),
+        "the agent's ready line names the kernel",
+        &out,
+    )
+}
+
+fn command_exit_status_and_streams_come_back(_: &Suite) -> CaseResult {
+    let out = ferry(
+        &["run", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 3"],
+        b"",
+        BOOT_LIMIT,
+    )?;
+    check(out.code() == 3, "exit status 3 comes back", &out)?;
+    check(out.stdout == "to-out\n", "stdout is the command's alone", &out)?;
+    check(out.stderr.contains("to-err\n"), "stderr reaches stderr", &out)
+}
+
+fn stdin_reaches_the_command(_: &Suite) -> CaseResult {
+    let out = ferry(
+        &["run", "--", "sh", "-c", "tr a-z A-Z; echo done"],
+        b"hello guest\n",
+        BOOT_LIMIT,
+    )?;
+    check(out.code() == 0, "exits 0", &out)?;
+    check(out.stdout == "HELLO GUEST\ndone\n", "stdin was read by the command", &out)
+}
+
+fn missing_command_exits_127(_: &Suite) -> CaseResult {
+    let out = ferry(&["run", "--", "no-such-program", "x"], b"", BOOT_LIMIT)?;
+    check(out.code() == 127, "exit 127, like a shell", &out)?;
+    check(
+        out.stderr.contains("no-such-program") && out.stderr.contains("not found"),
+        "the message names the missing command",
+        &out,
+    )
+}
+
+fn guest_poweroff_ends_the_vmm_with_0(_: &Suite) -> CaseResult {
+    let out = ferry(&["run", "--", "poweroff"], b"", BOOT_LIMIT)?;
+    check(out.code() == 0, "poweroff inside the guest ends ferry with 0", &out)?;
+    check(!out.stderr.contains("error"), "and no error", &out)
+}
+
+fn interactive_console_runs_a_shell(_: &Suite) -> CaseResult {
+    // The console is interactive: keystrokes go to the guest's shell. Wait for the shell before
+    // typing, as a person would.
+    let mut child = Command::new(FERRY)
+        .args(["run"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut input = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + BOOT_LIMIT;
+    let mut typed = false;
+    let mut last_type = Instant::now();
+    while Instant::now() < deadline {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(500)) {
+            seen.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&seen);
+        if text.contains("MARK-42") {
+            break;
+        }
+        // Type once a prompt shows, and again now and then in case the first keys were early.
+        if text.contains("# ") && (!typed || last_type.elapsed() > Duration::from_secs(10)) {
+            let _ = input.write_all(b"echo MARK-$((6*7))\n");
+            typed = true;
+            last_type = Instant::now();
+        }
+    }
+    let _ = input.write_all(b"poweroff\n");
+    let stderr = collect(child.stderr.take().expect("piped"));
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if Instant::now() > deadline + QUICK_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "the guest did not power off after `poweroff`; console:\n{}",
+                String::from_utf8_lossy(&seen)
+            ));
+        }
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.extend_from_slice(&chunk);
+        }
+    };
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        seen.extend_from_slice(&chunk);
+    }
+    let out = Outcome {
+        status,
+        stdout: String::from_utf8_lossy(&seen).into_owned(),
+        stderr: stderr.recv().unwrap_or_default(),
+    };
+    check(out.stdout.contains("MARK-42"), "the shell evaluated what was typed", &out)?;
+    check(out.code() == 0, "poweroff at the shell ends ferry with 0", &out)
+}
+
+fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
+    let kernel = s.public_kernel.to_str().unwrap();
+    let initrd = s.public_initrd.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["run", "--kernel", "/etc/hostname", "--initrd", initrd, "--", "true"],
+            "neither a Linux bzImage nor an ELF vmlinux",
+        ),
+        (
+            &["run", "--kernel", "/no/such/vmlinuz", "--", "true"],
+            "/no/such/vmlinuz: no such file",
+        ),
+        (
+            &["run", "--kernel", kernel, "--initrd", initrd, "--memory", "64M", "--", "true"],
+            "below what this kernel and initramfs need",
+        ),
+        (&["run", "--memory", "lots", "--", "true"], "not a size"),
+        (&["run", "--vcpus", "0", "--", "true"], "vCPUs"),
+    ];
+    for (args, message) in cases {
+        let out = ferry(args, b"", QUICK_LIMIT)?;
+        check(out.code() == 2, &format!("`ferry {}` exits 2", args.join(" ")), &out)?;
+        check(
+            out.stderr.contains(message),
+            &format!("`ferry {}` says `{message}`", args.join(" ")),
+            &out,
+        )?;
+    }
+    Ok(())
+}
+
+fn no_access_to_dev_kvm_exits_2(s: &Suite) -> CaseResult {
+    // As an unprivileged user, /dev/kvm (root-only here) cannot be opened.
+    let out = {
+        let child = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", FERRY])
+            .args(["run", "--host", "local", "--kernel"])
+            .arg(&s.public_kernel)
+            .arg("--initrd")
+            .arg(&s.public_initrd)
+            .args(["--", "true"])
+            .env("HOME", "/tmp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("setpriv (util-linux): {e}"))?;
+        wait_with_limit(child, QUICK_LIMIT)?
+    };
+    check(out.code() == 2, "exit 2", &out)?;
+    check(
+        out.stderr.contains("/dev/kvm"),
+        "the message says /dev/kvm could not be opened",
+        &out,
+    )
+}
+
+type Case = (&'static str, fn(&Suite) -> CaseResult);
+
+const CASES: &[Case] = &[
+    ("bad_inputs_exit_2_with_a_reason", bad_inputs_exit_2_with_a_reason),
+    ("no_access_to_dev_kvm_exits_2", no_access_to_dev_kvm_exits_2),
+    ("nproc_reports_every_vcpu", nproc_reports_every_vcpu),
+    (
+        "uname_prints_the_debian_kernel_release",
+        uname_prints_the_debian_kernel_release,
+    ),
+    (
+        "command_exit_status_and_streams_come_back",
+        command_exit_status_and_streams_come_back,
+    ),
+    ("stdin_reaches_the_command", stdin_reaches_the_command),
+    ("missing_command_exits_127", missing_command_exits_127),
+    ("guest_poweroff_ends_the_vmm_with_0", guest_poweroff_ends_the_vmm_with_0),
+    ("interactive_console_runs_a_shell", interactive_console_runs_a_shell),
+];
+
+/// Stops the shared nested host when the suite ends, however it ends.
+struct NestedHostGuard(bool);
+
+impl Drop for NestedHostGuard {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = Command::new(FERRY).args(["host", "stop"]).status();
+        }
+    }
+}
+
+fn setup() -> Result<(Suite, NestedHostGuard), String> {
+    eprintln!("e2e: building the guest image (first time: downloads Debian packages)");
+    let status = Command::new(FERRY)
+        .args(["image", "build"])
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err("`ferry image build` failed".into());
+    }
+    let image = ferry::image::ensure(&ferry::debian::cache_dir(), false)
+        .map_err(|e| format!("guest image: {e}"))?;
+    let public = std::env::temp_dir().join(format!("ferry-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&public).map_err(|e| e.to_string())?;
+    let copy = |from: &Path, name: &str| -> Result<PathBuf, String> {
+        let to = public.join(name);
+        std::fs::copy(from, &to).map_err(|e| format!("copying {}: {e}", from.display()))?;
+        Ok(to)
+    };
+    let suite = Suite {
+        release: image.kernel_release.clone(),
+        public_kernel: copy(&image.kernel, "vmlinuz")?,
+        public_initrd: copy(&image.initrd, "initrd")?,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755));
+
+    let mut guard = NestedHostGuard(false);
+    if let Some(reason) = ferry::nested::local_kvm_problem() {
+        eprintln!("e2e: local KVM cannot boot a stock kernel ({reason}); starting one nested host for the suite");
+        let status = Command::new(FERRY)
+            .args(["host", "start"])
+            .status()
+            .map_err(|e| e.to_string())?;
+        guard.0 = true;
+        if !status.success() {
+            return Err("`ferry host start` failed".into());
+        }
+    }
+    Ok((suite, guard))
+}
+
+fn main() {
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let selected: Vec<&Case> = CASES
+        .iter()
+        .filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f)))
+        .collect();
+    let (suite, guard) = match setup() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("e2e: setup failed: {e}");
+            println!("0 passed, {} failed", selected.len());
+            std::process::exit(1);
+        }
+    };
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    let started = Instant::now();
+    for (name, case) in &selected {
+        let t = Instant::now();
+        println!("test {name} ...");
+        match case(&suite) {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
+            }
+            Err(why) => {
+                println!("test {name} ... FAILED ({:.1} s)\n{why}", t.elapsed().as_secs_f64());
+                failed.push(*name);
+            }
+        }
+    }
+    drop(guard);
+    let _ = std::fs::remove_dir_all(suite.public_kernel.parent().unwrap());
+    println!(
+        "\ne2e: {} cases in {:.0} s{}",
+        selected.len(),
+        started.elapsed().as_secs_f64(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!("; failed: {}", failed.join(", "))
+        }
+    );
+    println!("{passed} passed, {} failed", failed.len());
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+}

@@ -62,7 +62,7 @@ const GDT: [u64; 5] = [
 /// The KVM segment that a GDT descriptor describes, loaded with `selector`.
 fn segment(selector: u16) -> kvm_segment {
     let entry = GDT[(selector >> 3) as usize];
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
