@@ -21,7 +21,7 @@ use crate::debian::{self, DebianError};
 use crate::kernel::KernelPackage;
 
 /// Bump when the image layout or build changes in a way the other key inputs do not capture.
-pub const IMAGE_FORMAT: u32 = 1;
+pub const IMAGE_FORMAT: u32 = 2;
 
 /// The Debian package the guest's userland comes from.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -41,6 +41,7 @@ const AGENT_RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=debuginfo"
 
 /// File names inside an image directory.
 const INITRD_FILE: &str = "initrd.cpio";
+const VMLINUX_FILE: &str = "vmlinux";
 const MANIFEST_FILE: &str = "manifest";
 
 /// Errors from building or finding the guest image.
@@ -65,6 +66,8 @@ pub enum ImageError {
     BusyboxApplets { path: PathBuf, detail: String },
     #[error("the kernel package has no bzImage at {0}")]
     NoKernel(PathBuf),
+    #[error(transparent)]
+    Extract(#[from] crate::kernel::ExtractError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -83,6 +86,9 @@ fn progress(msg: std::fmt::Arguments<'_>) {
 pub struct GuestImage {
     /// The unmodified Debian bzImage (in the package cache).
     pub kernel: PathBuf,
+    /// The same kernel decompressed once on the host (the ELF inside the bzImage): what ferry
+    /// boots by default, so the guest does not decompress itself at every boot.
+    pub vmlinux: PathBuf,
     /// The initramfs, an uncompressed newc cpio archive.
     pub initrd: PathBuf,
     /// The kernel's release, as `uname -r` prints it in the guest.
@@ -96,7 +102,6 @@ pub struct GuestImage {
 /// Returns the guest image for the current inputs, building it if it is missing, an input
 /// changed, or `force_rebuild`. Prints progress lines on stderr.
 pub fn ensure(cache: &Path, force_rebuild: bool) -> Result<GuestImage, ImageError> {
-    progress(format_args!("resolving the kernel, busybox and agent"));
     let kernel = KernelPackage::fetch(cache)?;
     if !kernel.vmlinuz.is_file() {
         return Err(ImageError::NoKernel(kernel.vmlinuz));
@@ -115,13 +120,17 @@ pub fn ensure(cache: &Path, force_rebuild: bool) -> Result<GuestImage, ImageErro
     let dir = images.join(&key);
     let image = GuestImage {
         kernel: kernel.vmlinuz.clone(),
+        vmlinux: dir.join(VMLINUX_FILE),
         initrd: dir.join(INITRD_FILE),
         kernel_release: kernel.release.clone(),
         key: key.clone(),
         dir: dir.clone(),
     };
-    if !force_rebuild && dir.join(MANIFEST_FILE).is_file() && image.initrd.is_file() {
-        progress(format_args!("using cached image {key}"));
+    if !force_rebuild
+        && dir.join(MANIFEST_FILE).is_file()
+        && image.initrd.is_file()
+        && image.vmlinux.is_file()
+    {
         return Ok(image);
     }
     progress(format_args!(
@@ -136,6 +145,8 @@ pub fn ensure(cache: &Path, force_rebuild: bool) -> Result<GuestImage, ImageErro
     install_dir(&images, &key, |tmp| {
         let path = tmp.join(INITRD_FILE);
         std::fs::write(&path, &initrd).map_err(io_err(&path))?;
+        progress(format_args!("decompressing {} once, so guests boot without doing it", kernel.package));
+        crate::kernel::extract_vmlinux(&kernel.vmlinuz, &tmp.join(VMLINUX_FILE))?;
         // Last, so a directory with a manifest is complete.
         let path = tmp.join(MANIFEST_FILE);
         std::fs::write(&path, &manifest).map_err(io_err(&path))

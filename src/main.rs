@@ -81,7 +81,8 @@ struct RunArgs {
     /// Guest memory: a number of MiB, or with a K, M or G suffix.
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     memory: u64,
-    /// Kernel to boot (a bzImage or an ELF vmlinux); default: the guest image's Debian kernel.
+    /// Kernel to boot (a bzImage or an ELF vmlinux); default: the guest image's Debian kernel,
+    /// decompressed once on the host.
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Initramfs; default: the guest image's.
@@ -237,7 +238,7 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
             let img = image::ensure(&debian::cache_dir(), false).context("preparing the guest image")?;
             let kernel = match &args.kernel {
                 Some(k) => absolute(k)?,
-                None => img.kernel.clone(),
+                None => img.vmlinux.clone(),
             };
             let initrd = match &args.initrd {
                 Some(i) => absolute(i)?,
