@@ -62,12 +62,56 @@ pub fn candidate_version(name: &str) -> Result<String, DebianError> {
 }
 
 fn policy_candidate(name: &str) -> Result<Option<String>, DebianError> {
-    let out = run(Command::new("apt-cache").args(["policy", name]))?;
+    let out = apt_cache(&["policy", name])?;
     Ok(out
         .lines()
         .find_map(|l| l.trim().strip_prefix("Candidate:"))
         .map(|v| v.trim().to_string())
         .filter(|v| v != "(none)" && !v.is_empty()))
+}
+
+/// What identifies the state of apt's package lists: they change only through `apt-get update`.
+fn lists_fingerprint() -> Option<String> {
+    let stamp = |p: &str| {
+        let m = std::fs::metadata(p).ok()?.modified().ok()?;
+        Some(m.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos())
+    };
+    Some(format!(
+        "{}-{}",
+        stamp("/var/lib/apt/lists")?,
+        stamp("/var/cache/apt/pkgcache.bin").unwrap_or(0)
+    ))
+}
+
+/// Runs `apt-cache ARGS`, remembering the answer in the cache until the package lists change:
+/// each query costs about half a second, and every `ferry run` asks the same ones.
+fn apt_cache(args: &[&str]) -> Result<String, DebianError> {
+    let memo = lists_fingerprint().map(|fp| {
+        let name: String = args
+            .join("_")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .collect();
+        (cache_dir().join("apt-memo").join(name), fp)
+    });
+    if let Some((path, fp)) = &memo {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Some(rest) = text.strip_prefix(&format!("{fp}\n")) {
+                return Ok(rest.to_string());
+            }
+        }
+    }
+    let out = run(Command::new("apt-cache").args(args))?;
+    if let Some((path, fp)) = &memo {
+        // Best effort: a read-only cache (inside the nested host) just means asking again.
+        if path.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) {
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, format!("{fp}\n{out}")).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `apt-get update`, printing what it does since it takes a while.
@@ -80,7 +124,7 @@ pub fn update_lists() -> Result<(), DebianError> {
 /// kernel package behind `linux-image-amd64`.
 pub fn dependency_with_prefix(name: &str, prefix: &str) -> Result<String, DebianError> {
     candidate_version(name)?;
-    let out = run(Command::new("apt-cache").args(["depends", name]))?;
+    let out = apt_cache(&["depends", name])?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
