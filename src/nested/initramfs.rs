@@ -12,7 +12,7 @@ use crate::kernel::KernelPackage;
 use crate::kmod::ModuleIndex;
 
 /// Bump when the layout or the init script changes, so old cached images are not reused.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 3;
 
 /// The TCP port the agent listens on inside the outer machine.
 pub const AGENT_PORT: u16 = 7377;
@@ -27,12 +27,11 @@ pub const MODULES: &[&str] = &[
     "kvm",
     "ccp",
     "kvm_amd",
-    // virtio over PCI, the 9p transport and file system (the host's root).
+    // virtio-mmio (QEMU's microvm announces its devices through ACPI), the 9p transport and
+    // file system (the host's root).
     "virtio_ring",
     "virtio",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
+    "virtio_mmio",
     "netfs",
     "fscache",
     "9pnet",
@@ -96,6 +95,7 @@ pub fn cache_key(
         .write(busybox_version.as_bytes())
         .write(&agent_hash.to_le_bytes())
         .write(init_script(&["x"]).as_bytes())
+        .write(MODULES.join(",").as_bytes())
         .finish();
     format!("{kernel_release}-{key:016x}")
 }
@@ -144,7 +144,7 @@ pub fn ensure(cache: &Path, inputs: &Inputs<'_>) -> Result<PathBuf, NestedError>
     }
     cpio.char_dev("dev/console", 0o600, 5, 1);
     cpio.char_dev("dev/null", 0o666, 1, 3);
-    super::busybox::add(&mut cpio, &inputs.busybox.root)?;
+    crate::image::add_busybox(&mut cpio, &inputs.busybox.root)?;
     cpio.file("bin/ferry-agent", 0o755, &agent);
     let mut names = Vec::new();
     for m in &modules {
@@ -177,7 +177,6 @@ pub fn init_script(modules: &[&str]) -> String {
         r#"#!/bin/busybox sh
 # ferry nested host: the outer machine's init.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-/bin/busybox --install -s /bin 2>/dev/null
 say() { echo "ferry-nested: $*" > /dev/console; }
 fail() { say "FAILED: $*"; sleep 1; poweroff -f; }
 mount -t proc proc /proc
@@ -267,7 +266,7 @@ mod tests {
 
     #[test]
     fn module_list_covers_kvm_9p_and_network() {
-        for m in ["kvm_amd", "9p", "9pnet_virtio", "virtio_pci", "virtio_net"] {
+        for m in ["kvm_amd", "9p", "9pnet_virtio", "virtio_mmio", "virtio_net"] {
             assert!(MODULES.contains(&m), "{m}");
         }
     }

@@ -10,7 +10,6 @@
 //! - [`initramfs`]: the outer machine's initramfs and `/init`.
 //! - [`state`]: the state file that lets later `ferry` processes find a running host.
 
-mod busybox;
 pub mod initramfs;
 pub mod qemu;
 pub mod state;
@@ -41,8 +40,8 @@ pub enum NestedError {
     Debian(#[from] DebianError),
     #[error("cannot collect the outer machine's kernel modules")]
     Kmod(#[from] KmodError),
-    #[error("cannot build the guest agent for the outer machine: {0}")]
-    Agent(String),
+    #[error("cannot get the guest agent or busybox for the outer machine")]
+    Image(#[from] crate::image::ImageError),
     #[error("cannot {what}")]
     Io {
         what: String,
@@ -98,6 +97,8 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `stop` waits for the outer machine to power off before killing QEMU.
 const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// What `ferry-agent` prints on the console once it accepts connections.
+const AGENT_LISTENING: &str = "ferry-agent: listening on";
 /// Console lines shown when the host fails to come up.
 const TAIL_LINES: usize = 25;
 
@@ -267,6 +268,8 @@ impl NestedHost {
     fn wait_ready(&mut self, started: Instant, qemu_log: &Path) -> Result<String, NestedError> {
         let deadline = started + BOOT_TIMEOUT;
         let mut last_error = String::from("no answer yet");
+        let mut seen_listening = false;
+        let mut next_try = started + Duration::from_secs(4);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -290,12 +293,20 @@ impl NestedHost {
                 )));
             }
             // QEMU's user network accepts connections to the forwarded port even before the
-            // guest listens (and then drops them), so only a Hello counts as "up".
-            match self.connect(Duration::from_secs(3).min(deadline - now)) {
-                Ok(conn) => return Ok(conn.hello().kernel_release.clone()),
-                Err(e) => last_error = error_chain(&e),
+            // guest listens (and holds or drops them), so only a Hello counts as "up". Try as
+            // soon as the console shows the agent listening, and every few seconds regardless.
+            if !seen_listening && console_shows(&self.state.console_log, AGENT_LISTENING) {
+                seen_listening = true;
+                next_try = now;
             }
-            std::thread::sleep(Duration::from_millis(500));
+            if now >= next_try {
+                match self.connect(Duration::from_secs(3).min(deadline - now)) {
+                    Ok(conn) => return Ok(conn.hello().kernel_release.clone()),
+                    Err(e) => last_error = error_chain(&e),
+                }
+                next_try = Instant::now() + Duration::from_secs(2);
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -520,12 +531,10 @@ impl NestedHost {
     }
 }
 
-/// The static `ferry-agent` to put in the initramfs.
+/// The static `ferry-agent` to put in the initramfs (`$FERRY_AGENT`, or built from this
+/// workspace).
 fn agent_binary() -> Result<PathBuf, NestedError> {
-    // Stand-in until `crate::image::static_agent` lands.
-    std::env::var_os("FERRY_AGENT")
-        .map(PathBuf::from)
-        .ok_or_else(|| NestedError::Agent("set FERRY_AGENT to a static ferry-agent".into()))
+    Ok(crate::image::static_agent()?)
 }
 
 /// The outer kernel's command line. `ferry.keep` names the cache dir, which /init keeps visible
@@ -558,6 +567,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = cause.source();
     }
     s
+}
+
+/// Whether the log file contains `needle` (in its last 64 KiB).
+fn console_shows(path: &Path, needle: &str) -> bool {
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).contains(needle)
 }
 
 /// The last `n` lines of a log file (at most its last 64 KiB), for error messages.
@@ -681,8 +702,14 @@ mod tests {
             eprintln!("skipped: set FERRY_NESTED_TESTS=1 to boot the nested host");
             return;
         }
+        // A host someone else started (the shared cache's) is used and left running.
+        let foreign = NestedHost::running().expect("look for a running host");
+        let ours = foreign.is_none();
         let t0 = Instant::now();
-        let host = NestedHost::start(&HostOptions::default()).expect("start the nested host");
+        let host = match foreign {
+            Some(h) => h,
+            None => NestedHost::start(&HostOptions::default()).expect("start the nested host"),
+        };
         eprintln!(
             "nested host: start() took {:.1} s",
             t0.elapsed().as_secs_f64()
@@ -722,6 +749,54 @@ mod tests {
                     String::from_utf8_lossy(&err)
                 ));
             }
+            let sh = |script: &str| -> Vec<String> {
+                vec!["/bin/sh".into(), "-c".into(), script.into()]
+            };
+            // Exit codes, cwd, a writable /tmp, and the host's cache visible in the chroot.
+            let cache = debian::cache_dir();
+            let script = format!(
+                "pwd; echo x > /tmp/f && cat /tmp/f; test -d '{}/nested' && echo cache; exit 7",
+                cache.display()
+            );
+            let (code, out, _) = host
+                .exec_output(&sh(&script), Path::new("/usr"), &env)
+                .map_err(|e| error_chain(&e))?;
+            if code != 7 || String::from_utf8_lossy(&out) != "/usr\nx\ncache\n" {
+                return Err(format!(
+                    "sh: status {code}, stdout {:?}",
+                    String::from_utf8_lossy(&out)
+                ));
+            }
+            // Two commands at once, each on its own connection.
+            let t = Instant::now();
+            let outputs: Vec<_> = std::thread::scope(|scope| {
+                let runs: Vec<_> = ["a", "b"]
+                    .map(|w| {
+                        let (host, env, cmd) = (&host, &env, sh(&format!("sleep 3; echo {w}")));
+                        scope.spawn(move || host.exec_output(&cmd, Path::new("/"), env))
+                    })
+                    .into_iter()
+                    .collect();
+                runs.into_iter()
+                    .map(|r| r.join().expect("no panic"))
+                    .collect()
+            });
+            let both = t.elapsed();
+            eprintln!(
+                "nested host: two concurrent `sleep 3` took {:.2} s",
+                both.as_secs_f64()
+            );
+            for (o, w) in outputs.into_iter().zip(["a", "b"]) {
+                let (code, out, _) = o.map_err(|e| error_chain(&e))?;
+                if code != 0 || String::from_utf8_lossy(&out).trim() != w {
+                    return Err(format!("concurrent exec {w}: status {code}"));
+                }
+            }
+            if both > Duration::from_secs(5) {
+                return Err(format!(
+                    "concurrent commands ran one after the other ({both:?})"
+                ));
+            }
             let again = NestedHost::running().map_err(|e| error_chain(&e))?;
             if again.map(|h| h.pid()) != Some(host.pid()) {
                 return Err("running() does not find the host".into());
@@ -729,10 +804,12 @@ mod tests {
             Ok(())
         };
         let result = check();
-        let pid = host.pid();
-        host.stop().expect("stop the nested host");
-        assert!(!state::qemu_alive(pid), "QEMU still running after stop()");
-        assert!(NestedHost::running().unwrap().is_none());
+        if ours {
+            let pid = host.pid();
+            host.stop().expect("stop the nested host");
+            assert!(!state::qemu_alive(pid), "QEMU still running after stop()");
+            assert!(NestedHost::running().unwrap().is_none());
+        }
         result.unwrap();
     }
 }

@@ -232,8 +232,11 @@ pub fn command_line(spec: &BootSpec<'_>) -> Vec<OsString> {
         "tcg,thread=multi",
         "-cpu",
         "qemu64,+svm,+npt",
+        // microvm: no firmware to run and no PCI to enumerate, its virtio-mmio devices described
+        // in ACPI (Debian's kernel finds them with its virtio_mmio module). Measured here: agent
+        // up 6.3-6.6 s after QEMU's start, against 7.5-8.2 s with q35 and virtio-pci.
         "-machine",
-        "q35",
+        "microvm,acpi=on",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -247,13 +250,15 @@ pub fn command_line(spec: &BootSpec<'_>) -> Vec<OsString> {
         spec.cmdline,
         "-serial",
         "chardev:con0",
-        "-virtfs",
-        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        // The host's root, read-only (what `-virtfs` sets up, as a virtio-mmio device).
+        "-fsdev",
+        "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-9p-device,fsdev=hostroot,mount_tag=hostroot",
         "-netdev",
         &netdev,
-        // No option ROM: the kernel is loaded directly, nothing boots from the network.
         "-device",
-        "virtio-net-pci,netdev=n0,romfile=",
+        "virtio-net-device,netdev=n0",
     ]
     .iter()
     .map(OsString::from)
@@ -345,7 +350,8 @@ mod tests {
         assert!(joined.contains("-serial chardev:con0"));
         assert!(joined.contains("-kernel /k/vmlinuz -initrd /c/initrd"));
         assert!(joined.contains("path=/s/a,,b.log"));
-        assert!(joined.contains("mount_tag=hostroot"));
+        assert!(joined.contains("-machine microvm,acpi=on"));
+        assert!(joined.contains("virtio-9p-device,fsdev=hostroot,mount_tag=hostroot"));
         assert!(joined.contains("readonly=on"));
         assert!(joined.contains("hostfwd=tcp:127.0.0.1:40000-:7377"));
         assert!(joined.contains("-no-reboot"));
