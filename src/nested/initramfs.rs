@@ -12,7 +12,7 @@ use crate::kernel::KernelPackage;
 use crate::kmod::ModuleIndex;
 
 /// Bump when the layout or the init script changes, so old cached images are not reused.
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// The TCP port the agent listens on inside the outer machine.
 pub const AGENT_PORT: u16 = 7377;
@@ -27,11 +27,12 @@ pub const MODULES: &[&str] = &[
     "kvm",
     "ccp",
     "kvm_amd",
-    // virtio-mmio (QEMU's microvm announces its devices through ACPI), the 9p transport and
-    // file system (the host's root).
+    // virtio over PCI, the 9p transport and file system (the host's root).
     "virtio_ring",
     "virtio",
-    "virtio_mmio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
     "netfs",
     "fscache",
     "9pnet",
@@ -266,7 +267,7 @@ mod tests {
 
     #[test]
     fn module_list_covers_kvm_9p_and_network() {
-        for m in ["kvm_amd", "9p", "9pnet_virtio", "virtio_mmio", "virtio_net"] {
+        for m in ["kvm_amd", "9p", "9pnet_virtio", "virtio_pci", "virtio_net"] {
             assert!(MODULES.contains(&m), "{m}");
         }
     }

@@ -93,6 +93,8 @@ impl Default for HostOptions {
 
 /// How long the outer machine may take from QEMU's start to the agent's Hello.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// A booting outer machine whose console stays silent this long is taken as hung.
+const BOOT_STALL: Duration = Duration::from_secs(60);
 /// How long a connection may take to get the agent's Hello from a running host.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `stop` waits for the outer machine to power off before killing QEMU.
@@ -158,6 +160,123 @@ impl HostLock {
     }
 }
 
+/// Everything one boot of the outer machine needs.
+struct Boot<'a> {
+    qemu: &'a qemu::Qemu,
+    kernel: &'a KernelPackage,
+    initrd: &'a Path,
+    cmdline: String,
+    opts: &'a HostOptions,
+}
+
+/// Why a boot did not give a ready host.
+enum BootFailure {
+    /// QEMU could not start or exited: trying again would fail the same way.
+    Failed(NestedError),
+    /// The machine hung or stayed silent: worth one more try (TCG boots are not deterministic).
+    Stalled(NestedError),
+}
+
+impl BootFailure {
+    fn into_error(self) -> NestedError {
+        match self {
+            Self::Failed(e) | Self::Stalled(e) => e,
+        }
+    }
+}
+
+impl Boot<'_> {
+    /// Starts QEMU in the background, records the state file and waits for the agent; on
+    /// failure kills QEMU and removes the state file.
+    fn attempt(&self) -> Result<NestedHost, BootFailure> {
+        let (qemu, kernel, opts) = (self.qemu, self.kernel, self.opts);
+        let failed = BootFailure::Failed;
+        let dir = state_dir();
+        let console_log = dir.join("console.log");
+        let qemu_log = dir.join("qemu.log");
+        let monitor = dir.join("monitor.sock");
+        let _ = std::fs::remove_file(&monitor);
+        let port = free_port().map_err(failed)?;
+        let args = qemu::command_line(&qemu::BootSpec {
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            kernel: &kernel.vmlinuz,
+            initrd: self.initrd,
+            cmdline: &self.cmdline,
+            host_port: port,
+            guest_port: initramfs::AGENT_PORT,
+            console_log: &console_log,
+            monitor: &monitor,
+        });
+        // Start from an empty console log, so a failure shows this boot's lines.
+        File::create(&console_log)
+            .map_err(io_err(format!("create {}", console_log.display())))
+            .map_err(failed)?;
+        let stderr_file = File::create(&qemu_log)
+            .map_err(io_err(format!("create {}", qemu_log.display())))
+            .map_err(failed)?;
+        eprintln!(
+            "ferry: nested host: booting Debian {} under QEMU {}.{}.{} (TCG with emulated AMD SVM, \
+             {} MiB, {} vCPUs); console: {}",
+            kernel.release,
+            qemu.version.0,
+            qemu.version.1,
+            qemu.version.2,
+            opts.memory_mib,
+            opts.cpus,
+            console_log.display()
+        );
+        let started = Instant::now();
+        let child = Command::new(&qemu.path)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr_file)
+            // Its own process group: a Ctrl-C meant for this ferry does not reach it.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| {
+                failed(NestedError::Spawn {
+                    program: qemu.path.display().to_string(),
+                    source,
+                })
+            })?;
+        let state = HostState {
+            pid: child.id() as i32,
+            port,
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            console_log,
+        };
+        let mut host = NestedHost {
+            state,
+            child: Some(child),
+        };
+        // Recorded before the wait, so `ferry host stop` finds a host whose starter died.
+        if let Err(e) = host.state.store(&state_file()) {
+            host.kill();
+            return Err(failed(e));
+        }
+        match host.wait_ready(started, &qemu_log) {
+            Ok(hello_kernel) => {
+                eprintln!(
+                    "ferry: nested host: ready after {:.1} s (kernel {hello_kernel}, QEMU pid {}, \
+                     agent on 127.0.0.1:{port})",
+                    started.elapsed().as_secs_f64(),
+                    host.state.pid,
+                );
+                Ok(host)
+            }
+            Err(e) => {
+                host.kill();
+                Err(e)
+            }
+        }
+    }
+}
+
 impl NestedHost {
     /// Boots the outer machine in the background and waits until its agent answers; returns
     /// the host already running if there is one. Installs QEMU 10 and builds the initramfs
@@ -185,96 +304,36 @@ impl NestedHost {
             },
         )?;
 
-        let dir = state_dir();
-        let console_log = dir.join("console.log");
-        let qemu_log = dir.join("qemu.log");
-        let port = free_port()?;
-        let cmdline = kernel_cmdline(&cache);
-        let args = qemu::command_line(&qemu::BootSpec {
-            memory_mib: opts.memory_mib,
-            cpus: opts.cpus,
-            kernel: &kernel.vmlinuz,
+        let boot = Boot {
+            qemu: &qemu,
+            kernel: &kernel,
             initrd: &initrd,
-            cmdline: &cmdline,
-            host_port: port,
-            guest_port: initramfs::AGENT_PORT,
-            console_log: &console_log,
-        });
-        // Start from an empty console log, so a failure shows this boot's lines.
-        File::create(&console_log).map_err(io_err(format!("create {}", console_log.display())))?;
-        let stderr_file =
-            File::create(&qemu_log).map_err(io_err(format!("create {}", qemu_log.display())))?;
-        eprintln!(
-            "ferry: nested host: booting Debian {} under QEMU {}.{}.{} (TCG with emulated AMD SVM, \
-             {} MiB, {} vCPUs); console: {}",
-            kernel.release,
-            qemu.version.0,
-            qemu.version.1,
-            qemu.version.2,
-            opts.memory_mib,
-            opts.cpus,
-            console_log.display()
-        );
-        let started = Instant::now();
-        let child = Command::new(&qemu.path)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr_file)
-            // Its own process group: a Ctrl-C meant for this ferry does not reach it.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| NestedError::Spawn {
-                program: qemu.path.display().to_string(),
-                source,
-            })?;
-        let state = HostState {
-            pid: child.id() as i32,
-            port,
-            started_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            console_log: console_log.clone(),
+            cmdline: kernel_cmdline(&cache),
+            opts,
         };
-        let mut host = Self {
-            state,
-            child: Some(child),
-        };
-        // Recorded before the wait, so `ferry host stop` finds a host whose starter died.
-        if let Err(e) = host.state.store(&state_file()) {
-            host.kill();
-            return Err(e);
-        }
-        match host.wait_ready(started, &qemu_log) {
-            Ok(hello_kernel) => {
-                eprintln!(
-                    "ferry: nested host: ready after {:.1} s (kernel {hello_kernel}, QEMU pid {}, \
-                     agent on 127.0.0.1:{})",
-                    started.elapsed().as_secs_f64(),
-                    host.state.pid,
-                    port
-                );
-                Ok(host)
+        match boot.attempt() {
+            Err(BootFailure::Stalled(e)) => {
+                eprintln!("ferry: nested host: {e}");
+                eprintln!("ferry: nested host: the boot stalled; trying once more");
+                boot.attempt().map_err(BootFailure::into_error)
             }
-            Err(e) => {
-                host.kill();
-                Err(e)
-            }
+            other => other.map_err(BootFailure::into_error),
         }
     }
 
     /// Polls until the agent's Hello arrives, QEMU exits, or [`BOOT_TIMEOUT`] passes.
-    fn wait_ready(&mut self, started: Instant, qemu_log: &Path) -> Result<String, NestedError> {
+    fn wait_ready(&mut self, started: Instant, qemu_log: &Path) -> Result<String, BootFailure> {
         let deadline = started + BOOT_TIMEOUT;
         let mut last_error = String::from("no answer yet");
         let mut seen_listening = false;
         let mut next_try = started + Duration::from_secs(4);
+        let mut console_len = 0;
+        let mut console_moved = started;
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     let qemu_err = std::fs::read_to_string(qemu_log).unwrap_or_default();
-                    return Err(self.boot_error(format!(
+                    return Err(BootFailure::Failed(self.boot_error(format!(
                         "QEMU exited ({status}) after {:.1} s{}",
                         started.elapsed().as_secs_f64(),
                         if qemu_err.trim().is_empty() {
@@ -282,15 +341,25 @@ impl NestedHost {
                         } else {
                             format!(": {}", qemu_err.trim())
                         }
-                    )));
+                    ))));
                 }
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(self.boot_error(format!(
+                return Err(BootFailure::Stalled(self.boot_error(format!(
                     "its agent did not answer within {} s ({last_error})",
                     BOOT_TIMEOUT.as_secs()
-                )));
+                ))));
+            }
+            let len = std::fs::metadata(&self.state.console_log).map_or(0, |m| m.len());
+            if len != console_len {
+                (console_len, console_moved) = (len, now);
+            } else if !seen_listening && now - console_moved >= BOOT_STALL {
+                return Err(BootFailure::Stalled(self.boot_error(format!(
+                    "its console has been silent for {} s, {:.0} s after QEMU started",
+                    BOOT_STALL.as_secs(),
+                    started.elapsed().as_secs_f64()
+                ))));
             }
             // QEMU's user network accepts connections to the forwarded port even before the
             // guest listens (and holds or drops them), so only a Hello counts as "up". Try as
@@ -485,6 +554,7 @@ impl NestedHost {
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
+        let _ = std::fs::remove_file(state_dir().join("monitor.sock"));
         let path = state_file();
         if HostState::load(&path)
             .ok()
@@ -540,7 +610,7 @@ fn agent_binary() -> Result<PathBuf, NestedError> {
 /// The outer kernel's command line. `ferry.keep` names the cache dir, which /init keeps visible
 /// if it lies under /tmp or /run (which get their own writable layer in the chroot).
 fn kernel_cmdline(cache: &Path) -> String {
-    let mut s = String::from("console=ttyS0 panic=-1 loglevel=4 mitigations=off");
+    let mut s = String::from("console=ttyS0 panic=-1 mitigations=off");
     let cache = cache.to_string_lossy();
     if !cache.contains(char::is_whitespace) {
         s.push_str(" ferry.keep=");
