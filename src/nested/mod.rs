@@ -15,7 +15,7 @@ pub mod qemu;
 pub mod state;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -69,8 +69,8 @@ pub enum NestedError {
         #[source]
         source: ClientError,
     },
-    #[error("no nested host is running; start one with `ferry host start`")]
-    NotRunning,
+    #[error("`{command}` in the nested host did not finish within {limit:?}; it was killed")]
+    Timeout { command: String, limit: Duration },
 }
 
 /// How the outer machine is sized.
@@ -277,6 +277,55 @@ impl Boot<'_> {
     }
 }
 
+/// `<cache>/nested/host/users`: every running [`NestedHost::exec`] holds a shared lock on it,
+/// so [`NestedHost::stop_if_unused`] can tell whether anyone is using the host.
+struct UsersLock {
+    _file: File,
+}
+
+impl UsersLock {
+    fn open() -> Result<File, NestedError> {
+        let dir = state_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let path = dir.join("users");
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("open {}", path.display())))
+    }
+
+    fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
+        loop {
+            // SAFETY: flock on a descriptor we own; it only changes the lock state.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    fn shared() -> Result<Self, NestedError> {
+        let file = Self::open()?;
+        Self::flock(&file, libc::LOCK_SH).map_err(io_err("lock the nested host's users file"))?;
+        Ok(Self { _file: file })
+    }
+
+    /// The exclusive lock if nobody holds a shared one, without waiting.
+    fn exclusive_now() -> Result<Option<Self>, NestedError> {
+        let file = Self::open()?;
+        match Self::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(Some(Self { _file: file })),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(io_err("lock the nested host's users file")(e)),
+        }
+    }
+}
+
 impl NestedHost {
     /// Boots the outer machine in the background and waits until its agent answers; returns
     /// the host already running if there is one. Installs QEMU 10 and builds the initramfs
@@ -423,17 +472,24 @@ impl NestedHost {
 
     /// A new connection to the agent (one per command; the agent serves each on its own thread).
     fn connect(&self, timeout: Duration) -> Result<AgentConnection<TcpStream>, NestedError> {
+        self.connect_with_handle(timeout).map(|(conn, _)| conn)
+    }
+
+    /// [`NestedHost::connect`], plus a second handle on the socket (to shut it down from
+    /// another thread).
+    fn connect_with_handle(
+        &self,
+        timeout: Duration,
+    ) -> Result<(AgentConnection<TcpStream>, TcpStream), NestedError> {
         let port = self.state.port;
         let client = |source| NestedError::Client { port, source };
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|source| {
-            client(ClientError::Io {
-                context: "cannot connect",
-                source,
-            })
-        })?;
+        let io = |context| move |source| client(ClientError::Io { context, source });
+        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io("cannot connect"))?;
         let _ = stream.set_nodelay(true);
-        AgentConnection::handshake(stream, timeout).map_err(client)
+        let handle = stream.try_clone().map_err(io("cannot clone the socket"))?;
+        let conn = AgentConnection::handshake(stream, timeout).map_err(client)?;
+        Ok((conn, handle))
     }
 
     /// Runs `argv` chrooted into the host's root inside the outer machine, in `cwd` (a host
@@ -443,7 +499,7 @@ impl NestedHost {
     /// (128 + signal if a signal killed it; 127/126 if it could not be started).
     ///
     /// Safe to call from several threads or processes at once: each call has its own
-    /// connection.
+    /// connection. While it runs, [`NestedHost::stop_if_unused`] leaves the host alone.
     pub fn exec(
         &self,
         argv: &[String],
@@ -451,13 +507,19 @@ impl NestedHost {
         env: &[(String, String)],
         forward_stdin: bool,
     ) -> Result<i32, NestedError> {
-        let mut conn = self.connect(HANDSHAKE_TIMEOUT)?;
-        let req = ExecRequest {
-            argv: argv.to_vec(),
-            env: env.to_vec(),
-            cwd: Some(cwd.to_string_lossy().into_owned()),
-            stdin: forward_stdin,
-        };
+        self.exec_timeout(argv, cwd, env, forward_stdin, None)
+    }
+
+    /// [`NestedHost::exec`] with a time limit: when `timeout` passes, the connection is closed
+    /// (the agent then kills the command) and [`NestedError::Timeout`] is returned.
+    pub fn exec_timeout(
+        &self,
+        argv: &[String],
+        cwd: &Path,
+        env: &[(String, String)],
+        forward_stdin: bool,
+        timeout: Option<Duration>,
+    ) -> Result<i32, NestedError> {
         let stdin: Option<Box<dyn Read + Send>> = if forward_stdin {
             Some(Box::new(std::io::stdin()))
         } else {
@@ -465,35 +527,82 @@ impl NestedHost {
         };
         let mut stdout = std::io::stdout();
         let mut stderr = std::io::stderr();
-        conn.exec(&req, stdin, &mut stdout, &mut stderr)
-            .map_err(|source| NestedError::Client {
-                port: self.state.port,
-                source,
-            })
+        self.run(argv, cwd, env, stdin, &mut stdout, &mut stderr, timeout)
     }
 
-    /// Like [`NestedHost::exec`], but collects stdout and stderr instead of streaming them.
+    /// Like [`NestedHost::exec_timeout`] without stdin, collecting stdout and stderr instead of
+    /// streaming them: `(exit code, stdout, stderr)`.
     pub fn exec_output(
         &self,
         argv: &[String],
         cwd: &Path,
         env: &[(String, String)],
+        timeout: Option<Duration>,
     ) -> Result<(i32, Vec<u8>, Vec<u8>), NestedError> {
-        let mut conn = self.connect(HANDSHAKE_TIMEOUT)?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = self.run(argv, cwd, env, None, &mut out, &mut err, timeout)?;
+        Ok((code, out, err))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        argv: &[String],
+        cwd: &Path,
+        env: &[(String, String)],
+        stdin: Option<Box<dyn Read + Send>>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+        timeout: Option<Duration>,
+    ) -> Result<i32, NestedError> {
+        let _lease = UsersLock::shared()?;
+        let (mut conn, socket) = self.connect_with_handle(HANDSHAKE_TIMEOUT)?;
         let req = ExecRequest {
             argv: argv.to_vec(),
             env: env.to_vec(),
             cwd: Some(cwd.to_string_lossy().into_owned()),
-            stdin: false,
+            stdin: stdin.is_some(),
         };
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = conn
-            .exec(&req, None, &mut out, &mut err)
-            .map_err(|source| NestedError::Client {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = timeout.map(|limit| {
+            std::thread::spawn(move || {
+                let expired = matches!(
+                    done_rx.recv_timeout(limit),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
+                if expired {
+                    let _ = socket.shutdown(std::net::Shutdown::Both);
+                }
+                expired
+            })
+        });
+        let result = conn.exec(&req, stdin, stdout, stderr);
+        drop(done_tx);
+        let expired = watchdog.is_some_and(|w| w.join().unwrap_or(false));
+        match result {
+            _ if expired => Err(NestedError::Timeout {
+                command: argv.first().cloned().unwrap_or_default(),
+                limit: timeout.unwrap_or_default(),
+            }),
+            Ok(code) => Ok(code),
+            Err(source) => Err(NestedError::Client {
                 port: self.state.port,
                 source,
-            })?;
-        Ok((code, out, err))
+            }),
+        }
+    }
+
+    /// Stops the host unless another ferry process is running a command in it right now (then
+    /// leaves it running and returns `Ok(false)`). For a host started just for one command.
+    pub fn stop_if_unused(self) -> Result<bool, NestedError> {
+        let Some(_exclusive) = UsersLock::exclusive_now()? else {
+            eprintln!(
+                "ferry: nested host: another ferry is using it; leaving it running \
+                 (`ferry host stop` stops it)"
+            );
+            return Ok(false);
+        };
+        self.stop().map(|()| true)
     }
 
     /// Asks the outer machine to power off, waits for QEMU to exit (killing it after
@@ -788,7 +897,7 @@ mod tests {
         let check = || -> Result<(), String> {
             let t = Instant::now();
             let (code, out, err) = host
-                .exec_output(&["uname".into(), "-r".into()], Path::new("/"), &env)
+                .exec_output(&["uname".into(), "-r".into()], Path::new("/"), &env, None)
                 .map_err(|e| error_chain(&e))?;
             eprintln!(
                 "nested host: `uname -r` took {:.2} s: {}",
@@ -806,6 +915,7 @@ mod tests {
                     &["python3".into(), "-c".into(), py.into()],
                     Path::new("/"),
                     &env,
+                    Some(Duration::from_secs(60)),
                 )
                 .map_err(|e| error_chain(&e))?;
             eprintln!(
@@ -829,7 +939,12 @@ mod tests {
                 cache.display()
             );
             let (code, out, _) = host
-                .exec_output(&sh(&script), Path::new("/usr"), &env)
+                .exec_output(
+                    &sh(&script),
+                    Path::new("/usr"),
+                    &env,
+                    Some(Duration::from_secs(30)),
+                )
                 .map_err(|e| error_chain(&e))?;
             if code != 7 || String::from_utf8_lossy(&out) != "/usr\nx\ncache\n" {
                 return Err(format!(
@@ -843,7 +958,7 @@ mod tests {
                 let runs: Vec<_> = ["a", "b"]
                     .map(|w| {
                         let (host, env, cmd) = (&host, &env, sh(&format!("sleep 3; echo {w}")));
-                        scope.spawn(move || host.exec_output(&cmd, Path::new("/"), env))
+                        scope.spawn(move || host.exec_output(&cmd, Path::new("/"), env, None))
                     })
                     .into_iter()
                     .collect();
@@ -866,6 +981,38 @@ mod tests {
                 return Err(format!(
                     "concurrent commands ran one after the other ({both:?})"
                 ));
+            }
+            // A time limit ends the command.
+            let t = Instant::now();
+            match host.exec_output(
+                &sh("sleep 30"),
+                Path::new("/"),
+                &env,
+                Some(Duration::from_secs(2)),
+            ) {
+                Err(NestedError::Timeout { .. }) if t.elapsed() < Duration::from_secs(6) => {}
+                other => {
+                    return Err(format!(
+                        "exec with a 2 s limit gave {other:?} after {:?}",
+                        t.elapsed()
+                    ))
+                }
+            }
+            // A host in use by someone else is not stopped by stop_if_unused.
+            let stopped = std::thread::scope(|scope| {
+                let user =
+                    scope.spawn(|| host.exec_output(&sh("sleep 3"), Path::new("/"), &env, None));
+                std::thread::sleep(Duration::from_millis(1500));
+                let other = NestedHost::running()
+                    .ok()
+                    .flatten()
+                    .expect("the host is running");
+                let stopped = other.stop_if_unused();
+                let _ = user.join();
+                stopped
+            });
+            if !matches!(stopped, Ok(false)) {
+                return Err(format!("stop_if_unused while in use gave {stopped:?}"));
             }
             let again = NestedHost::running().map_err(|e| error_chain(&e))?;
             if again.map(|h| h.pid()) != Some(host.pid()) {
