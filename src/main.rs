@@ -112,12 +112,12 @@ struct RunArgs {
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
+        Some((i, c)) if c.is_ascii_alphabetic() && s[..i].chars().all(|d| d.is_ascii_digit()) => {
             let mult = match c.to_ascii_uppercase() {
                 'K' => 1u64 << 10,
                 'M' => 1 << 20,
                 'G' => 1 << 30,
-                _ => return Err(format!("unknown size suffix `{c}`; use K, M or G")),
+                _ => return Err(format!("unknown size suffix `{c}` in `{s}`; use K, M or G")),
             };
             (&s[..i], mult)
         }
