@@ -36,7 +36,7 @@ use state::HostState;
 pub enum NestedError {
     #[error("cannot get QEMU for the nested host: {0}")]
     QemuInstall(String),
-    #[error("cannot fetch a Debian package for the nested host")]
+    #[error("apt could not provide a package the nested host needs")]
     Debian(#[from] DebianError),
     #[error("cannot collect the outer machine's kernel modules")]
     Kmod(#[from] KmodError),
@@ -97,6 +97,9 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const BOOT_STALL: Duration = Duration::from_secs(60);
 /// How long a connection may take to get the agent's Hello from a running host.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a running host's agent may take to answer before the host is taken as hung and
+/// stopped (generous: a busy TCG machine can be slow, and stopping it loses its work).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits for the outer machine to power off before killing QEMU.
 const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// What `ferry-agent` prints on the console once it accepts connections.
@@ -126,17 +129,37 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NestedError
     move |source| NestedError::Io { what, source }
 }
 
-/// An exclusive lock on `<cache>/nested/host/lock`, held while a host is started, probed or
-/// stopped, so two ferry processes never boot two hosts. Released on drop.
-struct HostLock {
+/// A `flock(2)` on a file in the state directory, released on drop.
+///
+/// - `lock`, exclusive: held while a host is started, probed or stopped, so two ferry processes
+///   never boot two hosts.
+/// - `users`, shared: held by every running [`NestedHost::exec`], so
+///   [`NestedHost::stop_if_unused`] can tell whether anyone is using the host.
+struct FileLock {
     _file: File,
 }
 
-impl HostLock {
-    fn acquire() -> Result<Self, NestedError> {
+impl FileLock {
+    /// The host lock, waiting for it.
+    fn host() -> Result<Self, NestedError> {
+        Self::take("lock", libc::LOCK_EX).map(|l| l.expect("blocking flock"))
+    }
+
+    /// A shared lock on `users`, waiting for it.
+    fn user() -> Result<Self, NestedError> {
+        Self::take("users", libc::LOCK_SH).map(|l| l.expect("blocking flock"))
+    }
+
+    /// The exclusive lock on `users` if no command holds a shared one, without waiting.
+    fn no_users() -> Result<Option<Self>, NestedError> {
+        Self::take("users", libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    /// `Ok(None)` only for a non-blocking request that would have to wait.
+    fn take(name: &str, op: libc::c_int) -> Result<Option<Self>, NestedError> {
         let dir = state_dir();
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        let path = dir.join("lock");
+        let path = dir.join(name);
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -145,16 +168,14 @@ impl HostLock {
             .map_err(io_err(format!("open {}", path.display())))?;
         loop {
             // SAFETY: flock on a descriptor we own; it only changes the lock state.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(Self { _file: file });
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(Some(Self { _file: file }));
             }
             let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(NestedError::Io {
-                    what: format!("lock {}", path.display()),
-                    source: err,
-                });
+            match err.kind() {
+                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(io_err(format!("lock {}", path.display()))(err)),
             }
         }
     }
@@ -277,61 +298,12 @@ impl Boot<'_> {
     }
 }
 
-/// `<cache>/nested/host/users`: every running [`NestedHost::exec`] holds a shared lock on it,
-/// so [`NestedHost::stop_if_unused`] can tell whether anyone is using the host.
-struct UsersLock {
-    _file: File,
-}
-
-impl UsersLock {
-    fn open() -> Result<File, NestedError> {
-        let dir = state_dir();
-        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        let path = dir.join("users");
-        File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(format!("open {}", path.display())))
-    }
-
-    fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
-        loop {
-            // SAFETY: flock on a descriptor we own; it only changes the lock state.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(());
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
-    }
-
-    fn shared() -> Result<Self, NestedError> {
-        let file = Self::open()?;
-        Self::flock(&file, libc::LOCK_SH).map_err(io_err("lock the nested host's users file"))?;
-        Ok(Self { _file: file })
-    }
-
-    /// The exclusive lock if nobody holds a shared one, without waiting.
-    fn exclusive_now() -> Result<Option<Self>, NestedError> {
-        let file = Self::open()?;
-        match Self::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) => Ok(Some(Self { _file: file })),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(io_err("lock the nested host's users file")(e)),
-        }
-    }
-}
-
 impl NestedHost {
     /// Boots the outer machine in the background and waits until its agent answers; returns
     /// the host already running if there is one. Installs QEMU 10 and builds the initramfs
     /// first when needed. On failure nothing is left running.
     pub fn start(opts: &HostOptions) -> Result<Self, NestedError> {
-        let _lock = HostLock::acquire()?;
+        let _lock = FileLock::host()?;
         if let Some(host) = Self::running_locked()? {
             eprintln!(
                 "ferry: nested host: already running (QEMU pid {}, agent on 127.0.0.1:{})",
@@ -440,7 +412,7 @@ impl NestedHost {
     /// its agent answers. A state file left by a dead host is removed; a live QEMU whose agent
     /// does not answer is stopped.
     pub fn running() -> Result<Option<Self>, NestedError> {
-        let _lock = HostLock::acquire()?;
+        let _lock = FileLock::host()?;
         Self::running_locked()
     }
 
@@ -455,7 +427,7 @@ impl NestedHost {
             let _ = std::fs::remove_file(&path);
             return Ok(None);
         }
-        match host.connect(HANDSHAKE_TIMEOUT) {
+        match host.connect(PROBE_TIMEOUT) {
             Ok(_) => Ok(Some(host)),
             Err(e) => {
                 eprintln!(
@@ -555,7 +527,7 @@ impl NestedHost {
         stderr: &mut dyn Write,
         timeout: Option<Duration>,
     ) -> Result<i32, NestedError> {
-        let _lease = UsersLock::shared()?;
+        let _lease = FileLock::user()?;
         let (mut conn, socket) = self.connect_with_handle(HANDSHAKE_TIMEOUT)?;
         let req = ExecRequest {
             argv: argv.to_vec(),
@@ -595,7 +567,7 @@ impl NestedHost {
     /// Stops the host unless another ferry process is running a command in it right now (then
     /// leaves it running and returns `Ok(false)`). For a host started just for one command.
     pub fn stop_if_unused(self) -> Result<bool, NestedError> {
-        let Some(_exclusive) = UsersLock::exclusive_now()? else {
+        let Some(_no_users) = FileLock::no_users()? else {
             eprintln!(
                 "ferry: nested host: another ferry is using it; leaving it running \
                  (`ferry host stop` stops it)"
@@ -608,7 +580,7 @@ impl NestedHost {
     /// Asks the outer machine to power off, waits for QEMU to exit (killing it after
     /// [`POWER_OFF_TIMEOUT`]), and removes the state file.
     pub fn stop(mut self) -> Result<(), NestedError> {
-        let _lock = HostLock::acquire()?;
+        let _lock = FileLock::host()?;
         let pid = self.state.pid;
         eprintln!("ferry: nested host: powering off (QEMU pid {pid})");
         let asked = self
