@@ -180,6 +180,21 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    // No permission on an existing /dev/kvm is the user's to fix, not a reason to go nested.
+    if args.host != HostChoice::Nested {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(UsageError(format!(
+                    "cannot open /dev/kvm: {e}; add yourself to its group (`sudo adduser $USER kvm`, then log in again) or run ferry as root"
+                ))
+                .into());
+            }
+        }
+    }
     let use_nested = match args.host {
         HostChoice::Local => false,
         HostChoice::Nested => {
@@ -312,7 +327,8 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
     let result = host.exec(&argv, &cwd, &env, true);
     drop(raw);
     if one_shot {
-        if let Err(e) = host.stop() {
+        // Another ferry may have found this host meanwhile: it stays up until that one is done.
+        if let Err(e) = host.stop_if_unused() {
             eprintln!("ferry: warning: stopping the nested host: {e}");
         }
     }

@@ -761,15 +761,15 @@ pub fn local_kvm_problem() -> Option<String> {
 }
 
 fn local_kvm_problem_at(dev: &Path, sys_module: &Path) -> Option<String> {
-    const NESTED: &str = "ferry can run its VMs in a nested host instead (QEMU emulating AMD SVM, \
-                          slow but real KVM): `ferry host start`";
+    const NESTED: &str = "so ferry runs its VMs in a nested host (QEMU emulating AMD SVM: slower, \
+                          but a real KVM; `ferry host start` keeps one up between runs)";
     match File::options().read(true).write(true).open(dev) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Some(format!(
                 "this machine has no {}: enable hardware virtualisation (VT-x/AMD-V in the \
                  firmware, or nested virtualisation for a cloud VM) and load kvm_intel or \
-                 kvm_amd; or {NESTED}",
+                 kvm_amd. Until then {NESTED}",
                 dev.display()
             ))
         }
@@ -780,13 +780,13 @@ fn local_kvm_problem_at(dev: &Path, sys_module: &Path) -> Option<String> {
                 dev.display()
             ))
         }
-        Err(e) => return Some(format!("cannot open {}: {e}; {NESTED}", dev.display())),
+        Err(e) => return Some(format!("cannot open {}: {e}, {NESTED}", dev.display())),
     }
     if sys_module.join("kvm_pvm").exists() {
         return Some(format!(
             "{} here is PVM (the kvm_pvm module), which runs guest kernel code in an instruction \
              emulator that lacks int3, xrstor and cmpxchg16b: a stock kernel dies early in boot \
-             (int3_selftest). {NESTED}",
+             (int3_selftest), {NESTED}",
             dev.display()
         ));
     }
