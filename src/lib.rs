@@ -9,4 +9,5 @@ pub mod kmod;
 pub mod nested;
 pub mod run;
 pub mod signals;
+pub mod sys;
 pub mod terminal;

@@ -17,7 +17,6 @@ pub mod state;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -166,17 +165,10 @@ impl FileLock {
             .write(true)
             .open(&path)
             .map_err(io_err(format!("open {}", path.display())))?;
-        loop {
-            // SAFETY: flock on a descriptor we own; it only changes the lock state.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(Some(Self { _file: file }));
-            }
-            let err = std::io::Error::last_os_error();
-            match err.kind() {
-                std::io::ErrorKind::Interrupted => {}
-                std::io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(io_err(format!("lock {}", path.display()))(err)),
-            }
+        match crate::sys::flock(&file, op) {
+            Ok(true) => Ok(Some(Self { _file: file })),
+            Ok(false) => Ok(None),
+            Err(e) => Err(io_err(format!("lock {}", path.display()))(e)),
         }
     }
 }
@@ -620,16 +612,14 @@ impl NestedHost {
     fn kill(&mut self) {
         let pgid = self.state.pid;
         if self.alive() {
-            // SAFETY: kill(2) on QEMU's own process group (it was started with
-            // process_group(0), and qemu_alive checked the pid is QEMU); no memory is involved.
-            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            // QEMU was started with process_group(0), and alive() checked the pid is QEMU.
+            let _ = crate::sys::kill_process_group(pgid, libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(5);
             while self.alive() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if self.alive() {
-                // SAFETY: as above.
-                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                let _ = crate::sys::kill_process_group(pgid, libc::SIGKILL);
             }
         }
         if let Some(mut child) = self.child.take() {

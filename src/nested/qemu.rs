@@ -73,8 +73,7 @@ pub fn ensure() -> Result<Qemu, NestedError> {
         .map(|q| format!("QEMU {}.{}.{}", q.version.0, q.version.1, q.version.2))
         .unwrap_or_else(|| "no QEMU".to_string());
     eprintln!("ferry: nested host: found {found}; the nested host needs QEMU {MIN_MAJOR} or newer, installing it");
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::sys::is_root() {
         return Err(NestedError::QemuInstall(format!(
             "{found} here and installing it needs root: run `sudo ferry host start` once, or \
              install QEMU {MIN_MAJOR}+ yourself (Debian 12: `apt-get install -t {BACKPORTS} {PACKAGE}`)"
