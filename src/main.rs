@@ -11,7 +11,11 @@ use ferry::run::{LocalRun, RunError, DEFAULT_BOOT_TIMEOUT, DEFAULT_CMDLINE};
 use ferry::{debian, image, nested};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Process-migration cluster of lightweight KVM VMMs")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Process-migration cluster of lightweight KVM VMMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,6 +65,12 @@ enum HostAction {
     Stop,
     /// Say whether a nested host is running.
     Status,
+    /// Run a command in the running nested host, in the host's files (e.g. `ps ax`).
+    Exec {
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -172,11 +182,7 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
     for (what, path) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
         if let Some(p) = path {
             if !p.is_file() {
-                return Err(UsageError(format!(
-                    "{what} {}: no such file",
-                    p.display()
-                ))
-                .into());
+                return Err(UsageError(format!("{what} {}: no such file", p.display())).into());
             }
         }
     }
@@ -250,7 +256,8 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
     match (&args.kernel, &args.initrd) {
         (Some(k), Some(i)) => Ok((absolute(k)?, absolute(i)?)),
         _ => {
-            let img = image::ensure(&debian::cache_dir(), false).context("preparing the guest image")?;
+            let img =
+                image::ensure(&debian::cache_dir(), false).context("preparing the guest image")?;
             let kernel = match &args.kernel {
                 Some(k) => absolute(k)?,
                 None => img.vmlinux.clone(),
@@ -306,17 +313,13 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
         argv.extend(args.command.iter().cloned());
     }
     let cwd = std::env::current_dir().context("reading the current directory")?;
-    let env: Vec<(String, String)> = ["HOME", "TERM", "FERRY_CACHE_DIR", "XDG_CACHE_HOME"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-        .chain([(
-            "PATH".to_string(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        )])
-        .collect();
+    let env = passthrough_env();
     let (host, one_shot) = match nested::NestedHost::running()? {
         Some(h) => (h, false),
-        None => (nested::NestedHost::start(&nested::HostOptions::default())?, true),
+        None => (
+            nested::NestedHost::start(&nested::HostOptions::default())?,
+            true,
+        ),
     };
     // The guest console is interactive through the nested host too: keystrokes go through raw.
     let raw = if args.command.is_empty() {
@@ -324,6 +327,18 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
     } else {
         None
     };
+    // SIGINT/SIGTERM: leave at once. Our connection closes with us, and the nested host's agent
+    // then stops the inner ferry with SIGTERM, which stops its VM cleanly; a host started just
+    // for this run goes down with it.
+    let _ = ferry::signals::on_terminate(move |sig| {
+        ferry::terminal::restore();
+        if one_shot {
+            if let Ok(Some(h)) = nested::NestedHost::running() {
+                let _ = h.stop();
+            }
+        }
+        std::process::exit(128 + sig);
+    });
     let result = host.exec(&argv, &cwd, &env, true);
     drop(raw);
     if one_shot {
@@ -333,6 +348,18 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
         }
     }
     Ok(result?)
+}
+
+/// The environment a command in the nested host gets: ours, as far as it makes sense there.
+fn passthrough_env() -> Vec<(String, String)> {
+    ["HOME", "TERM", "FERRY_CACHE_DIR", "XDG_CACHE_HOME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .chain([(
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        )])
+        .collect()
 }
 
 fn cmd_host(action: HostAction) -> anyhow::Result<i32> {
@@ -359,6 +386,16 @@ fn cmd_host(action: HostAction) -> anyhow::Result<i32> {
                 eprintln!("ferry: no nested host is running");
                 Ok(0)
             }
+        },
+        HostAction::Exec { command } => match nested::NestedHost::running()? {
+            Some(h) => {
+                let cwd = std::env::current_dir().context("reading the current directory")?;
+                Ok(h.exec(&command, &cwd, &passthrough_env(), true)?)
+            }
+            None => Err(UsageError(
+                "no nested host is running; start one with `ferry host start`".into(),
+            )
+            .into()),
         },
         HostAction::Status => match nested::NestedHost::running()? {
             Some(h) => {

@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -218,11 +219,21 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
 
     let running = vm.start()?;
     let exit = running.exit_request();
+    let signal = Arc::new(AtomicI32::new(0));
     {
         let exit = exit.clone();
+        let signal = signal.clone();
         // SIGINT/SIGTERM stop the VM cleanly; the exit status says which signal it was.
-        let _ = crate::signals::on_terminate(move |_sig| exit.request(VmExit::Stopped));
+        let _ = crate::signals::on_terminate(move |sig| {
+            signal.store(sig, Ordering::Relaxed);
+            exit.request(VmExit::Stopped);
+        });
     }
+    // 128 + the signal that stopped us, as a shell reports it; 130 for the console's Ctrl-A x.
+    let stopped_status = || match signal.load(Ordering::Relaxed) {
+        0 => 130,
+        sig => 128 + sig,
+    };
     // When the VM ends, the agent connection ends too, so nobody waits on a dead guest.
     {
         let exit = exit.clone();
@@ -235,7 +246,11 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
             })?;
     }
     if spec.verbose {
-        eprintln!("ferry: VM started ({} vCPUs, {} MiB)", spec.vcpus, spec.mem_size >> 20);
+        eprintln!(
+            "ferry: VM started ({} vCPUs, {} MiB)",
+            spec.vcpus,
+            spec.mem_size >> 20
+        );
     }
 
     if interactive {
@@ -249,13 +264,17 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         drop(_raw);
         return match interactive_status(&reason) {
             Some(code) => Ok(code),
-            None if reason == VmExit::Stopped => Ok(130),
+            None if reason == VmExit::Stopped => Ok(stopped_status()),
             None => Err(guest_failed(&reason, &tail)),
         };
     }
 
     let mut conn = match AgentConnection::handshake(host_end, spec.boot_timeout) {
         Ok(c) => c,
+        Err(_) if exit.get() == Some(VmExit::Stopped) => {
+            drop(running);
+            return Ok(stopped_status());
+        }
         Err(e) => {
             let cause = match exit.get() {
                 Some(reason) => describe_exit(&reason, &tail),
@@ -274,9 +293,15 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
     let req = ExecRequest {
         argv: spec.command.clone(),
         env: vec![
-            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
             ("HOME".into(), "/root".into()),
-            ("TERM".into(), std::env::var("TERM").unwrap_or_else(|_| "dumb".into())),
+            (
+                "TERM".into(),
+                std::env::var("TERM").unwrap_or_else(|_| "dumb".into()),
+            ),
         ],
         cwd: Some("/root".into()),
         stdin: true,
@@ -293,6 +318,7 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
                 // The command powered the guest off or rebooted it (`poweroff`, `reboot`): the
                 // guest ended as asked.
                 Some(VmExit::PowerOff) => return Ok(0),
+                Some(VmExit::Stopped) => return Ok(stopped_status()),
                 Some(VmExit::Reset) if !tail.contains("Kernel panic") => return Ok(0),
                 Some(r) => RunError::GuestStopped {
                     reason: describe_exit(&r, &tail),

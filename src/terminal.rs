@@ -1,13 +1,15 @@
-//! The host terminal: raw mode while a guest console is attached, restored on drop.
+//! The host terminal: raw mode while a guest console is attached, restored when the guard drops
+//! or, on a fatal signal, through [`restore`].
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Mutex;
+
+/// The settings to put back, while some terminal is raw.
+static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
 
 /// Puts a terminal in raw mode and restores its previous settings when dropped.
-pub struct RawMode {
-    fd: RawFd,
-    saved: libc::termios,
-}
+pub struct RawMode(());
 
 impl RawMode {
     /// Raw mode on `fd` if it is a terminal; `None` if it is not one (a pipe, a file).
@@ -30,13 +32,21 @@ impl RawMode {
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Some(Self { fd, saved }))
+        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some((fd, saved));
+        Ok(Some(Self(())))
+    }
+}
+
+/// Puts back the settings a [`RawMode`] replaced, if any (safe to call more than once).
+pub fn restore() {
+    if let Some((fd, saved)) = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        // SAFETY: restores settings read from this same descriptor by `RawMode::enable`.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        // SAFETY: restores settings read from this same descriptor by `enable`.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        restore();
     }
 }

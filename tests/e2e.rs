@@ -108,6 +108,8 @@ struct Suite {
     /// A world-readable copy of the image's kernel and initramfs, for runs as another user.
     public_kernel: PathBuf,
     public_initrd: PathBuf,
+    /// Whether runs go through the nested host.
+    nested: bool,
 }
 
 fn nproc_reports_every_vcpu(_: &Suite) -> CaseResult {
@@ -138,13 +140,27 @@ fn uname_prints_the_debian_kernel_release(s: &Suite) -> CaseResult {
 
 fn command_exit_status_and_streams_come_back(_: &Suite) -> CaseResult {
     let out = ferry(
-        &["run", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 3"],
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; exit 3",
+        ],
         b"",
         BOOT_LIMIT,
     )?;
     check(out.code() == 3, "exit status 3 comes back", &out)?;
-    check(out.stdout == "to-out\n", "stdout is the command's alone", &out)?;
-    check(out.stderr.contains("to-err\n"), "stderr reaches stderr", &out)
+    check(
+        out.stdout == "to-out\n",
+        "stdout is the command's alone",
+        &out,
+    )?;
+    check(
+        out.stderr.contains("to-err\n"),
+        "stderr reaches stderr",
+        &out,
+    )
 }
 
 fn stdin_reaches_the_command(_: &Suite) -> CaseResult {
@@ -154,7 +170,11 @@ fn stdin_reaches_the_command(_: &Suite) -> CaseResult {
         BOOT_LIMIT,
     )?;
     check(out.code() == 0, "exits 0", &out)?;
-    check(out.stdout == "HELLO GUEST\ndone\n", "stdin was read by the command", &out)
+    check(
+        out.stdout == "HELLO GUEST\ndone\n",
+        "stdin was read by the command",
+        &out,
+    )
 }
 
 fn missing_command_exits_127(_: &Suite) -> CaseResult {
@@ -169,7 +189,11 @@ fn missing_command_exits_127(_: &Suite) -> CaseResult {
 
 fn guest_poweroff_ends_the_vmm_with_0(_: &Suite) -> CaseResult {
     let out = ferry(&["run", "--", "poweroff"], b"", BOOT_LIMIT)?;
-    check(out.code() == 0, "poweroff inside the guest ends ferry with 0", &out)?;
+    check(
+        out.code() == 0,
+        "poweroff inside the guest ends ferry with 0",
+        &out,
+    )?;
     check(!out.stderr.contains("error"), "and no error", &out)
 }
 
@@ -239,8 +263,101 @@ fn interactive_console_runs_a_shell(_: &Suite) -> CaseResult {
         stdout: String::from_utf8_lossy(&seen).into_owned(),
         stderr: stderr.recv().unwrap_or_default(),
     };
-    check(out.stdout.contains("MARK-42"), "the shell evaluated what was typed", &out)?;
-    check(out.code() == 0, "poweroff at the shell ends ferry with 0", &out)
+    check(
+        out.stdout.contains("MARK-42"),
+        "the shell evaluated what was typed",
+        &out,
+    )?;
+    check(
+        out.code() == 0,
+        "poweroff at the shell ends ferry with 0",
+        &out,
+    )
+}
+
+fn sigterm_stops_the_guest_and_leaves_nothing_running(s: &Suite) -> CaseResult {
+    let mut child = Command::new(FERRY)
+        .args(["run", "--", "sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = child.stderr.take().expect("piped");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(stderr);
+            let mut line = String::new();
+            while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 0) {
+                if line.contains("guest agent ready") {
+                    let _ = tx.send(());
+                }
+                seen.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+    }
+    if rx.recv_timeout(BOOT_LIMIT).is_err() {
+        let _ = child.kill();
+        return Err(format!(
+            "the guest never became ready:\n{}",
+            seen.lock().unwrap()
+        ));
+    }
+    // kill(1), to send SIGTERM as a user would.
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + QUICK_LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("ferry did not stop within a minute of SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = Outcome {
+        status,
+        stdout: String::new(),
+        stderr: seen.lock().unwrap().clone(),
+    };
+    check(out.code() == 143, "SIGTERM ends ferry with 128 + 15", &out)?;
+    // Nothing of that run is left: no VMM process on this machine or in the nested host.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let here = Command::new("pgrep")
+            .args(["-f", "ferry run .*sleep 600"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let nested = if s.nested {
+            ferry(
+                &["host", "exec", "--", "pgrep", "-f", "ferry run .*sleep 600"],
+                b"",
+                QUICK_LIMIT,
+            )?
+            .code()
+        } else {
+            1
+        };
+        if !here.status.success() && nested == 1 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "a VMM of the stopped run is still running (here: {}, nested host: {})",
+                String::from_utf8_lossy(&here.stdout).trim(),
+                if nested == 0 { "yes" } else { "no" }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
@@ -248,7 +365,15 @@ fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
     let initrd = s.public_initrd.to_str().unwrap();
     let cases: [(&[&str], &str); 5] = [
         (
-            &["run", "--kernel", "/etc/hostname", "--initrd", initrd, "--", "true"],
+            &[
+                "run",
+                "--kernel",
+                "/etc/hostname",
+                "--initrd",
+                initrd,
+                "--",
+                "true",
+            ],
             "neither a Linux bzImage nor an ELF vmlinux",
         ),
         (
@@ -256,7 +381,9 @@ fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
             "/no/such/vmlinuz: no such file",
         ),
         (
-            &["run", "--kernel", kernel, "--initrd", initrd, "--memory", "64M", "--", "true"],
+            &[
+                "run", "--kernel", kernel, "--initrd", initrd, "--memory", "64M", "--", "true",
+            ],
             "below what this kernel and initramfs need",
         ),
         (&["run", "--memory", "lots", "--", "true"], "not a size"),
@@ -264,7 +391,11 @@ fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
     ];
     for (args, message) in cases {
         let out = ferry(args, b"", QUICK_LIMIT)?;
-        check(out.code() == 2, &format!("`ferry {}` exits 2", args.join(" ")), &out)?;
+        check(
+            out.code() == 2,
+            &format!("`ferry {}` exits 2", args.join(" ")),
+            &out,
+        )?;
         check(
             out.stderr.contains(message),
             &format!("`ferry {}` says `{message}`", args.join(" ")),
@@ -303,7 +434,10 @@ fn no_access_to_dev_kvm_exits_2(s: &Suite) -> CaseResult {
 type Case = (&'static str, fn(&Suite) -> CaseResult);
 
 const CASES: &[Case] = &[
-    ("bad_inputs_exit_2_with_a_reason", bad_inputs_exit_2_with_a_reason),
+    (
+        "bad_inputs_exit_2_with_a_reason",
+        bad_inputs_exit_2_with_a_reason,
+    ),
     ("no_access_to_dev_kvm_exits_2", no_access_to_dev_kvm_exits_2),
     ("nproc_reports_every_vcpu", nproc_reports_every_vcpu),
     (
@@ -316,8 +450,18 @@ const CASES: &[Case] = &[
     ),
     ("stdin_reaches_the_command", stdin_reaches_the_command),
     ("missing_command_exits_127", missing_command_exits_127),
-    ("guest_poweroff_ends_the_vmm_with_0", guest_poweroff_ends_the_vmm_with_0),
-    ("interactive_console_runs_a_shell", interactive_console_runs_a_shell),
+    (
+        "guest_poweroff_ends_the_vmm_with_0",
+        guest_poweroff_ends_the_vmm_with_0,
+    ),
+    (
+        "interactive_console_runs_a_shell",
+        interactive_console_runs_a_shell,
+    ),
+    (
+        "sigterm_stops_the_guest_and_leaves_nothing_running",
+        sigterm_stops_the_guest_and_leaves_nothing_running,
+    ),
 ];
 
 /// Stops the shared nested host when the suite ends, however it ends.
@@ -353,6 +497,7 @@ fn setup() -> Result<(Suite, NestedHostGuard), String> {
         release: image.kernel_release.clone(),
         public_kernel: copy(&image.kernel, "vmlinuz")?,
         public_initrd: copy(&image.initrd, "initrd")?,
+        nested: ferry::nested::local_kvm_problem().is_some(),
     };
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755));
@@ -398,7 +543,10 @@ fn main() {
                 println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
             }
             Err(why) => {
-                println!("test {name} ... FAILED ({:.1} s)\n{why}", t.elapsed().as_secs_f64());
+                println!(
+                    "test {name} ... FAILED ({:.1} s)\n{why}",
+                    t.elapsed().as_secs_f64()
+                );
                 failed.push(*name);
             }
         }

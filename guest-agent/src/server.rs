@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::client::Stream;
 use crate::protocol::{
@@ -301,13 +302,28 @@ impl Session {
         self.pid.is_some() && !self.done.load(Ordering::SeqCst)
     }
 
-    /// Kills the command if it still runs.
+    /// Ends the command if it still runs: SIGTERM, so it can clean up (a `ferry run` inside the
+    /// nested host stops its VM), then SIGKILL if it is still there after a grace period.
     fn end(&mut self) {
+        const GRACE: Duration = Duration::from_secs(3);
         self.stdin = None;
         if let Some(pid) = self.pid {
             if !self.done.load(Ordering::SeqCst) {
-                log(format_args!("killing pid {pid}: its session ended"));
-                sys::kill(pid);
+                log(format_args!("stopping pid {pid}: its session ended"));
+                sys::kill(pid, libc::SIGTERM);
+                let done = self.done.clone();
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + GRACE;
+                    while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    if !done.load(Ordering::SeqCst) {
+                        log(format_args!(
+                            "killing pid {pid}: still running after SIGTERM"
+                        ));
+                        sys::kill(pid, libc::SIGKILL);
+                    }
+                });
             }
         }
     }

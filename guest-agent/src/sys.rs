@@ -62,13 +62,13 @@ pub fn power_off() -> io::Error {
     io::Error::last_os_error()
 }
 
-/// Sends SIGKILL to a process.
-pub fn kill(pid: u32) {
+/// Sends `signal` (e.g. `libc::SIGTERM`) to a process.
+pub fn kill(pid: u32, signal: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
     // SAFETY: kill(2) with a positive pid signals only that process; failure is harmless.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    unsafe { libc::kill(pid, signal) };
 }
 
 /// Makes `cmd` chroot into `root` and change to `cwd` (a path inside the new root) in the
