@@ -68,6 +68,8 @@ pub enum ImageError {
     NoKernel(PathBuf),
     #[error(transparent)]
     Extract(#[from] crate::kernel::ExtractError),
+    #[error("cannot put the root disk's kernel modules in the initramfs")]
+    RootModules(#[from] crate::kmod::KmodError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -140,7 +142,9 @@ pub fn ensure(cache: &Path, force_rebuild: bool) -> Result<GuestImage, ImageErro
         busybox.version,
         agent.len()
     ));
-    let initrd = build_initrd(&busybox.root, &agent)?;
+    let mut initrd = build_initrd(&busybox.root, &agent)?;
+    // A second archive (the kernel unpacks concatenated ones): what /init needs for ferry.root=.
+    initrd.extend(crate::rootfs::initramfs_modules(&kernel.modules)?);
     let manifest = manifest(&inputs, &key);
     install_dir(&images, &key, |tmp| {
         let path = tmp.join(INITRD_FILE);
@@ -181,6 +185,9 @@ pub fn image_key(inputs: &KeyInputs<'_>) -> String {
     h.field(inputs.kernel_version.as_bytes());
     h.field(inputs.busybox_version.as_bytes());
     h.field(inputs.agent);
+    for m in crate::rootfs::INITRAMFS_MODULES {
+        h.field(m.as_bytes());
+    }
     for f in GUEST_FILES {
         h.field(f.path.as_bytes());
         h.field(&f.mode.to_le_bytes());
@@ -211,10 +218,10 @@ fn manifest(inputs: &KeyInputs<'_>, key: &str) -> String {
 }
 
 /// 64-bit FNV-1a; fields are length-prefixed so that ("ab", "c") and ("a", "bc") differ.
-struct Fnv1a(u64);
+pub(crate) struct Fnv1a(u64);
 
 impl Fnv1a {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
     fn bytes(&mut self, bytes: &[u8]) {
@@ -223,11 +230,11 @@ impl Fnv1a {
             self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
-    fn field(&mut self, bytes: &[u8]) {
+    pub(crate) fn field(&mut self, bytes: &[u8]) {
         self.bytes(&(bytes.len() as u64).to_le_bytes());
         self.bytes(bytes);
     }
-    fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
     }
 }
@@ -294,6 +301,53 @@ hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
 ";
 
+/// The kernel runs /init (a GuestFile). Without ferry.root= it is busybox init, as before.
+/// With ferry.root=DEVICE it boots the root disk (see crate::rootfs).
+const INIT: &str = r#"#!/bin/sh
+# ferry guest: the initramfs's /init. Without ferry.root= on the kernel command line the
+# initramfs is the root and busybox init takes over. With ferry.root=DEVICE: load the root disk's
+# modules, mount DEVICE, put this initramfs's agent over the disk's, and switch_root into the
+# disk's /sbin/ferry-init.
+mount -t proc proc /proc
+root=
+set -f
+for arg in $(cat /proc/cmdline); do
+    case $arg in ferry.root=*) root=${arg#ferry.root=} ;; esac
+done
+set +f
+if [ -z "$root" ]; then
+    umount /proc
+    exec /sbin/init
+fi
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+fail() {
+    echo "ferry: cannot boot from the root disk $root: $*" > /dev/console
+    poweroff -f
+}
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+m=/lib/modules/root
+while read -r ko; do
+    [ -d "/sys/module/${ko%.ko}" ] || insmod "$m/$ko" || echo "ferry: insmod $ko failed" > /dev/console
+done < $m/order
+i=0
+while [ ! -b "$root" ]; do
+    i=$((i + 1))
+    [ $i -le 100 ] || fail "no such block device after 10 s (is a disk attached?)"
+    sleep 0.1
+done
+mkdir -p /newroot
+mount -t ext4 "$root" /newroot || fail "mount -t ext4 failed"
+[ -x /newroot/sbin/ferry-init ] || fail "it has no /sbin/ferry-init (not a ferry root disk?)"
+if [ -f /newroot/usr/sbin/ferry-agent ]; then
+    mount --bind /sbin/ferry-agent /newroot/usr/sbin/ferry-agent
+fi
+for fs in dev sys proc; do
+    mount --move /$fs /newroot/$fs
+done
+exec switch_root /newroot /sbin/ferry-init
+"#;
+
 const PROFILE: &str = "\
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 export HOME=/root
@@ -302,6 +356,11 @@ export PS1='\\h:\\w\\$ '
 
 /// The guest's configuration files (also hashed into the image key).
 const GUEST_FILES: &[GuestFile] = &[
+    GuestFile {
+        path: "init",
+        mode: 0o755,
+        contents: INIT,
+    },
     GuestFile {
         path: "etc/inittab",
         mode: 0o644,
@@ -370,8 +429,6 @@ pub fn build_initrd(busybox_root: &Path, agent: &[u8]) -> Result<Vec<u8>, ImageE
     for f in GUEST_FILES {
         cpio.file(f.path, f.mode, f.contents.as_bytes());
     }
-    // The kernel runs /init from an initramfs; busybox acts as init when called so.
-    cpio.symlink("init", "/bin/busybox");
     Ok(cpio.finish())
 }
 
@@ -756,8 +813,9 @@ mod tests {
         const S_IFMT: u32 = 0o170000;
         const S_IFLNK: u32 = 0o120000;
         const S_IFREG: u32 = 0o100000;
+        assert!(find("init").2.starts_with(b"#!/bin/sh\n"));
+        assert_eq!(find("init").1 & 0o777, 0o755);
         for link in [
-            "init",
             "sbin/init",
             "bin/sh",
             "sbin/poweroff",

@@ -7,6 +7,7 @@ pub mod image;
 pub mod kernel;
 pub mod kmod;
 pub mod nested;
+pub mod rootfs;
 pub mod run;
 pub mod signals;
 pub mod sys;
