@@ -187,14 +187,17 @@ fn missing_command_exits_127(_: &Suite) -> CaseResult {
     )
 }
 
-fn guest_poweroff_ends_the_vmm_with_0(_: &Suite) -> CaseResult {
-    let out = ferry(&["run", "--", "poweroff"], b"", BOOT_LIMIT)?;
-    check(
-        out.code() == 0,
-        "poweroff inside the guest ends ferry with 0",
-        &out,
-    )?;
-    check(!out.stderr.contains("error"), "and no error", &out)
+fn guest_poweroff_and_reboot_end_the_vmm_with_0(_: &Suite) -> CaseResult {
+    for what in ["poweroff", "reboot"] {
+        let out = ferry(&["run", "--", what], b"", BOOT_LIMIT)?;
+        check(
+            out.code() == 0,
+            &format!("{what} in the guest ends ferry with 0"),
+            &out,
+        )?;
+        check(!out.stderr.contains("error"), "and no error", &out)?;
+    }
+    Ok(())
 }
 
 fn interactive_console_runs_a_shell(_: &Suite) -> CaseResult {
@@ -451,8 +454,8 @@ const CASES: &[Case] = &[
     ("stdin_reaches_the_command", stdin_reaches_the_command),
     ("missing_command_exits_127", missing_command_exits_127),
     (
-        "guest_poweroff_ends_the_vmm_with_0",
-        guest_poweroff_ends_the_vmm_with_0,
+        "guest_poweroff_and_reboot_end_the_vmm_with_0",
+        guest_poweroff_and_reboot_end_the_vmm_with_0,
     ),
     (
         "interactive_console_runs_a_shell",
