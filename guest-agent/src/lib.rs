@@ -4,11 +4,13 @@
 //! - [`client`]: the host's side (used by the VMM over the serial port and by the nested host
 //!   over TCP).
 //! - [`server`]: the agent's side, which the `ferry-agent` binary runs in the guest.
+//! - [`vsock`]: AF_VSOCK streams, the guest-host channel when the VMM offers a vsock device.
 
 pub mod client;
 pub mod protocol;
 pub mod server;
 mod sys;
+pub mod vsock;
 
 pub use client::{AgentConnection, ClientError, Stream};
 pub use protocol::{ExecRequest, Hello, Message, PROTOCOL_VERSION};

@@ -2,9 +2,12 @@
 //! host. Logs go to stderr, which in the guest is the console.
 //!
 //! ```text
-//! ferry-agent --serial /dev/ttyS1
+//! ferry-agent --serial /dev/ttyS1 [--vsock 1024]
 //! ferry-agent --listen 0.0.0.0:7000 [--chroot /host]
 //! ```
+//!
+//! `--serial` and `--vsock` may be given together: the agent then answers on both, the serial
+//! port being the channel of last resort when the VMM offers no vsock device.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,16 +16,25 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ferry_guest_agent::server::{log, Agent};
+use ferry_guest_agent::vsock::VsockListener;
 
-const USAGE: &str = "usage: ferry-agent --serial DEVICE | --listen ADDR:PORT [--chroot DIR]";
+const USAGE: &str =
+    "usage: ferry-agent [--serial DEVICE] [--vsock PORT] | --listen ADDR:PORT [--chroot DIR]";
 
+#[derive(Debug)]
 enum Mode {
-    Serial(PathBuf),
+    /// A serial port, a vsock port, or both.
+    Guest {
+        serial: Option<PathBuf>,
+        vsock: Option<u32>,
+    },
     Listen(SocketAddr),
 }
 
 fn parse_args(args: &[String]) -> Result<(Mode, Option<PathBuf>), String> {
-    let mut mode = None;
+    let mut serial = None;
+    let mut vsock = None;
+    let mut listen = None;
     let mut chroot = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -32,21 +44,33 @@ fn parse_args(args: &[String]) -> Result<(Mode, Option<PathBuf>), String> {
                 .ok_or_else(|| format!("{arg} needs a value"))
         };
         match arg.as_str() {
-            "--serial" => mode = Some(Mode::Serial(PathBuf::from(value()?))),
+            "--serial" => serial = Some(PathBuf::from(value()?)),
+            "--vsock" => {
+                let v = value()?;
+                vsock = Some(
+                    v.parse()
+                        .map_err(|_| format!("--vsock wants a port number, got `{v}`"))?,
+                );
+            }
             "--listen" => {
                 let v = value()?;
                 // A literal address: name resolution would need NSS, which a static binary lacks.
                 let addr = v
                     .parse()
                     .map_err(|_| format!("--listen wants IP:PORT, got `{v}`"))?;
-                mode = Some(Mode::Listen(addr));
+                listen = Some(addr);
             }
             "--chroot" => chroot = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    let mode = mode.ok_or("one of --serial or --listen is required")?;
-    if chroot.is_some() && matches!(mode, Mode::Serial(_)) {
+    let mode = match (listen, serial.is_some() || vsock.is_some()) {
+        (Some(_), true) => return Err("--listen goes alone, without --serial or --vsock".into()),
+        (Some(addr), false) => Mode::Listen(addr),
+        (None, true) => Mode::Guest { serial, vsock },
+        (None, false) => return Err("one of --serial, --vsock or --listen is required".into()),
+    };
+    if chroot.is_some() && !matches!(mode, Mode::Listen(_)) {
         return Err("--chroot goes with --listen".into());
     }
     Ok((mode, chroot))
@@ -83,6 +107,43 @@ fn serve_serial(agent: &Agent, device: &PathBuf) -> ! {
             Err(_) => {}
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Serves vsock connections on `port`, binding again until the guest's vsock transport exists
+/// (its modules load during boot).
+fn serve_vsock(agent: Agent, port: u32) {
+    let mut reported = false;
+    let listener = loop {
+        match VsockListener::bind(port) {
+            Ok(l) => break l,
+            Err(e) => {
+                if !reported {
+                    log(format_args!(
+                        "cannot listen on vsock port {port}: {e}; retrying"
+                    ));
+                    reported = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    log(format_args!("listening on vsock port {port}"));
+    loop {
+        match listener.accept() {
+            Ok((stream, cid)) => {
+                let agent = agent.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = agent.serve(stream) {
+                        log(format_args!("vsock connection from cid {cid}: {e}"));
+                    }
+                });
+            }
+            Err(e) => {
+                log(format_args!("vsock accept: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
 
@@ -131,7 +192,51 @@ fn main() -> ExitCode {
     };
     let agent = Agent::new(chroot);
     match mode {
-        Mode::Serial(device) => serve_serial(&agent, &device),
+        Mode::Guest { serial, vsock } => {
+            if let Some(port) = vsock {
+                let agent = agent.clone();
+                std::thread::spawn(move || serve_vsock(agent, port));
+            }
+            match serial {
+                Some(device) => serve_serial(&agent, &device),
+                None => loop {
+                    std::thread::park();
+                },
+            }
+        }
         Mode::Listen(addr) => serve_tcp(agent, addr),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<(Mode, Option<PathBuf>), String> {
+        parse_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn serial_and_vsock_go_together_listen_goes_alone() {
+        match parse(&["--serial", "/dev/ttyS1", "--vsock", "1024"])
+            .unwrap()
+            .0
+        {
+            Mode::Guest { serial, vsock } => {
+                assert_eq!(serial, Some(PathBuf::from("/dev/ttyS1")));
+                assert_eq!(vsock, Some(1024));
+            }
+            Mode::Listen(_) => panic!("guest mode expected"),
+        }
+        assert!(matches!(
+            parse(&["--listen", "0.0.0.0:7000", "--chroot", "/host"]).unwrap(),
+            (Mode::Listen(_), Some(_))
+        ));
+        assert!(parse(&["--listen", "0.0.0.0:7000", "--vsock", "5"]).is_err());
+        assert!(parse(&["--serial", "/dev/ttyS1", "--chroot", "/x"]).is_err());
+        assert!(parse(&["--vsock", "port"])
+            .unwrap_err()
+            .contains("port number"));
+        assert!(parse(&[]).is_err());
     }
 }
