@@ -42,6 +42,12 @@ pub const MODULES: &[&str] = &[
     "virtio_net",
     // Writable /tmp and /run over the read-only host root.
     "overlay",
+    // What ferry's VMs use from their host kernel: vhost-vsock for the guest agent's channel,
+    // and TAP devices, bridges and vhost-net for guest networking.
+    "vhost_vsock",
+    "vhost_net",
+    "tun",
+    "bridge",
 ];
 
 /// Everything the image is made of.
