@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use ferry::run::{LocalRun, RunError, DEFAULT_BOOT_TIMEOUT, DEFAULT_CMDLINE};
 use ferry::{debian, image, nested};
+use ferry_vmm::vm::DiskConfig;
 
 #[derive(Parser)]
 #[command(
@@ -110,6 +111,10 @@ struct RunArgs {
     /// Seconds to wait for the guest agent after power-on.
     #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs())]
     boot_timeout: u64,
+    /// A raw disk image for the guest (virtio-blk: /dev/vda, /dev/vdb, ... in order); `,ro`
+    /// makes it read-only. Repeatable.
+    #[arg(long = "disk", value_name = "FILE[,ro]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
     /// Print no progress lines.
     #[arg(long, short)]
     quiet: bool,
@@ -139,6 +144,41 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult)
         .filter(|&b| b > 0)
         .ok_or_else(|| format!("`{s}` is not a usable size"))
+}
+
+/// Parses `FILE`, `FILE,ro` or `FILE,rw` into a disk (the path made absolute).
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        _ => (s, false),
+    };
+    if path.is_empty() {
+        return Err("a disk needs a file: --disk FILE[,ro]".into());
+    }
+    let path = std::path::absolute(path).map_err(|e| format!("{path}: {e}"))?;
+    Ok(DiskConfig { path, read_only })
+}
+
+/// Checks that every disk is an existing regular file of at least one sector.
+fn check_disks(disks: &[DiskConfig]) -> Result<(), UsageError> {
+    for d in disks {
+        let meta = std::fs::metadata(&d.path)
+            .map_err(|e| UsageError(format!("--disk {}: {e}", d.path.display())))?;
+        if !meta.is_file() {
+            return Err(UsageError(format!(
+                "--disk {}: not a regular file; give a raw disk image (e.g. made with `truncate -s 1G FILE`)",
+                d.path.display()
+            )));
+        }
+        if meta.len() < 512 {
+            return Err(UsageError(format!(
+                "--disk {}: smaller than one 512-byte sector",
+                d.path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -179,6 +219,7 @@ fn main() -> ExitCode {
 struct UsageError(String);
 
 fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
+    check_disks(&args.disks)?;
     for (what, path) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
         if let Some(p) = path {
             if !p.is_file() {
@@ -247,6 +288,7 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
         console_log: args.console_log.clone(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
         verbose: !args.quiet,
+        disks: args.disks.clone(),
     })?;
     Ok(code)
 }

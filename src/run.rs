@@ -15,6 +15,7 @@ use ferry_guest_agent::client::{AgentConnection, ClientError};
 use ferry_guest_agent::protocol::{ExecRequest, Hello};
 use ferry_vmm::boot::{BootError, BootSpec, KernelImage};
 use ferry_vmm::devices::serial::SerialPort;
+use ferry_vmm::vm::DiskConfig;
 use ferry_vmm::{Vm, VmConfig, VmError, VmExit};
 
 /// Kernel command line for ferry's guests: console on the first UART, the i8042 reset for
@@ -53,6 +54,7 @@ impl RunError {
                 | RunError::Vm(VmError::Boot(_))
                 | RunError::Vm(VmError::OpenKvm(_))
                 | RunError::Vm(VmError::VcpuCount(_))
+                | RunError::Vm(VmError::Disk(_))
         )
     }
 }
@@ -71,6 +73,8 @@ pub struct LocalRun {
     pub boot_timeout: Duration,
     /// Print progress lines on stderr.
     pub verbose: bool,
+    /// Disks for the guest (virtio-blk), in order: /dev/vda, /dev/vdb, ...
+    pub disks: Vec<DiskConfig>,
 }
 
 /// The last bytes the console printed, for error messages.
@@ -210,6 +214,7 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         console: Box::new(console),
         agent: Box::new(vmm_end.try_clone()?),
         log_dirty: false,
+        disks: spec.disks.clone(),
     })?;
     let agent_port = vm.agent_port();
     let console_port = vm.console();

@@ -53,3 +53,88 @@ pub mod irqs {
     pub const COM1: u32 = 4;
     pub const COM2: u32 = 3;
 }
+
+/// Where virtio-mmio devices go: 4 KiB register windows from [`VIRTIO_MMIO_BASE`] up, inside
+/// the 32-bit MMIO hole, and one IOAPIC interrupt line each.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// First interrupt line for virtio devices (3 and 4 are the UARTs').
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Last interrupt line (the IOAPIC has 24 pins).
+pub const VIRTIO_IRQ_LAST: u32 = 23;
+
+/// A virtio-mmio device's place: its register window and interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub len: u64,
+    pub irq: u32,
+}
+
+/// Errors from placing devices.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("no interrupt line left for another virtio device (lines {VIRTIO_IRQ_BASE} to {VIRTIO_IRQ_LAST} are all taken)")]
+    NoIrq,
+}
+
+/// Hands out [`MmioSlot`]s in order: windows one after the other, interrupt lines from
+/// [`VIRTIO_IRQ_BASE`] up, never the UARTs' lines.
+#[derive(Debug, Default)]
+pub struct MmioAllocator {
+    next: u32,
+}
+
+impl MmioAllocator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next free slot.
+    pub fn allocate(&mut self) -> Result<MmioSlot, LayoutError> {
+        let irq = (VIRTIO_IRQ_BASE..=VIRTIO_IRQ_LAST)
+            .filter(|i| *i != irqs::COM1 && *i != irqs::COM2)
+            .nth(self.next as usize)
+            .ok_or(LayoutError::NoIrq)?;
+        let slot = MmioSlot {
+            base: VIRTIO_MMIO_BASE + u64::from(self.next) * VIRTIO_MMIO_SIZE,
+            len: VIRTIO_MMIO_SIZE,
+            irq,
+        };
+        self.next += 1;
+        Ok(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_consecutive_windows_with_their_own_lines_in_the_mmio_hole() {
+        let mut a = MmioAllocator::new();
+        let slots: Vec<MmioSlot> = std::iter::from_fn(|| a.allocate().ok()).collect();
+        assert_eq!(
+            slots.len(),
+            (VIRTIO_IRQ_LAST - VIRTIO_IRQ_BASE + 1) as usize
+        );
+        assert_eq!(
+            slots[0],
+            MmioSlot {
+                base: 0xd000_0000,
+                len: 0x1000,
+                irq: 5
+            }
+        );
+        for (i, s) in slots.iter().enumerate() {
+            assert_eq!(s.base, VIRTIO_MMIO_BASE + i as u64 * 0x1000);
+            assert!(s.base >= MMIO_GAP_START && s.base + s.len <= IOAPIC_START);
+            assert!(![irqs::COM1, irqs::COM2].contains(&s.irq));
+        }
+        let mut irqs: Vec<u32> = slots.iter().map(|s| s.irq).collect();
+        irqs.dedup();
+        assert_eq!(irqs.len(), slots.len());
+        assert!(matches!(a.allocate(), Err(LayoutError::NoIrq)));
+    }
+}

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -17,8 +17,11 @@ use crate::boot::{self, acpi, BootSpec};
 use crate::devices::i8042::I8042;
 use crate::devices::power::{AcpiReset, AcpiSleep};
 use crate::devices::serial::{SerialOutput, SerialPort};
+use crate::devices::virtio::block::{Block, BlockError, Disk};
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::{VirtioDevice, VirtioError};
 use crate::devices::{Bus, BusDevice, ExitRequest, VmExit};
-use crate::layout::{irqs, ports, KVM_TSS_ADDRESS};
+use crate::layout::{irqs, ports, LayoutError, MmioAllocator, MmioSlot, KVM_TSS_ADDRESS};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::{self, Vcpu, VcpuError};
 
@@ -46,6 +49,12 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("device setup: {0}")]
     Device(String),
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    #[error("virtio device setup")]
+    Virtio(#[from] VirtioError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -106,10 +115,45 @@ impl Machine {
             .map_err(|e| VmError::Device(e.to_string()))
     }
 
+    /// Puts `device` behind a virtio-mmio window at `slot`: its interrupt line through an irqfd
+    /// (needs the in-kernel irqchip), each queue's notifications through an ioeventfd on the
+    /// QueueNotify register, and the window on the MMIO bus.
+    pub fn add_virtio_mmio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        slot: MmioSlot,
+    ) -> Result<Arc<Mutex<MmioTransport>>, VmError> {
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Device(format!("eventfd for IRQ {}: {e}", slot.irq)))?;
+        self.fd
+            .register_irqfd(&irqfd, slot.irq)
+            .map_err(kvm("KVM_IRQFD"))?;
+        let transport = MmioTransport::new(device, self.memory.clone(), irqfd)?;
+        let notify = IoEventAddress::Mmio(slot.base + mmio::reg::QUEUE_NOTIFY);
+        for (index, evt) in transport.notify_eventfds().iter().enumerate() {
+            self.fd
+                .register_ioevent(evt, &notify, index as u32)
+                .map_err(kvm("KVM_IOEVENTFD"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), slot.base, slot.len)
+            .map_err(|e| VmError::Device(e.to_string()))?;
+        Ok(transport)
+    }
+
     /// Guest-physical addresses of the pages written since the last call (needs `log_dirty`).
     pub fn dirty_pages(&self) -> Result<Vec<GuestAddress>, VmError> {
         Ok(memory::dirty_pages(&self.fd, &self.memory)?)
     }
+}
+
+/// A disk for the guest: a raw image file behind virtio-blk (`/dev/vda`, `/dev/vdb`, ... in
+/// the order given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
 }
 
 /// Everything needed to boot a Linux guest.
@@ -123,6 +167,8 @@ pub struct VmConfig {
     pub agent: SerialOutput,
     /// Track written pages with KVM's dirty log.
     pub log_dirty: bool,
+    /// Disks, in guest order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A built Linux VM, not yet running.
@@ -131,6 +177,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     console: Arc<Mutex<SerialPort>>,
     agent: Arc<Mutex<SerialPort>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl Vm {
@@ -172,7 +219,18 @@ impl Vm {
             1,
         )?;
 
-        let rsdp = acpi::write_tables(&m.memory, config.vcpus)?;
+        // Disks are opened before anything runs, so a bad one fails the build of the VM.
+        let mut slots = MmioAllocator::new();
+        let mut placed = Vec::new();
+        let mut virtio = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let slot = slots.allocate()?;
+            let device = Block::new(Disk::open(&disk.path, disk.read_only)?, &format!("blk{i}"));
+            virtio.push(m.add_virtio_mmio(Box::new(device), slot)?);
+            placed.push(slot);
+        }
+
+        let rsdp = acpi::write_tables(&m.memory, config.vcpus, &placed)?;
         let entry = boot::load(&m.memory, config.mem_size, &config.boot, rsdp)?;
         regs::write_boot_tables(&m.memory)?;
 
@@ -199,6 +257,7 @@ impl Vm {
             vcpus,
             console,
             agent,
+            virtio,
         })
     }
 
@@ -230,6 +289,7 @@ impl Vm {
             machine: self.machine,
             threads: Vec::new(),
             stop: stop.clone(),
+            virtio: self.virtio,
         };
         for vcpu in self.vcpus {
             match vcpu.spawn(exit.clone(), stop.clone()) {
@@ -249,6 +309,7 @@ pub struct RunningVm {
     machine: Machine,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl RunningVm {
@@ -282,6 +343,10 @@ impl RunningVm {
             }
             let _ = t.join();
         }
+        // With no vCPU left, stop the device threads (a reset joins them).
+        for t in self.virtio.drain(..) {
+            crate::devices::bus::lock(&t).reset();
+        }
         self.machine
             .exit
             .get()
@@ -291,7 +356,7 @@ impl RunningVm {
 
 impl Drop for RunningVm {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.threads.is_empty() || !self.virtio.is_empty() {
             self.stop(VmExit::Stopped);
         }
     }

@@ -3,13 +3,15 @@
 //! Debian's kernel finds the CPUs through the MADT, the UARTs through the DSDT (without them,
 //! user-space console output is lost on a hardware-reduced machine), powers off through the FADT's
 //! sleep control register with the `_S5` sleep type, and restarts through its reset register.
+//! Virtio-mmio devices are DSDT devices too (`_HID "LNRO0005"`, window and interrupt in `_CRS`):
+//! Debian's kernel ignores `virtio_mmio.device=` on the command line.
 
 use acpi_tables::{aml, Aml};
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::devices::power::{RESET_VALUE, S5_SLEEP_TYPE};
-use crate::layout::{irqs, ports, ACPI_START, APIC_START, HIMEM_START, IOAPIC_START};
+use crate::layout::{irqs, ports, MmioSlot, ACPI_START, APIC_START, HIMEM_START, IOAPIC_START};
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"FERRY ";
@@ -45,7 +47,10 @@ const UARTS: [Uart; 2] = [
     },
 ];
 
-fn dsdt() -> Sdt {
+/// The `_HID` Linux's virtio_mmio driver matches in ACPI.
+pub const VIRTIO_MMIO_HID: &str = "LNRO0005";
+
+fn dsdt(virtio: &[MmioSlot]) -> Sdt {
     let mut body: Vec<u8> = Vec::new();
     // \_S5: the sleep type value the guest writes to the sleep control register to power off.
     let s5_type = S5_SLEEP_TYPE;
@@ -72,7 +77,33 @@ fn dsdt() -> Sdt {
         .zip(&objects)
         .map(|(u, [hid, uid, crs])| aml::Device::new(u.name.into(), vec![hid, uid, crs]))
         .collect();
-    let devices: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
+    // Virtio-mmio devices: VR00, VR01, ...
+    let virtio_objects: Vec<[aml::Name; 3]> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            // The window is in the 32-bit hole (MmioAllocator keeps it there).
+            let mem = aml::Memory32Fixed::new(true, slot.base as u32, slot.len as u32);
+            let irq = aml::Interrupt::new(true, true, false, false, slot.irq);
+            [
+                aml::Name::new("_HID".into(), &VIRTIO_MMIO_HID),
+                aml::Name::new("_UID".into(), &(i as u32)),
+                aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&mem, &irq])),
+            ]
+        })
+        .collect();
+    let virtio_devices: Vec<aml::Device> = virtio_objects
+        .iter()
+        .enumerate()
+        .map(|(i, [hid, uid, crs])| {
+            aml::Device::new(format!("VR{i:02X}").as_str().into(), vec![hid, uid, crs])
+        })
+        .collect();
+    let devices: Vec<&dyn Aml> = devices
+        .iter()
+        .chain(&virtio_devices)
+        .map(|d| d as &dyn Aml)
+        .collect();
     aml::Scope::new("\\_SB_".into(), devices).to_aml_bytes(&mut body);
 
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -156,8 +187,13 @@ fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
 }
 
-/// Writes all tables at [`ACPI_START`] and returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
+/// Writes all tables at [`ACPI_START`] and returns the RSDP's address. `virtio` lists the
+/// virtio-mmio devices to describe.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    virtio: &[MmioSlot],
+) -> Result<GuestAddress, AcpiError> {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + 36);
@@ -170,7 +206,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
         }
         Ok(at)
     };
-    let dsdt_addr = place(&dsdt())?;
+    let dsdt_addr = place(&dsdt(virtio))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(vcpus))?;
     let xsdt_addr = place(&xsdt(&[fadt_addr, madt_addr]))?;
@@ -198,7 +234,19 @@ mod tests {
     #[test]
     fn tables_chain_from_rsdp_and_checksums_hold() {
         let mem = crate::memory::create(16 << 20).unwrap();
-        let rsdp = write_tables(&mem, 3).unwrap();
+        let virtio = [
+            MmioSlot {
+                base: 0xd000_0000,
+                len: 0x1000,
+                irq: 5,
+            },
+            MmioSlot {
+                base: 0xd000_1000,
+                len: 0x1000,
+                irq: 6,
+            },
+        ];
+        let rsdp = write_tables(&mem, 3, &virtio).unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, rsdp).unwrap();
         assert_eq!(&r[0..8], b"RSD PTR ");
@@ -232,5 +280,18 @@ mod tests {
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(find(b"_S5_"));
         assert!(find(b"COM1") && find(b"COM2"));
+        // Each virtio device with its HID, window (Memory32Fixed: 0x86, 9 bytes) and edge
+        // interrupt (extended interrupt descriptor 0x89, consumer + edge = flags 0x03).
+        assert!(find(b"VR00") && find(b"VR01") && !find(b"VR02"));
+        assert!(find(b"LNRO0005\0"));
+        for (base, irq) in [(0xd000_0000u32, 5u32), (0xd000_1000, 6)] {
+            let mut mem32 = vec![0x86, 9, 0, 1];
+            mem32.extend_from_slice(&base.to_le_bytes());
+            mem32.extend_from_slice(&0x1000u32.to_le_bytes());
+            assert!(find(&mem32), "window {base:#x}");
+            let mut int = vec![0x89, 6, 0, 0x03, 1];
+            int.extend_from_slice(&irq.to_le_bytes());
+            assert!(find(&int), "irq {irq}");
+        }
     }
 }
