@@ -245,18 +245,38 @@ pub fn ensure(
     let parent = cache.join("rootfs");
     let dir = parent.join(&key);
     let path = dir.join(IMAGE_FILE);
-    if !force && dir.join(MANIFEST_FILE).is_file() {
-        if let Ok(meta) = std::fs::metadata(&path) {
+    let cached = |dir: &Path| {
+        let meta = std::fs::metadata(dir.join(IMAGE_FILE)).ok()?;
+        dir.join(MANIFEST_FILE).is_file().then_some(meta.len())
+    };
+    if let Some(size_bytes) = cached(&dir).filter(|_| !force) {
+        return Ok(RootImage {
+            path,
+            key,
+            packages,
+            size_bytes,
+        });
+    }
+    if !crate::sys::is_root() {
+        return Err(RootfsError::NotRoot);
+    }
+    // One build at a time; whoever waited finds the other's image (unless forcing).
+    std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+    let lock_path = parent.join(".lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    if !crate::sys::flock(&lock, libc::LOCK_EX | libc::LOCK_NB).map_err(io_err(&lock_path))? {
+        progress(format_args!(
+            "waiting for another ferry building a root disk"
+        ));
+        crate::sys::flock(&lock, libc::LOCK_EX).map_err(io_err(&lock_path))?;
+        if let Some(size_bytes) = cached(&dir).filter(|_| !force) {
             return Ok(RootImage {
                 path,
                 key,
                 packages,
-                size_bytes: meta.len(),
+                size_bytes,
             });
         }
-    }
-    if !crate::sys::is_root() {
-        return Err(RootfsError::NotRoot);
     }
     ensure_tools()?;
     let started = Instant::now();
@@ -414,9 +434,12 @@ fn debootstrap(tree: &Path, debs: &Path, packages: &[String]) -> Result<(), Root
             continue;
         }
         // "I: Retrieving libc6 2.36-9" -> "Retrieving"; warnings and errors are shown as is.
+        // Stage headers ("I: Unpacking the base system...") are shown whole.
         let this_stage = match line.strip_prefix("I: ") {
-            Some(info) => info.split_whitespace().next().unwrap_or("").to_string(),
-            None => line.clone(),
+            Some(info) if !info.ends_with("...") => {
+                info.split_whitespace().next().unwrap_or("").to_string()
+            }
+            _ => line.clone(),
         };
         if seen.insert(this_stage) {
             let what = line.strip_prefix("I: ").unwrap_or(&line);
