@@ -19,12 +19,22 @@ use std::time::SystemTime;
 use crate::cpio::CpioWriter;
 use crate::debian::{self, DebianError};
 use crate::kernel::KernelPackage;
+use crate::kmod::ModuleIndex;
 
 /// Bump when the image layout or build changes in a way the other key inputs do not capture.
-pub const IMAGE_FORMAT: u32 = 2;
+pub const IMAGE_FORMAT: u32 = 3;
 
 /// The Debian package the guest's userland comes from.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+
+/// Kernel modules the guest loads at boot (with their dependencies, resolved from the kernel
+/// package): Debian builds every virtio driver as a module. Their files are the ones the
+/// initramfs carries for the root disk ([`crate::rootfs::INITRAMFS_MODULES`], a superset), in
+/// [`crate::rootfs::INITRAMFS_MODULE_DIR`].
+pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk"];
+
+/// The file listing the module files `rcS` loads, in load order.
+const MODULE_LIST: &str = "etc/ferry-modules";
 
 /// The kernel command line the image is made for: the console is the first serial port.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0";
@@ -142,7 +152,9 @@ pub fn ensure(cache: &Path, force_rebuild: bool) -> Result<GuestImage, ImageErro
         busybox.version,
         agent.len()
     ));
-    let mut initrd = build_initrd(&busybox.root, &agent)?;
+    let modules = ModuleIndex::open(&kernel.modules)?.resolve(GUEST_MODULES)?;
+    let module_files: Vec<String> = modules.iter().map(|m| m.file_name()).collect();
+    let mut initrd = build_initrd(&busybox.root, &agent, &module_files)?;
     // A second archive (the kernel unpacks concatenated ones): what /init needs for ferry.root=.
     initrd.extend(crate::rootfs::initramfs_modules(&kernel.modules)?);
     let manifest = manifest(&inputs, &key);
@@ -299,6 +311,9 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
 hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
+for ko in $(cat /etc/ferry-modules); do
+    [ -d /sys/module/${ko%.ko} ] || insmod /lib/modules/root/$ko || echo \"ferry: insmod $ko failed\" > /dev/console
+done
 ";
 
 /// The kernel runs /init (a GuestFile). Without ferry.root= it is busybox init, as before.
@@ -412,9 +427,15 @@ const GUEST_DIRS: &[(&str, u32)] = &[
     ("mnt", 0o755),
 ];
 
-/// The initramfs: busybox, the agent, the configuration, and the device nodes the kernel
-/// needs before devtmpfs is mounted (it opens /dev/console for init).
-pub fn build_initrd(busybox_root: &Path, agent: &[u8]) -> Result<Vec<u8>, ImageError> {
+/// The initramfs: busybox, the agent, the configuration, the list of kernel module files `rcS`
+/// loads (`modules`, in load order; the files themselves come with the root disk's modules),
+/// and the device nodes the kernel needs before devtmpfs is mounted (it opens /dev/console for
+/// init).
+pub fn build_initrd(
+    busybox_root: &Path,
+    agent: &[u8],
+    modules: &[String],
+) -> Result<Vec<u8>, ImageError> {
     let mut cpio = CpioWriter::new();
     for (dir, mode) in GUEST_DIRS {
         cpio.dir(dir, *mode);
@@ -429,6 +450,8 @@ pub fn build_initrd(busybox_root: &Path, agent: &[u8]) -> Result<Vec<u8>, ImageE
     for f in GUEST_FILES {
         cpio.file(f.path, f.mode, f.contents.as_bytes());
     }
+    let list: String = modules.iter().map(|m| format!("{m}\n")).collect();
+    cpio.file(MODULE_LIST, 0o644, list.as_bytes());
     Ok(cpio.finish())
 }
 
@@ -738,6 +761,16 @@ mod tests {
     }
 
     #[test]
+    fn guest_modules_are_among_the_initramfs_modules_and_loaded_by_rcs() {
+        for m in GUEST_MODULES {
+            assert!(crate::rootfs::INITRAMFS_MODULES.contains(m), "{m}");
+        }
+        assert!(RCS.contains("$(cat /etc/ferry-modules)"));
+        assert!(RCS.contains(&format!("/{}/$ko", crate::rootfs::INITRAMFS_MODULE_DIR)));
+        assert_eq!(MODULE_LIST, "etc/ferry-modules");
+    }
+
+    #[test]
     fn guest_files_set_up_init_agent_shell_and_path() {
         assert!(INITTAB.contains("::sysinit:/etc/init.d/rcS"));
         assert!(INITTAB.contains("::respawn:/sbin/ferry-agent --serial /dev/ttyS1"));
@@ -835,6 +868,18 @@ mod tests {
         assert_eq!(agent, &std::fs::read(static_agent().unwrap()).unwrap());
         assert_eq!(find("etc/inittab").2, INITTAB.as_bytes());
         assert_eq!(find("etc/init.d/rcS").1 & 0o777, 0o755);
+        // The virtio modules, dependencies first, as plain ELF objects.
+        let list = String::from_utf8(find(MODULE_LIST).2.clone()).unwrap();
+        let order: Vec<&str> = list.lines().collect();
+        let pos = |m: &str| order.iter().position(|f| *f == m).unwrap_or_else(|| panic!("{m} in {order:?}"));
+        assert!(pos("virtio.ko") < pos("virtio_mmio.ko"));
+        assert!(pos("virtio_ring.ko") < pos("virtio_blk.ko"));
+        // The files are in the second archive (the root disk's modules), where rcS looks.
+        for f in &order {
+            let path = format!("{}/{f}\0", crate::rootfs::INITRAMFS_MODULE_DIR);
+            let path = path.as_bytes();
+            assert!(bytes.windows(path.len()).any(|w| w == path), "{f}");
+        }
         find("dev/console");
         // Every entry's parent directory comes before it.
         let mut seen = BTreeSet::from([String::new()]);
