@@ -363,6 +363,33 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
             true,
         ),
     };
+    // The host's files are read-only in the nested host: a writable disk is reached through
+    // the writable share, linked into it for this run.
+    let mut shared = Vec::new();
+    let mut disk_args = Vec::new();
+    for d in &args.disks {
+        let path = if d.read_only {
+            d.path.clone()
+        } else {
+            match host.share_writable(&d.path) {
+                Ok(s) => {
+                    let p = s.path().to_path_buf();
+                    shared.push(s);
+                    p
+                }
+                Err(e) => {
+                    if one_shot {
+                        let _ = host.stop_if_unused();
+                    }
+                    bail!(UsageError(format!("--disk {}: {e}", d.path.display())));
+                }
+            }
+        };
+        let mode = if d.read_only { "ro" } else { "rw" };
+        disk_args.extend(["--disk".to_string(), format!("{},{mode}", path.display())]);
+    }
+    let at = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+    argv.splice(at..at, disk_args);
     // The guest console is interactive through the nested host too: keystrokes go through raw.
     let raw = if args.command.is_empty() {
         ferry::terminal::RawMode::enable(&std::io::stdin())?
@@ -383,6 +410,7 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
     });
     let result = host.exec(&argv, &cwd, &env, true);
     drop(raw);
+    drop(shared);
     if one_shot {
         // Another ferry may have found this host meanwhile: it stays up until that one is done.
         if let Err(e) = host.stop_if_unused() {

@@ -434,6 +434,153 @@ fn no_access_to_dev_kvm_exits_2(s: &Suite) -> CaseResult {
     )
 }
 
+/// A scratch directory for disk images, removed with the suite's other files.
+fn scratch(s: &Suite, name: &str) -> PathBuf {
+    s.public_kernel
+        .parent()
+        .expect("the suite's files live in a directory")
+        .join(name)
+}
+
+/// A disk image of `size` bytes whose byte at offset i is (i * 7 + 13) % 251.
+fn pattern_disk(path: &Path, size: usize) -> Result<Vec<u8>, String> {
+    let bytes: Vec<u8> = (0..size).map(|i| ((i * 7 + 13) % 251) as u8).collect();
+    std::fs::write(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(bytes)
+}
+
+/// The md5 of `bytes`, as `md5sum` prints it (the host's coreutils).
+fn md5(bytes: &[u8]) -> Result<String, String> {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("md5sum: {e}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(bytes)
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn read_only_disk_shows_its_size_and_contents(s: &Suite) -> CaseResult {
+    let path = scratch(s, "ro.img");
+    let bytes = pattern_disk(&path, 16 << 20)?;
+    let want = md5(&bytes[..4096])?;
+    let disk = format!("{},ro", path.display());
+    let out = ferry(
+        &[
+            "run",
+            "--disk",
+            &disk,
+            "--",
+            "sh",
+            "-c",
+            "cat /sys/block/vda/size; dd if=/dev/vda bs=4096 count=1 2>/dev/null | md5sum; \
+             cat /sys/block/vda/ro; \
+             if dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; \
+             then echo WRITE-OK; else echo WRITE-REFUSED; fi",
+        ],
+        b"",
+        BOOT_LIMIT,
+    )?;
+    let _ = std::fs::remove_file(&path);
+    check(out.code() == 0, "exits 0", &out)?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    check(
+        lines.first() == Some(&"32768"),
+        "/sys/block/vda/size is 32768 sectors (16 MiB)",
+        &out,
+    )?;
+    check(
+        lines.get(1).is_some_and(|l| l.starts_with(&want)),
+        &format!("the first 4 KiB read in the guest have the host file's md5 {want}"),
+        &out,
+    )?;
+    check(
+        lines.get(2) == Some(&"1"),
+        "the kernel sees a read-only disk",
+        &out,
+    )?;
+    check(
+        lines.get(3) == Some(&"WRITE-REFUSED"),
+        "a write to the read-only disk fails",
+        &out,
+    )
+}
+
+fn writable_disk_keeps_what_the_guest_wrote(s: &Suite) -> CaseResult {
+    let path = scratch(s, "rw.img");
+    let bytes = pattern_disk(&path, 8 << 20)?;
+    let out = ferry(
+        &[
+            "run",
+            "--disk",
+            path.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "printf FERRY-DISK-MARK | dd of=/dev/vda bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null",
+        ],
+        b"",
+        BOOT_LIMIT,
+    )?;
+    let after = std::fs::read(&path).map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(&path);
+    check(out.code() == 0, "exits 0", &out)?;
+    let after = after?;
+    let at = 2048 * 512;
+    check(
+        after.get(at..at + 15) == Some(&b"FERRY-DISK-MARK"[..]),
+        "the host file holds what the guest wrote at sector 2048",
+        &out,
+    )?;
+    check(
+        after.len() == bytes.len()
+            && after[..at] == bytes[..at]
+            && after[at + 15..] == bytes[at + 15..],
+        "and nothing else changed",
+        &out,
+    )
+}
+
+fn bad_disks_exit_2_before_anything_starts(s: &Suite) -> CaseResult {
+    let dir = scratch(s, "");
+    let dir = dir.to_str().unwrap();
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["run", "--disk", "/no/such/disk.img", "--", "true"],
+            "--disk /no/such/disk.img",
+        ),
+        (&["run", "--disk", dir, "--", "true"], "not a regular file"),
+    ];
+    for (args, message) in cases {
+        let out = ferry(args, b"", QUICK_LIMIT)?;
+        check(
+            out.code() == 2,
+            &format!("`ferry {}` exits 2", args.join(" ")),
+            &out,
+        )?;
+        check(
+            out.stderr.contains(message) && !out.stderr.contains("VM started"),
+            &format!(
+                "`ferry {}` says `{message}` and starts nothing",
+                args.join(" ")
+            ),
+            &out,
+        )?;
+    }
+    Ok(())
+}
+
 type Case = (&'static str, fn(&Suite) -> CaseResult);
 
 const CASES: &[Case] = &[
@@ -464,6 +611,18 @@ const CASES: &[Case] = &[
     (
         "sigterm_stops_the_guest_and_leaves_nothing_running",
         sigterm_stops_the_guest_and_leaves_nothing_running,
+    ),
+    (
+        "bad_disks_exit_2_before_anything_starts",
+        bad_disks_exit_2_before_anything_starts,
+    ),
+    (
+        "read_only_disk_shows_its_size_and_contents",
+        read_only_disk_shows_its_size_and_contents,
+    ),
+    (
+        "writable_disk_keeps_what_the_guest_wrote",
+        writable_disk_keeps_what_the_guest_wrote,
     ),
 ];
 

@@ -12,7 +12,7 @@ use crate::kernel::KernelPackage;
 use crate::kmod::ModuleIndex;
 
 /// Bump when the layout or the init script changes, so old cached images are not reused.
-const FORMAT: u32 = 4;
+const FORMAT: u32 = 5;
 
 /// The TCP port the agent listens on inside the outer machine.
 pub const AGENT_PORT: u16 = 7377;
@@ -178,7 +178,9 @@ pub fn ensure(cache: &Path, inputs: &Inputs<'_>) -> Result<PathBuf, NestedError>
 /// The outer machine's `/init`. `modules` are file names under `/lib/modules`, in load order.
 ///
 /// Kernel command line parameters it reads: `ferry.keep=<dir>` (a host directory under `/tmp` or
-/// `/run` that must stay visible in the chroot should those get a plain tmpfs; repeatable).
+/// `/run` that must stay visible in the chroot should those get a plain tmpfs; repeatable) and
+/// `ferry.rw=<dir>` (the host directory QEMU shares writable as `ferryrw`: mounted read-write at
+/// the same path in the chroot, so files there are written through to the host).
 pub fn init_script(modules: &[&str]) -> String {
     let mut s = String::from(
         r#"#!/bin/busybox sh
@@ -233,6 +235,15 @@ for d in tmp run; do
     fi
 done
 
+# The writable share, at its host path, over whatever the read-only root or /tmp show there.
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in ferry.rw=/*)
+        d=${arg#ferry.rw=}
+        mkdir -p "$H$d" 2>/dev/null
+        mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 ferryrw "$H$d" || say "cannot mount the writable share at $d" ;;
+    esac
+done
+
 ip link set lo up
 n=0
 while ! ip link set eth0 up 2>/dev/null; do
@@ -269,6 +280,8 @@ mod tests {
         // The host's tmpfs mounts come after the 9p mount and never cover the cache dir.
         assert!(s.find("hostroot").unwrap() < s.find("overlay $H/$d").unwrap());
         assert!(!s.contains(".cache"));
+        // The writable share is mounted after the overlays, so they do not hide it.
+        assert!(s.find("overlay $H/$d").unwrap() < s.find("ferryrw \"$H$d\"").unwrap());
     }
 
     #[test]

@@ -70,6 +70,44 @@ pub enum NestedError {
     },
     #[error("`{command}` in the nested host did not finish within {limit:?}; it was killed")]
     Timeout { command: String, limit: Duration },
+    #[error(
+        "the running nested host has no writable share (it was started by an older ferry); \
+         restart it with `ferry host stop` and `ferry host start`"
+    )]
+    NoWritableShare,
+    #[error(
+        "cannot make {file} writable inside the nested host: linking it into {share} failed; \
+         put the disk on the same file system as {share} (or in it), or attach it read-only (,ro)"
+    )]
+    Share {
+        file: PathBuf,
+        share: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A host file made writable inside the nested host ([`NestedHost::share_writable`]); the link
+/// into the share is removed when this is dropped.
+#[derive(Debug)]
+pub struct SharedFile {
+    path: PathBuf,
+    link: Option<PathBuf>,
+}
+
+impl SharedFile {
+    /// The path to use inside the nested host (the same on the host).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SharedFile {
+    fn drop(&mut self) {
+        if let Some(l) = &self.link {
+            let _ = std::fs::remove_file(l);
+        }
+    }
 }
 
 /// How the outer machine is sized.
@@ -117,6 +155,16 @@ pub struct NestedHost {
 /// `<cache>/nested/host`: state file, console log, lock.
 pub fn state_dir() -> PathBuf {
     debian::cache_dir().join("nested").join("host")
+}
+
+/// `<cache>/nested/rw`: the host directory the outer machine mounts writable at the same path.
+/// Files a command in the nested host must write on the host (writable disks) live here.
+pub fn rw_share_dir() -> PathBuf {
+    rw_share_in(&debian::cache_dir())
+}
+
+fn rw_share_in(cache: &Path) -> PathBuf {
+    cache.join("nested").join("rw")
 }
 
 fn state_file() -> PathBuf {
@@ -210,6 +258,10 @@ impl Boot<'_> {
         let monitor = dir.join("monitor.sock");
         let _ = std::fs::remove_file(&monitor);
         let port = free_port().map_err(failed)?;
+        let rw_share = rw_share_dir();
+        std::fs::create_dir_all(&rw_share)
+            .map_err(io_err(format!("create {}", rw_share.display())))
+            .map_err(failed)?;
         let args = qemu::command_line(&qemu::BootSpec {
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
@@ -220,6 +272,7 @@ impl Boot<'_> {
             guest_port: initramfs::AGENT_PORT,
             console_log: &console_log,
             monitor: &monitor,
+            rw_share: Some(&rw_share),
         });
         // Start from an empty console log, so a failure shows this boot's lines.
         File::create(&console_log)
@@ -262,6 +315,7 @@ impl Boot<'_> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             console_log,
+            rw_share: Some(rw_share.clone()),
         };
         let mut host = NestedHost {
             state,
@@ -637,6 +691,46 @@ impl NestedHost {
     }
 
     /// One line for the user: `QEMU pid 123, agent on 127.0.0.1:40000, up 85 s, console: <path>`.
+    /// Makes the host file `path` writable from commands in this host: a file under the
+    /// writable share is used as it is; any other is hard-linked into the share (same inode, so
+    /// the guest's writes land in `path`) for as long as the returned guard lives. A file on
+    /// another file system than the share cannot be linked: the error says where to put it.
+    pub fn share_writable(&self, path: &Path) -> Result<SharedFile, NestedError> {
+        let Some(share) = &self.state.rw_share else {
+            return Err(NestedError::NoWritableShare);
+        };
+        if path.starts_with(share) {
+            return Ok(SharedFile {
+                path: path.to_path_buf(),
+                link: None,
+            });
+        }
+        let dir = share.join("links");
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let link = (0..1000)
+            .map(|n| dir.join(format!("{}-{n}-{name}", std::process::id())))
+            .find(|l| !l.exists())
+            .ok_or_else(|| NestedError::Io {
+                what: format!("find a free name in {}", dir.display()),
+                source: std::io::ErrorKind::AlreadyExists.into(),
+            })?;
+        match std::fs::hard_link(path, &link) {
+            Ok(()) => Ok(SharedFile {
+                path: link.clone(),
+                link: Some(link),
+            }),
+            Err(source) => Err(NestedError::Share {
+                file: path.to_path_buf(),
+                share: share.clone(),
+                source,
+            }),
+        }
+    }
+
     pub fn describe(&self) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -682,10 +776,13 @@ fn agent_binary() -> Result<PathBuf, NestedError> {
 /// if it lies under /tmp or /run (which get their own writable layer in the chroot).
 fn kernel_cmdline(cache: &Path) -> String {
     let mut s = String::from("console=ttyS0 panic=-1 mitigations=off");
-    let cache = cache.to_string_lossy();
+    let rw = rw_share_in(cache);
+    let (cache, rw) = (cache.to_string_lossy(), rw.to_string_lossy());
     if !cache.contains(char::is_whitespace) {
         s.push_str(" ferry.keep=");
         s.push_str(&cache);
+        s.push_str(" ferry.rw=");
+        s.push_str(&rw);
     }
     s
 }
@@ -832,6 +929,7 @@ mod tests {
         let c = kernel_cmdline(Path::new("/tmp/ferry-cache"));
         assert!(c.contains("console=ttyS0"));
         assert!(c.contains("ferry.keep=/tmp/ferry-cache"));
+        assert!(c.contains("ferry.rw=/tmp/ferry-cache/nested/rw"));
         assert!(!kernel_cmdline(Path::new("/tmp/a b")).contains("ferry.keep"));
     }
 

@@ -217,7 +217,12 @@ pub struct BootSpec<'a> {
     pub console_log: &'a Path,
     /// A Unix socket for QEMU's human monitor (`info registers` when a boot hangs).
     pub monitor: &'a Path,
+    /// A host directory shared writable (virtio-9p tag [`RW_SHARE_TAG`]).
+    pub rw_share: Option<&'a Path>,
 }
+
+/// The 9p mount tag of the writable share.
+pub const RW_SHARE_TAG: &str = "ferryrw";
 
 /// The arguments for [`QEMU`] (without the program name).
 pub fn command_line(spec: &BootSpec<'_>) -> Vec<OsString> {
@@ -277,6 +282,14 @@ pub fn command_line(spec: &BootSpec<'_>) -> Vec<OsString> {
         "-monitor".into(),
         monitor,
     ]);
+    if let Some(dir) = spec.rw_share {
+        let mut share = OsString::from("local,path=");
+        share.push(qemu_escape(dir.as_os_str()));
+        share.push(format!(
+            ",mount_tag={RW_SHARE_TAG},security_model=none,multidevs=remap"
+        ));
+        args.extend(["-virtfs".into(), share]);
+    }
     args
 }
 
@@ -345,6 +358,7 @@ mod tests {
             guest_port: 7377,
             console_log: Path::new("/s/a,b.log"),
             monitor: Path::new("/s/monitor.sock"),
+            rw_share: Some(Path::new("/c/nested/rw")),
         };
         let args: Vec<String> = command_line(&spec)
             .into_iter()
@@ -363,5 +377,11 @@ mod tests {
         assert!(joined.contains("hostfwd=tcp:127.0.0.1:40000-:7377"));
         assert!(joined.contains("-no-reboot"));
         assert!(joined.contains("-monitor unix:/s/monitor.sock,server=on,wait=off"));
+        // The writable share: the one virtfs without readonly=on.
+        let rw = args
+            .iter()
+            .find(|a| a.contains("mount_tag=ferryrw"))
+            .expect("writable share");
+        assert!(rw.starts_with("local,path=/c/nested/rw,") && !rw.contains("readonly"));
     }
 }

@@ -16,17 +16,24 @@ pub struct HostState {
     pub started_at: u64,
     /// The outer machine's serial console log.
     pub console_log: PathBuf,
+    /// The host directory shared writable with the outer machine, mounted there at the same
+    /// path (none for hosts started by an older ferry).
+    pub rw_share: Option<PathBuf>,
 }
 
 impl HostState {
     pub fn to_text(&self) -> String {
-        format!(
+        let mut s = format!(
             "pid={}\nport={}\nstarted_at={}\nconsole_log={}\n",
             self.pid,
             self.port,
             self.started_at,
             self.console_log.display()
-        )
+        );
+        if let Some(rw) = &self.rw_share {
+            s.push_str(&format!("rw_share={}\n", rw.display()));
+        }
+        s
     }
 
     /// Parses [`HostState::to_text`]'s output; `None` if a field is missing or malformed.
@@ -41,6 +48,9 @@ impl HostState {
             port: field("port")?.parse().ok().filter(|p| *p > 0)?,
             started_at: field("started_at")?.parse().ok()?,
             console_log: PathBuf::from(field("console_log").filter(|s| !s.is_empty())?),
+            rw_share: field("rw_share")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
         })
     }
 
@@ -95,8 +105,15 @@ mod tests {
             port: 40123,
             started_at: 1_700_000_000,
             console_log: PathBuf::from("/c/nested/host/console.log"),
+            rw_share: Some(PathBuf::from("/c/nested/rw")),
         };
-        assert_eq!(HostState::parse(&s.to_text()), Some(s));
+        assert_eq!(HostState::parse(&s.to_text()), Some(s.clone()));
+        // A state file from before the writable share still parses.
+        let old = HostState {
+            rw_share: None,
+            ..s
+        };
+        assert_eq!(HostState::parse(&old.to_text()), Some(old));
     }
 
     #[test]
