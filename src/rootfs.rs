@@ -74,15 +74,20 @@ pub const LABEL: &str = "ferry-root";
 /// Free space the image has beyond its contents, for the user's writes.
 pub const HEADROOM: u64 = 512 << 20;
 
-/// Kernel modules the initramfs loads before mounting the root disk (their dependencies come
-/// along): the virtio transports, the block driver, ext4 and the crc32c it checksums with
-/// (requested by name at mount time, which an initramfs without modprobe cannot resolve).
+/// Kernel modules the initramfs carries, and loads before switching to the root disk (their
+/// dependencies come along): the virtio transports, the block driver, ext4 and the crc32c it
+/// checksums with (requested by name at mount time, which an initramfs without modprobe cannot
+/// resolve), and the drivers the guest needs once on the disk, which has no modules of its
+/// own: vsock for the agent, virtio-net. Files are named `<canonical name>.ko`.
 pub const INITRAMFS_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_pci",
     "virtio_blk",
+    "vmw_vsock_virtio_transport",
     "crc32c_generic",
     "ext4",
+    "vmw_vsock_virtio_transport",
+    "virtio_net",
 ];
 
 /// Where [`initramfs_modules`] puts the modules in the initramfs, with an `order` file listing
@@ -550,7 +555,7 @@ exec /bin/busybox init
 /// busybox init's configuration on the disk.
 pub const INITTAB: &str = "\
 # ferry root disk: busybox init(8), PID 1 after /sbin/ferry-init.
-::respawn:/usr/sbin/ferry-agent --serial /dev/ttyS1
+::respawn:/usr/sbin/ferry-agent --serial /dev/ttyS1 --vsock 1024
 ::respawn:/usr/lib/ferry/sshd
 ::respawn:/sbin/agetty --autologin root --noclear --noissue ttyS0 115200 linux
 ::ctrlaltdel:/sbin/reboot
