@@ -19,11 +19,7 @@ const LIMIT: Duration = Duration::from_secs(240);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs: usize = args
-        .iter()
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5)
-        .max(1);
+    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5).max(1);
     if let Some(i) = args.iter().position(|a| a == "--inner") {
         let kernel = PathBuf::from(&args[i + 1]);
         let vmlinux = PathBuf::from(&args[i + 2]);
@@ -65,8 +61,14 @@ fn outer(runs: usize) {
         ),
     };
     let env = vec![
-        ("PATH".to_string(), "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_string()),
-        ("HOME".to_string(), std::env::var("HOME").unwrap_or_else(|_| "/root".into())),
+        (
+            "PATH".to_string(),
+            "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_string(),
+        ),
+        (
+            "HOME".to_string(),
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+        ),
     ];
     let code = host.exec(&inner_args, Path::new("/"), &env, false);
     if started {
@@ -174,7 +176,13 @@ fn boot_qemu(kernel: &Path, initrd: &Path, cmdline: &str) -> Sample {
         .args(["-M", "microvm,isa-serial=on,rtc=off,acpi=off"])
         .args(["-enable-kvm", "-cpu", "host"])
         .args(["-smp", &VCPUS.to_string(), "-m", &format!("{MEM_MIB}M")])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .args(["-serial", "null"])
         .args(["-chardev", "stdio,id=agent", "-device"])
         .arg("isa-serial,chardev=agent,iobase=0x2f8,irq=3")
@@ -220,7 +228,10 @@ fn boot_qemu(kernel: &Path, initrd: &Path, cmdline: &str) -> Sample {
     let _ = child.kill();
     let _ = child.wait();
     if ready.is_err() {
-        panic!("QEMU's guest agent not ready within {LIMIT:?} ({})", kernel.display());
+        panic!(
+            "QEMU's guest agent not ready within {LIMIT:?} ({})",
+            kernel.display()
+        );
     }
     Sample {
         ready_ms,

@@ -83,7 +83,7 @@ impl CpioWriter {
     }
 
     fn pad4(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
@@ -92,7 +92,7 @@ impl CpioWriter {
     pub fn finish(mut self) -> Vec<u8> {
         self.header("TRAILER!!!", 0, 0, 0, (0, 0));
         // The kernel accepts any padding; round up to 512 bytes like cpio(1) does.
-        while self.out.len() % 512 != 0 {
+        while !self.out.len().is_multiple_of(512) {
             self.out.push(0);
         }
         self.out

@@ -10,14 +10,18 @@ use std::process::Command;
 /// Errors from resolving, downloading or unpacking a Debian package.
 #[derive(Debug, thiserror::Error)]
 pub enum DebianError {
-    #[error("`{command}` could not be started: {source} (ferry needs Debian's apt and dpkg tools)")]
+    #[error(
+        "`{command}` could not be started: {source} (ferry needs Debian's apt and dpkg tools)"
+    )]
     Spawn {
         command: String,
         source: std::io::Error,
     },
     #[error("`{command}` failed: {stderr}")]
     CommandFailed { command: String, stderr: String },
-    #[error("Debian package `{0}` has no installable version; check the name, or run `apt-get update`")]
+    #[error(
+        "Debian package `{0}` has no installable version; check the name, or run `apt-get update`"
+    )]
     NoCandidate(String),
     #[error("`{package}` depends on no `{prefix}*` package; cannot tell which one to use")]
     NoDependency { package: String, prefix: String },
@@ -90,7 +94,13 @@ fn apt_cache(args: &[&str]) -> Result<String, DebianError> {
         let name: String = args
             .join("_")
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         (cache_dir().join("apt-memo").join(name), fp)
     });
@@ -104,7 +114,10 @@ fn apt_cache(args: &[&str]) -> Result<String, DebianError> {
     let out = run(Command::new("apt-cache").args(args))?;
     if let Some((path, fp)) = &memo {
         // Best effort: a read-only cache (inside the nested host) just means asking again.
-        if path.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) {
+        if path
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+        {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
             if std::fs::write(&tmp, format!("{fp}\n{out}")).is_ok() {
                 let _ = std::fs::rename(&tmp, path);
@@ -152,9 +165,11 @@ pub fn fetch(name: &str, cache: &Path) -> Result<Package, DebianError> {
         let dl = base.join(format!(".download-{name}"));
         let _ = std::fs::remove_dir_all(&dl);
         std::fs::create_dir_all(&dl).map_err(cache_err(&dl))?;
-        run(Command::new("apt-get")
-            .current_dir(&dl)
-            .args(["download", "-q", &format!("{name}={version}")]))?;
+        run(Command::new("apt-get").current_dir(&dl).args([
+            "download",
+            "-q",
+            &format!("{name}={version}"),
+        ]))?;
         let deb = std::fs::read_dir(&dl)
             .map_err(cache_err(&dl))?
             .filter_map(|e| e.ok())
@@ -179,8 +194,12 @@ pub fn fetch(name: &str, cache: &Path) -> Result<Package, DebianError> {
 pub fn install(packages: &[&str], target_release: Option<&str>) -> Result<(), DebianError> {
     eprintln!("ferry: installing {} with apt-get", packages.join(" "));
     let mut cmd = Command::new("apt-get");
-    cmd.env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"]);
+    cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+    ]);
     if let Some(release) = target_release {
         cmd.args(["-t", release]);
     }

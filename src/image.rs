@@ -7,7 +7,7 @@
 //! (inside the nested host); a build happens in a temporary directory renamed into place.
 //!
 //! Inside the guest, busybox init (PID 1, `/init`) runs `/etc/init.d/rcS` (mounts, hostname),
-//! then keeps two things running: `ferry-agent --serial /dev/ttyS1` and a root shell on the
+//! then keeps two things running: `ferry-agent --serial /dev/ttyS1 --vsock 1024` and a root shell on the
 //! console, `ttyS0`. `poweroff` and `reboot` go through init to reboot(2).
 
 use std::collections::BTreeSet;
@@ -22,7 +22,7 @@ use crate::kernel::KernelPackage;
 use crate::kmod::ModuleIndex;
 
 /// Bump when the image layout or build changes in a way the other key inputs do not capture.
-pub const IMAGE_FORMAT: u32 = 3;
+pub const IMAGE_FORMAT: u32 = 4;
 
 /// The Debian package the guest's userland comes from.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -31,7 +31,7 @@ pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// package): Debian builds every virtio driver as a module. Their files are the ones the
 /// initramfs carries for the root disk ([`crate::rootfs::INITRAMFS_MODULES`], a superset), in
 /// [`crate::rootfs::INITRAMFS_MODULE_DIR`].
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk"];
+pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "vmw_vsock_virtio_transport"];
 
 /// The file listing the module files `rcS` loads, in load order.
 const MODULE_LIST: &str = "etc/ferry-modules";
@@ -161,7 +161,10 @@ pub fn ensure(cache: &Path, force_rebuild: bool) -> Result<GuestImage, ImageErro
     install_dir(&images, &key, |tmp| {
         let path = tmp.join(INITRD_FILE);
         std::fs::write(&path, &initrd).map_err(io_err(&path))?;
-        progress(format_args!("decompressing {} once, so guests boot without doing it", kernel.package));
+        progress(format_args!(
+            "decompressing {} once, so guests boot without doing it",
+            kernel.package
+        ));
         crate::kernel::extract_vmlinux(&kernel.vmlinuz, &tmp.join(VMLINUX_FILE))?;
         // Last, so a directory with a manifest is complete.
         let path = tmp.join(MANIFEST_FILE);
@@ -292,7 +295,7 @@ struct GuestFile {
 const INITTAB: &str = "\
 # ferry guest: busybox init(8) configuration.
 ::sysinit:/etc/init.d/rcS
-::respawn:/sbin/ferry-agent --serial /dev/ttyS1
+::respawn:/sbin/ferry-agent --serial /dev/ttyS1 --vsock 1024
 ttyS0::respawn:/bin/cttyhack /bin/sh -l
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
@@ -773,7 +776,7 @@ mod tests {
     #[test]
     fn guest_files_set_up_init_agent_shell_and_path() {
         assert!(INITTAB.contains("::sysinit:/etc/init.d/rcS"));
-        assert!(INITTAB.contains("::respawn:/sbin/ferry-agent --serial /dev/ttyS1"));
+        assert!(INITTAB.contains("::respawn:/sbin/ferry-agent --serial /dev/ttyS1 --vsock 1024"));
         assert!(INITTAB.contains("ttyS0::respawn:"));
         for mount in [
             "proc /proc",
@@ -871,7 +874,12 @@ mod tests {
         // The virtio modules, dependencies first, as plain ELF objects.
         let list = String::from_utf8(find(MODULE_LIST).2.clone()).unwrap();
         let order: Vec<&str> = list.lines().collect();
-        let pos = |m: &str| order.iter().position(|f| *f == m).unwrap_or_else(|| panic!("{m} in {order:?}"));
+        let pos = |m: &str| {
+            order
+                .iter()
+                .position(|f| *f == m)
+                .unwrap_or_else(|| panic!("{m} in {order:?}"))
+        };
         assert!(pos("virtio.ko") < pos("virtio_mmio.ko"));
         assert!(pos("virtio_ring.ko") < pos("virtio_blk.ko"));
         // The files are in the second archive (the root disk's modules), where rcS looks.

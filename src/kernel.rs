@@ -125,11 +125,15 @@ pub fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), ExtractError> {
     let mut stdin = child.stdin.take().expect("stdin was piped");
     let data = data.to_vec();
     let feeder = std::thread::spawn(move || stdin.write_all(&data));
-    let result = child.wait_with_output().map_err(|e| xz_err(e.to_string()))?;
+    let result = child
+        .wait_with_output()
+        .map_err(|e| xz_err(e.to_string()))?;
     let fed = feeder.join().expect("the feeder thread does not panic");
     if !result.status.success() || fed.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(xz_err(String::from_utf8_lossy(&result.stderr).trim().to_string()));
+        return Err(xz_err(
+            String::from_utf8_lossy(&result.stderr).trim().to_string(),
+        ));
     }
     let head = std::fs::read(&tmp)
         .ok()

@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_guest_agent::client::{AgentConnection, ClientError};
+use ferry_guest_agent::client::{AgentConnection, ClientError, Stream};
 use ferry_guest_agent::protocol::{ExecRequest, Hello};
+use ferry_guest_agent::vsock::{self, VsockStream};
 use ferry_vmm::boot::{BootError, BootSpec, KernelImage};
 use ferry_vmm::devices::serial::SerialPort;
+use ferry_vmm::devices::virtio::vsock as vsock_device;
+use ferry_vmm::devices::ExitRequest;
 use ferry_vmm::vm::DiskConfig;
 use ferry_vmm::{Vm, VmConfig, VmError, VmExit};
 
@@ -22,6 +25,10 @@ use ferry_vmm::{Vm, VmConfig, VmError, VmExit};
 /// `reboot`, a panic ends the VM instead of hanging it, and boot messages stay quiet: every byte
 /// on an emulated UART costs a VM exit, and a chatty boot is a slow boot.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet 8250.nr_uarts=2";
+
+/// Guests' vsock context ids are this plus the VMM's pid (0-2 are reserved, and this keeps
+/// clear of the small numbers other tools pick by hand).
+const VSOCK_CID_BASE: u64 = 1000;
 
 /// How long a guest may take from power-on to its agent's hello.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -207,6 +214,10 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         tail: tail.clone(),
     };
     let (vmm_end, host_end) = UnixStream::pair()?;
+    // A vsock device for the agent where the host kernel offers vhost-vsock; the CID is derived
+    // from our pid, which no other live process on this host has.
+    let vsock_cid =
+        vsock_device::available().then(|| VSOCK_CID_BASE + u64::from(std::process::id()));
     let vm = Vm::new(VmConfig {
         vcpus: spec.vcpus,
         mem_size: spec.mem_size,
@@ -215,6 +226,7 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         agent: Box::new(vmm_end.try_clone()?),
         log_dirty: false,
         disks: spec.disks.clone(),
+        vsock_cid,
     })?;
     let agent_port = vm.agent_port();
     let console_port = vm.console();
@@ -239,15 +251,20 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         0 => 130,
         sig => 128 + sig,
     };
-    // When the VM ends, the agent connection ends too, so nobody waits on a dead guest.
+    // When the VM ends, the agent connections end too, so nobody waits on a dead guest.
+    let vsock_link: Arc<Mutex<Option<VsockStream>>> = Arc::default();
     {
         let exit = exit.clone();
         let host_end = host_end.try_clone()?;
+        let vsock_link = vsock_link.clone();
         std::thread::Builder::new()
             .name("vm-exit-watch".into())
             .spawn(move || {
                 exit.wait();
                 let _ = host_end.shutdown(Shutdown::Both);
+                if let Some(s) = vsock_link.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = s.shutdown();
+                }
             })?;
     }
     if spec.verbose {
@@ -274,75 +291,139 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         };
     }
 
-    let mut conn = match AgentConnection::handshake(host_end, spec.boot_timeout) {
-        Ok(c) => c,
-        Err(_) if exit.get() == Some(VmExit::Stopped) => {
-            drop(running);
-            return Ok(stopped_status());
-        }
-        Err(e) => {
-            let cause = match exit.get() {
-                Some(reason) => describe_exit(&reason, &tail),
-                None => e.to_string(),
-            };
-            drop(running);
-            return Err(RunError::AgentNotReady {
-                cause,
-                console: tail.render(15),
-            });
-        }
+    let session = Session {
+        exit: &exit,
+        tail: &tail,
+        stopped_status: &stopped_status,
+        started,
+        verbose: spec.verbose,
+        boot_timeout: spec.boot_timeout,
+        command: &spec.command,
     };
-    if spec.verbose {
-        announce(conn.hello(), started);
-    }
-    let req = ExecRequest {
-        argv: spec.command.clone(),
-        env: vec![
-            (
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            ),
-            ("HOME".into(), "/root".into()),
-            (
-                "TERM".into(),
-                std::env::var("TERM").unwrap_or_else(|_| "dumb".into()),
-            ),
-        ],
-        cwd: Some("/root".into()),
-        stdin: true,
+    let result = match vsock_cid {
+        // The agent's vsock port is the channel once the guest is up; the serial port stays for
+        // the console-side hello and as the fallback.
+        Some(cid) => match connect_vsock(cid, &session, &vsock_link) {
+            Ok(stream) => session.run(stream, &format!("vsock (CID {cid})")),
+            Err(e) => Err(e),
+        },
+        None => session.run(host_end, "the serial port"),
     };
-    let stdin: Box<dyn Read + Send> = Box::new(io::stdin());
-    let result = conn.exec(&req, Some(stdin), &mut io::stdout(), &mut io::stderr());
-    let code = match result {
-        Ok(code) => code,
-        Err(e) => {
-            // Give a guest that is going down a moment to finish, so we know how it ended.
-            let reason = exit.wait_timeout(Duration::from_secs(5));
-            drop(running);
-            return Err(match reason {
-                // The command powered the guest off or rebooted it (`poweroff`, `reboot`): the
-                // guest ended as asked.
-                Some(VmExit::PowerOff) => return Ok(0),
-                Some(VmExit::Stopped) => return Ok(stopped_status()),
-                Some(VmExit::Reset) if !tail.contains("Kernel panic") => return Ok(0),
-                Some(r) => RunError::GuestStopped {
-                    reason: describe_exit(&r, &tail),
-                    console: tail.render(15),
-                },
-                None => RunError::Agent(e),
-            });
-        }
-    };
-    // The command is done: power the guest off and wait for it, briefly.
-    let _ = conn.power_off();
-    if exit.wait_timeout(Duration::from_secs(30)).is_none() && spec.verbose {
-        eprintln!("ferry: the guest did not power off within 30 s; stopping it");
-    }
     drop(running);
-    if spec.verbose {
+    if spec.verbose && result.is_ok() {
         eprintln!("ferry: done in {:.1} s", started.elapsed().as_secs_f64());
     }
-    Ok(code)
+    result
+}
+
+/// A command-mode run, whatever stream reaches the agent.
+struct Session<'a> {
+    exit: &'a Arc<ExitRequest>,
+    tail: &'a ConsoleTail,
+    stopped_status: &'a dyn Fn() -> i32,
+    started: Instant,
+    verbose: bool,
+    boot_timeout: Duration,
+    command: &'a [String],
+}
+
+impl Session<'_> {
+    /// Waits for the agent on `stream`, runs the command, powers the guest off, and returns the
+    /// command's status.
+    fn run<S: Stream>(&self, stream: S, channel: &str) -> Result<i32, RunError> {
+        let exit = self.exit;
+        let mut conn = match AgentConnection::handshake(stream, self.boot_timeout) {
+            Ok(c) => c,
+            Err(_) if exit.get() == Some(VmExit::Stopped) => return Ok((self.stopped_status)()),
+            Err(e) => return Err(self.not_ready(e.to_string())),
+        };
+        if self.verbose {
+            announce(conn.hello(), self.started, channel);
+        }
+        let req = ExecRequest {
+            argv: self.command.to_vec(),
+            env: vec![
+                (
+                    "PATH".into(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                ),
+                ("HOME".into(), "/root".into()),
+                (
+                    "TERM".into(),
+                    std::env::var("TERM").unwrap_or_else(|_| "dumb".into()),
+                ),
+            ],
+            cwd: Some("/root".into()),
+            stdin: true,
+        };
+        let stdin: Box<dyn Read + Send> = Box::new(io::stdin());
+        let code = match conn.exec(&req, Some(stdin), &mut io::stdout(), &mut io::stderr()) {
+            Ok(code) => code,
+            Err(e) => {
+                // Give a guest that is going down a moment to finish, so we know how it ended.
+                return match exit.wait_timeout(Duration::from_secs(5)) {
+                    // The command powered the guest off or rebooted it (`poweroff`, `reboot`):
+                    // the guest ended as asked.
+                    Some(VmExit::PowerOff) => Ok(0),
+                    Some(VmExit::Stopped) => Ok((self.stopped_status)()),
+                    Some(VmExit::Reset) if !self.tail.contains("Kernel panic") => Ok(0),
+                    Some(r) => Err(RunError::GuestStopped {
+                        reason: describe_exit(&r, self.tail),
+                        console: self.tail.render(15),
+                    }),
+                    None => Err(RunError::Agent(e)),
+                };
+            }
+        };
+        // The command is done: power the guest off and wait for it, briefly.
+        let _ = conn.power_off();
+        if exit.wait_timeout(Duration::from_secs(30)).is_none() && self.verbose {
+            eprintln!("ferry: the guest did not power off within 30 s; stopping it");
+        }
+        Ok(code)
+    }
+
+    /// The agent never answered: say why, with the console's last lines.
+    fn not_ready(&self, cause: String) -> RunError {
+        let cause = match self.exit.get() {
+            Some(reason) => describe_exit(&reason, self.tail),
+            None => cause,
+        };
+        RunError::AgentNotReady {
+            cause,
+            console: self.tail.render(15),
+        }
+    }
+}
+
+/// Connects to the agent's vsock port, retrying while the guest boots, until the boot timeout
+/// or the VM's end. The stream is also left in `link`, for the VM-exit watcher to shut down.
+fn connect_vsock(
+    cid: u64,
+    session: &Session<'_>,
+    link: &Mutex<Option<VsockStream>>,
+) -> Result<VsockStream, RunError> {
+    let deadline = Instant::now() + session.boot_timeout;
+    let cid = u32::try_from(cid).map_err(|_| session.not_ready(format!("bad vsock CID {cid}")))?;
+    loop {
+        if session.exit.get().is_some() {
+            return Err(session.not_ready("the VM stopped".into()));
+        }
+        match VsockStream::connect(cid, vsock::AGENT_PORT) {
+            Ok(stream) => {
+                *link.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone_stream()?);
+                return Ok(stream);
+            }
+            Err(e) if Instant::now() > deadline => {
+                return Err(session.not_ready(format!(
+                    "no answer on vsock port {} of CID {cid} within {} s: {e}",
+                    vsock::AGENT_PORT,
+                    session.boot_timeout.as_secs()
+                )))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(25)),
+        }
+    }
 }
 
 fn describe_exit(reason: &VmExit, tail: &ConsoleTail) -> String {
@@ -363,9 +444,9 @@ fn guest_failed(reason: &VmExit, tail: &ConsoleTail) -> RunError {
     }
 }
 
-fn announce(hello: &Hello, started: Instant) {
+fn announce(hello: &Hello, started: Instant, channel: &str) {
     eprintln!(
-        "ferry: guest agent ready after {:.1} s: kernel {}, {} vCPUs online, agent {} (protocol {})",
+        "ferry: guest agent ready after {:.1} s: kernel {}, {} vCPUs online, agent {} (protocol {}) on {channel}",
         started.elapsed().as_secs_f64(),
         hello.kernel_release,
         hello.online_cpus,
@@ -381,7 +462,7 @@ fn report_ready(stream: UnixStream, started: Instant, verbose: bool) {
     if let Ok(conn) = AgentConnection::handshake(stream, DEFAULT_BOOT_TIMEOUT) {
         if verbose {
             // The terminal is raw: end the line ourselves.
-            announce(conn.hello(), started);
+            announce(conn.hello(), started, "the serial port");
             eprint!("\r");
         }
     }

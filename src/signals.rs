@@ -28,7 +28,9 @@ pub fn on_terminate(f: impl Fn(i32) + Send + 'static) -> std::io::Result<()> {
         .compare_exchange(-1, fds[1], Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
-        return Err(std::io::Error::other("termination handler already installed"));
+        return Err(std::io::Error::other(
+            "termination handler already installed",
+        ));
     }
     // SAFETY: fds[0] was just created by pipe2 and is owned by nothing else.
     let mut reader = unsafe { std::fs::File::from_raw_fd(fds[0]) };

@@ -45,7 +45,8 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Maps `size` bytes of anonymous memory for a guest.
 pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap { size, source })
+    GuestMemoryMmap::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Mmap { size, source })
 }
 
 /// Registers every region of `mem` with KVM, slot `i` for region `i`.
@@ -57,7 +58,11 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(),
             .expect("a region's own start address is always mapped");
         let kvm_region = kvm_userspace_memory_region {
             slot,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

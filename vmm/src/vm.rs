@@ -19,6 +19,7 @@ use crate::devices::power::{AcpiReset, AcpiSleep};
 use crate::devices::serial::{SerialOutput, SerialPort};
 use crate::devices::virtio::block::{Block, BlockError, Disk};
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::vsock::VhostVsockDevice;
 use crate::devices::virtio::{VirtioDevice, VirtioError};
 use crate::devices::{Bus, BusDevice, ExitRequest, VmExit};
 use crate::layout::{irqs, ports, LayoutError, MmioAllocator, MmioSlot, KVM_TSS_ADDRESS};
@@ -169,6 +170,8 @@ pub struct VmConfig {
     pub log_dirty: bool,
     /// Disks, in guest order.
     pub disks: Vec<DiskConfig>,
+    /// A virtio-vsock device (vhost-vsock) with this context id, for the guest agent.
+    pub vsock_cid: Option<u64>,
 }
 
 /// A built Linux VM, not yet running.
@@ -229,6 +232,13 @@ impl Vm {
             virtio.push(m.add_virtio_mmio(Box::new(device), slot)?);
             placed.push(slot);
         }
+        if let Some(cid) = config.vsock_cid {
+            let slot = slots.allocate()?;
+            let device = VhostVsockDevice::new(cid, &m.memory)
+                .map_err(|e| VmError::Device(e.to_string()))?;
+            virtio.push(m.add_virtio_mmio(Box::new(device), slot)?);
+            placed.push(slot);
+        }
 
         let rsdp = acpi::write_tables(&m.memory, config.vcpus, &placed)?;
         let entry = boot::load(&m.memory, config.mem_size, &config.boot, rsdp)?;
@@ -264,8 +274,7 @@ impl Vm {
     fn serial(m: &Machine, irq: u32, out: SerialOutput) -> Result<SerialPort, VmError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmError::Device(format!("eventfd for IRQ {irq}: {e}")))?;
-        m.fd.register_irqfd(&evt, irq)
-            .map_err(kvm("KVM_IRQFD"))?;
+        m.fd.register_irqfd(&evt, irq).map_err(kvm("KVM_IRQFD"))?;
         Ok(SerialPort::new(evt, out))
     }
 

@@ -127,7 +127,10 @@ fn long_mode_boot_state_mmio_and_dirty_log() {
     let writes = &probe.lock().unwrap().writes;
     assert_eq!(writes[0], (0, ZERO_PAGE_START.to_le_bytes().to_vec()));
     // An MMIO read returned the device's answer, which the guest wrote back.
-    assert_eq!(writes[1], (16, 0x1122_3344_5566_7788u64.to_le_bytes().to_vec()));
+    assert_eq!(
+        writes[1],
+        (16, 0x1122_3344_5566_7788u64.to_le_bytes().to_vec())
+    );
     assert_eq!(com2.0.lock().unwrap().as_slice(), b"O");
 
     let dirty = m.dirty_pages().unwrap();
@@ -160,8 +163,12 @@ fn guest_power_off_through_the_acpi_sleep_register() {
 fn guest_reset_through_the_i8042() {
     let mut m = machine(false);
     let exit = m.exit.clone();
-    m.add_pio(Arc::new(Mutex::new(I8042::new(exit.clone()))), ports::I8042, 5)
-        .unwrap();
+    m.add_pio(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        ports::I8042,
+        5,
+    )
+    .unwrap();
     // mov al, 0xfe; out 0x64, al; hlt
     let mut vcpu = long_mode_vcpu(&m, &[0xb0, 0xfe, 0xe6, 0x64, 0xf4]);
     run_to_halt(&mut vcpu);
@@ -205,9 +212,16 @@ fn virtio_mmio_window_answers_and_queue_kicks_skip_the_vmm() {
         assert!(exits < 100, "the guest never reached its port write");
     }
     let magic: u32 = m.memory.read_obj(GuestAddress(0x10000)).unwrap();
-    assert_eq!(magic, 0x7472_6976, "the guest read \"virt\" from the window");
+    assert_eq!(
+        magic, 0x7472_6976,
+        "the guest read \"virt\" from the window"
+    );
     // One exit for the MMIO read, one for the port write: the notification made none.
     assert_eq!(exits, 2);
     let t = transport.lock().unwrap();
-    assert_eq!(t.notify_eventfds()[0].read().unwrap(), 1, "the kick reached the eventfd");
+    assert_eq!(
+        t.notify_eventfds()[0].read().unwrap(),
+        1,
+        "the kick reached the eventfd"
+    );
 }

@@ -73,9 +73,13 @@ mod tests {
 
     #[test]
     fn sets_hypervisor_bit_apic_id_and_topology() {
-        let mut cpuid =
-            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x8000_0008, 0)])
-                .unwrap();
+        let mut cpuid = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap();
         configure(&mut cpuid, 1, 2);
         let e = cpuid.as_slice();
         assert_ne!(e[0].ecx & LEAF1_ECX_HYPERVISOR, 0);

@@ -6,8 +6,8 @@
 //! Virtio-mmio devices are DSDT devices too (`_HID "LNRO0005"`, window and interrupt in `_CRS`):
 //! Debian's kernel ignores `virtio_mmio.device=` on the command line.
 
-use acpi_tables::{aml, Aml};
 use acpi_tables::sdt::{GenericAddress, Sdt};
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::devices::power::{RESET_VALUE, S5_SLEEP_TYPE};
@@ -126,10 +126,16 @@ fn fadt(dsdt_addr: u64) -> Sdt {
         112,
         HW_REDUCED_ACPI | RESET_REG_SUP | PWR_BUTTON | SLP_BUTTON,
     );
-    t.write(116, GenericAddress::io_port_address::<u8>(ports::ACPI_RESET));
+    t.write(
+        116,
+        GenericAddress::io_port_address::<u8>(ports::ACPI_RESET),
+    );
     t.write_u8(128, RESET_VALUE);
     t.write_u64(140, dsdt_addr);
-    t.write(244, GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP));
+    t.write(
+        244,
+        GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP),
+    );
     t.write(
         256,
         GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP + 1),
@@ -266,7 +272,10 @@ mod tests {
         let dsdt = read_table(&mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!((&dsdt[0..4], sum(&dsdt)), (&b"DSDT"[..], 0));
         // Hardware-reduced, with the sleep control register on our port.
-        assert_ne!(u32::from_le_bytes(fadt[112..116].try_into().unwrap()) & (1 << 20), 0);
+        assert_ne!(
+            u32::from_le_bytes(fadt[112..116].try_into().unwrap()) & (1 << 20),
+            0
+        );
         assert_eq!(fadt[244], 1, "system I/O space");
         assert_eq!(
             u64::from_le_bytes(fadt[248..256].try_into().unwrap()),

@@ -221,7 +221,9 @@ pub fn load(
     let (entry, mut hdr) = match spec.kernel.format {
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))?;
-            let hdr = r.setup_header.expect("BzImage::load always returns the setup header");
+            let hdr = r
+                .setup_header
+                .expect("BzImage::load always returns the setup header");
             (r.kernel_load.0 + 0x200, hdr)
         }
         KernelFormat::Elf => {
@@ -401,7 +403,8 @@ mod tests {
         let hdr = params.hdr;
         assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_START);
         let mut cl = vec![0u8; { hdr.cmdline_size } as usize];
-        mem.read_slice(&mut cl, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut cl, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(cl, b"console=ttyS0 quiet\0");
         let mut rd = [0u8; 9];
         mem.read_slice(&mut rd, GuestAddress({ hdr.ramdisk_image } as u64))

@@ -12,9 +12,11 @@
 //!
 //! - [`mmio`]: the virtio-mmio register window on the MMIO bus.
 //! - [`block`]: virtio-blk backed by a raw file.
+//! - [`vsock`]: virtio-vsock served by the host kernel's vhost-vsock.
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
@@ -75,6 +77,8 @@ pub enum VirtioError {
     },
     #[error("queue {0} is not ready or not valid in guest memory")]
     QueueInvalid(usize),
+    #[error("device backend: {0}")]
+    Backend(String),
 }
 
 /// How a device interrupts its driver: a bit in the transport's InterruptStatus register, and
