@@ -83,7 +83,6 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_pci",
     "virtio_blk",
-    "vmw_vsock_virtio_transport",
     "crc32c_generic",
     "ext4",
     "vmw_vsock_virtio_transport",
