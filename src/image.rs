@@ -22,7 +22,7 @@ use crate::kernel::KernelPackage;
 use crate::kmod::ModuleIndex;
 
 /// Bump when the image layout or build changes in a way the other key inputs do not capture.
-pub const IMAGE_FORMAT: u32 = 4;
+pub const IMAGE_FORMAT: u32 = 5;
 
 /// The Debian package the guest's userland comes from.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -31,7 +31,12 @@ pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// package): Debian builds every virtio driver as a module. Their files are the ones the
 /// initramfs carries for the root disk ([`crate::rootfs::INITRAMFS_MODULES`], a superset), in
 /// [`crate::rootfs::INITRAMFS_MODULE_DIR`].
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "vmw_vsock_virtio_transport"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "vmw_vsock_virtio_transport",
+    "virtio_net",
+];
 
 /// The file listing the module files `rcS` loads, in load order.
 const MODULE_LIST: &str = "etc/ferry-modules";
@@ -317,6 +322,17 @@ ip link set lo up 2>/dev/null
 for ko in $(cat /etc/ferry-modules); do
     [ -d /sys/module/${ko%.ko} ] || insmod /lib/modules/root/$ko || echo \"ferry: insmod $ko failed\" > /dev/console
 done
+# The network, as the host set it up: ferry.ip=ADDR/PREFIX ferry.gw=GATEWAY.
+for word in $(cat /proc/cmdline); do
+    case $word in
+        ferry.ip=*) addr=${word#ferry.ip=} ;;
+        ferry.gw=*) gw=${word#ferry.gw=} ;;
+    esac
+done
+if [ -n \"$addr\" ] && [ -e /sys/class/net/eth0 ]; then
+    ip addr add $addr dev eth0 && ip link set eth0 up
+    [ -n \"$gw\" ] && ip route add default via $gw
+fi
 ";
 
 /// The kernel runs /init (a GuestFile). Without ferry.root= it is busybox init, as before.

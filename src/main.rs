@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use ferry::run::{LocalRun, RunError, DEFAULT_BOOT_TIMEOUT, DEFAULT_CMDLINE};
+use ferry::run::{
+    GuestNet, LocalRun, RunError, DEFAULT_BOOT_TIMEOUT, DEFAULT_BRIDGE, DEFAULT_CMDLINE,
+};
 use ferry::{debian, image, nested};
 use ferry_vmm::vm::DiskConfig;
 
@@ -115,6 +117,11 @@ struct RunArgs {
     /// makes it read-only. Repeatable.
     #[arg(long = "disk", value_name = "FILE[,ro]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
+    /// A network interface (eth0) with this address, on a host bridge (created if missing,
+    /// with the network's first address for the host): `10.77.0.2/24` or
+    /// `10.77.0.2/24,bridge=NAME` (default bridge: ferry0).
+    #[arg(long, value_name = "ADDR/PREFIX[,bridge=NAME]", value_parser = parse_net)]
+    net: Option<GuestNet>,
     /// Print no progress lines.
     #[arg(long, short)]
     quiet: bool,
@@ -144,6 +151,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult)
         .filter(|&b| b > 0)
         .ok_or_else(|| format!("`{s}` is not a usable size"))
+}
+
+/// Parses `ADDR/PREFIX[,bridge=NAME]` into a guest network interface.
+fn parse_net(s: &str) -> Result<GuestNet, String> {
+    let (addr, rest) = s.split_once(',').unwrap_or((s, ""));
+    let addr = ferry_net::Ipv4Cidr::parse_guest(addr).map_err(|e| e.to_string())?;
+    let bridge = match rest {
+        "" => DEFAULT_BRIDGE.to_string(),
+        r => r
+            .strip_prefix("bridge=")
+            .filter(|b| !b.is_empty() && b.len() < 16)
+            .ok_or_else(|| format!("`{r}`: write bridge=NAME (at most 15 characters)"))?
+            .to_string(),
+    };
+    Ok(GuestNet { bridge, addr })
 }
 
 /// Parses `FILE`, `FILE,ro` or `FILE,rw` into a disk (the path made absolute).
@@ -289,6 +311,7 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
         boot_timeout: Duration::from_secs(args.boot_timeout),
         verbose: !args.quiet,
         disks: args.disks.clone(),
+        net: args.net.clone(),
     })?;
     Ok(code)
 }
@@ -341,6 +364,10 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
     ];
     if args.quiet {
         argv.push("--quiet".into());
+    }
+    if let Some(net) = &args.net {
+        argv.push("--net".into());
+        argv.push(format!("{},bridge={}", net.addr, net.bridge));
     }
     if let Some(log) = &args.console_log {
         // The host's files are read-only inside the nested host: the log is written there and

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use ferry_guest_agent::client::{AgentConnection, ClientError, Stream};
 use ferry_guest_agent::protocol::{ExecRequest, Hello};
 use ferry_guest_agent::vsock::{self, VsockStream};
+use ferry_net::{Bridge, Ipv4Cidr, Tap};
 use ferry_vmm::boot::{BootError, BootSpec, KernelImage};
 use ferry_vmm::devices::serial::SerialPort;
 use ferry_vmm::devices::virtio::vsock as vsock_device;
 use ferry_vmm::devices::ExitRequest;
 use ferry_vmm::vm::DiskConfig;
-use ferry_vmm::{Vm, VmConfig, VmError, VmExit};
+use ferry_vmm::{NicConfig, Vm, VmConfig, VmError, VmExit};
 
 /// Kernel command line for ferry's guests: console on the first UART, the i8042 reset for
 /// `reboot`, a panic ends the VM instead of hanging it, and boot messages stay quiet: every byte
@@ -50,6 +51,10 @@ pub enum RunError {
     GuestFailed { reason: String, console: String },
     #[error("cannot set up the console: {0}")]
     Io(#[from] io::Error),
+    #[error("guest network: {0}")]
+    Bridge(#[from] ferry_net::bridge::BridgeError),
+    #[error("guest network: {0}")]
+    Tap(#[from] ferry_net::tap::TapError),
 }
 
 impl RunError {
@@ -61,6 +66,7 @@ impl RunError {
                 | RunError::Vm(VmError::Boot(_))
                 | RunError::Vm(VmError::OpenKvm(_))
                 | RunError::Vm(VmError::VcpuCount(_))
+                | RunError::Bridge(ferry_net::bridge::BridgeError::Clash { .. })
                 | RunError::Vm(VmError::Disk(_))
         )
     }
@@ -82,6 +88,35 @@ pub struct LocalRun {
     pub verbose: bool,
     /// Disks for the guest (virtio-blk), in order: /dev/vda, /dev/vdb, ...
     pub disks: Vec<DiskConfig>,
+    /// A network interface (`eth0`) on a host bridge.
+    pub net: Option<GuestNet>,
+}
+
+/// A guest network interface: plugged into host bridge `bridge` (created if missing, with the
+/// network's first address for the host), with address `addr`.
+#[derive(Debug, Clone)]
+pub struct GuestNet {
+    pub bridge: String,
+    pub addr: Ipv4Cidr,
+}
+
+/// The bridge guests join when none is named.
+pub const DEFAULT_BRIDGE: &str = "ferry0";
+
+/// Sets up the host side of `net` (bridge, TAP) and says how the guest configures its side
+/// (kernel command-line words read by the guest's init).
+fn setup_network(net: &GuestNet) -> Result<(NicConfig, String), RunError> {
+    let bridge = Bridge::ensure(&net.bridge, net.addr)?;
+    let tap = Tap::create("ferrytap%d")?;
+    bridge.attach(tap.name())?;
+    let words = format!(" ferry.ip={} ferry.gw={}", net.addr, bridge.gateway().addr);
+    Ok((
+        NicConfig {
+            tap: tap.into_file(),
+            mac: net.addr.mac(),
+        },
+        words,
+    ))
 }
 
 /// The last bytes the console printed, for error messages.
@@ -194,12 +229,27 @@ pub fn check_inputs(
 /// Boots the guest and runs it to the end. Returns the exit status for the `ferry` process.
 pub fn run(spec: LocalRun) -> Result<i32, RunError> {
     let started = Instant::now();
-    let boot = check_inputs(
+    check_inputs(
         spec.vcpus,
         spec.mem_size,
         &spec.kernel,
         spec.initrd.as_deref(),
         &spec.cmdline,
+    )?;
+    // The network's host side exists only while this VM does: the TAP goes with our descriptor.
+    let (nics, cmdline) = match &spec.net {
+        Some(net) => {
+            let (nic, words) = setup_network(net)?;
+            (vec![nic], format!("{}{words}", spec.cmdline))
+        }
+        None => (Vec::new(), spec.cmdline.clone()),
+    };
+    let boot = check_inputs(
+        spec.vcpus,
+        spec.mem_size,
+        &spec.kernel,
+        spec.initrd.as_deref(),
+        &cmdline,
     )?;
 
     let interactive = spec.command.is_empty();
@@ -227,6 +277,7 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         log_dirty: false,
         disks: spec.disks.clone(),
         vsock_cid,
+        nics,
     })?;
     let agent_port = vm.agent_port();
     let console_port = vm.console();

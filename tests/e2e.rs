@@ -363,10 +363,67 @@ fn sigterm_stops_the_guest_and_leaves_nothing_running(s: &Suite) -> CaseResult {
     }
 }
 
+fn two_guests_on_one_bridge_reach_each_other_and_the_host(_: &Suite) -> CaseResult {
+    // Guest A stays up; guest B pings it and the host's address on the bridge.
+    let mut a = Command::new(FERRY)
+        .args(["run", "--net", "10.77.0.2/24", "--", "sleep", "120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = a.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 0) {
+            if line.contains("guest agent ready") {
+                let _ = tx.send(());
+            }
+            line.clear();
+        }
+    });
+    let result = (|| {
+        rx.recv_timeout(BOOT_LIMIT)
+            .map_err(|_| "guest A never became ready".to_string())?;
+        let out = ferry(
+            &[
+                "run",
+                "-q",
+                "--net",
+                "10.77.0.3/24",
+                "--",
+                "sh",
+                "-c",
+                "ping -c 3 -W 3 10.77.0.2 && ping -c 2 -W 3 10.77.0.1 && ip -4 addr show eth0",
+            ],
+            b"",
+            BOOT_LIMIT,
+        )?;
+        // ping exits 0 once a reply came back (the first may be lost to ARP on a fresh bridge).
+        check(
+            out.code() == 0,
+            "guest A and the host answer guest B's pings",
+            &out,
+        )?;
+        check(
+            out.stdout.contains("inet 10.77.0.3/24"),
+            "the guest has the address it was given",
+            &out,
+        )
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &a.id().to_string()])
+        .status();
+    let _ = a.wait();
+    result
+}
+
 fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
     let kernel = s.public_kernel.to_str().unwrap();
     let initrd = s.public_initrd.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &[
                 "run",
@@ -391,6 +448,7 @@ fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
         ),
         (&["run", "--memory", "lots", "--", "true"], "not a size"),
         (&["run", "--vcpus", "0", "--", "true"], "vCPUs"),
+        (&["run", "--net", "10.77.0.1/24", "--", "true"], "gateway"),
     ];
     for (args, message) in cases {
         let out = ferry(args, b"", QUICK_LIMIT)?;
@@ -611,6 +669,10 @@ const CASES: &[Case] = &[
     (
         "sigterm_stops_the_guest_and_leaves_nothing_running",
         sigterm_stops_the_guest_and_leaves_nothing_running,
+    ),
+    (
+        "two_guests_on_one_bridge_reach_each_other_and_the_host",
+        two_guests_on_one_bridge_reach_each_other_and_the_host,
     ),
     (
         "bad_disks_exit_2_before_anything_starts",

@@ -18,4 +18,4 @@ pub mod vm;
 
 pub use boot::{BootSpec, KernelFormat, KernelImage};
 pub use devices::VmExit;
-pub use vm::{Machine, RunningVm, Vm, VmConfig, VmError};
+pub use vm::{Machine, NicConfig, RunningVm, Vm, VmConfig, VmError};

@@ -19,6 +19,7 @@ use crate::devices::power::{AcpiReset, AcpiSleep};
 use crate::devices::serial::{SerialOutput, SerialPort};
 use crate::devices::virtio::block::{Block, BlockError, Disk};
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::net::VhostNetDevice;
 use crate::devices::virtio::vsock::VhostVsockDevice;
 use crate::devices::virtio::{VirtioDevice, VirtioError};
 use crate::devices::{Bus, BusDevice, ExitRequest, VmExit};
@@ -172,6 +173,16 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio-vsock device (vhost-vsock) with this context id, for the guest agent.
     pub vsock_cid: Option<u64>,
+    /// Network interfaces (vhost-net on TAP devices), `eth0` first.
+    pub nics: Vec<NicConfig>,
+}
+
+/// A guest network interface: the host TAP device it is connected to and its MAC address.
+#[derive(Debug)]
+pub struct NicConfig {
+    /// An open TAP device with a 12-byte virtio-net header (see `ferry_net::Tap`).
+    pub tap: std::fs::File,
+    pub mac: [u8; 6],
 }
 
 /// A built Linux VM, not yet running.
@@ -229,6 +240,13 @@ impl Vm {
         for (i, disk) in config.disks.iter().enumerate() {
             let slot = slots.allocate()?;
             let device = Block::new(Disk::open(&disk.path, disk.read_only)?, &format!("blk{i}"));
+            virtio.push(m.add_virtio_mmio(Box::new(device), slot)?);
+            placed.push(slot);
+        }
+        for nic in config.nics {
+            let slot = slots.allocate()?;
+            let device = VhostNetDevice::new(nic.tap, nic.mac)
+                .map_err(|e| VmError::Device(e.to_string()))?;
             virtio.push(m.add_virtio_mmio(Box::new(device), slot)?);
             placed.push(slot);
         }

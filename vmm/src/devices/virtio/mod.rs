@@ -16,6 +16,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod vhost;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

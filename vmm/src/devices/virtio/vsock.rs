@@ -8,20 +8,17 @@
 
 use std::sync::Arc;
 
-use vhost::vhost_kern::vsock::Vsock;
-use vhost::vsock::VhostVsock as _;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::QueueT;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
+use ::vhost::vhost_kern::vsock::Vsock;
+use ::vhost::vsock::VhostVsock as _;
+use ::vhost::VhostBackend;
 
-use super::{device_type, features, ActiveQueue, Interrupt, VirtioDevice, VirtioError, Worker};
+use super::{
+    device_type, features, vhost, ActiveQueue, Interrupt, VirtioDevice, VirtioError, Worker,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// Receive, transmit and event queues.
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
-/// The queues vhost serves (the event queue stays with the VMM).
-const VHOST_QUEUES: usize = 2;
 
 /// Errors specific to vhost-vsock.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +26,16 @@ pub enum VsockError {
     #[error(
         "cannot use /dev/vhost-vsock: {0}; load the vhost_vsock module (`modprobe vhost_vsock`)"
     )]
-    Open(vhost::Error),
+    Open(::vhost::Error),
     #[error("vhost-vsock {op}: {source}")]
     Vhost {
         op: &'static str,
-        source: vhost::Error,
+        source: ::vhost::Error,
     },
+    #[error("vhost-vsock: {0}")]
+    Setup(#[from] vhost::VhostError),
+    #[error("vhost-vsock interrupt relay: {0}")]
+    Relay(String),
 }
 
 impl From<VsockError> for VirtioError {
@@ -43,7 +44,7 @@ impl From<VsockError> for VirtioError {
     }
 }
 
-fn vhost(op: &'static str) -> impl FnOnce(vhost::Error) -> VsockError {
+fn vhost_op(op: &'static str) -> impl FnOnce(::vhost::Error) -> VsockError {
     move |source| VsockError::Vhost { op, source }
 }
 
@@ -74,10 +75,10 @@ struct Running {
 /// Opens `/dev/vhost-vsock` for `memory` and claims context id `cid`.
 fn open_backend(memory: &GuestMemoryMmap, cid: u64) -> Result<Backend, VsockError> {
     let backend = Vsock::new(Arc::new(memory.clone())).map_err(VsockError::Open)?;
-    backend.set_owner().map_err(vhost("SET_OWNER"))?;
+    backend.set_owner().map_err(vhost_op("SET_OWNER"))?;
     backend
         .set_guest_cid(cid)
-        .map_err(vhost("SET_GUEST_CID (is another VM using this CID?)"))?;
+        .map_err(vhost_op("SET_GUEST_CID (is another VM using this CID?)"))?;
     Ok(backend)
 }
 
@@ -107,66 +108,14 @@ impl VhostVsockDevice {
             Some(b) => b,
             None => open_backend(&memory, self.cid)?,
         };
-        let offered = backend.get_features().map_err(vhost("GET_FEATURES"))?;
-        backend
-            .set_features(self.acked_features & offered)
-            .map_err(vhost("SET_FEATURES"))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = memory
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: memory
-                    .get_host_address(r.start_addr())
-                    .map_or(0, |p| p as u64),
-                mmap_offset: 0,
-                mmap_handle: -1,
-            })
-            .collect();
-        backend
-            .set_mem_table(&regions)
-            .map_err(vhost("SET_MEM_TABLE"))?;
+        let mut queues = queues;
+        let event_queue = queues.pop().expect("the transport checked the count");
+        let calls = vhost::start_queues(&backend, &memory, self.acked_features, &queues)
+            .map_err(VsockError::Setup)?;
 
-        let mut queues = queues.into_iter();
-        let mut calls = Vec::with_capacity(VHOST_QUEUES);
-        for index in 0..VHOST_QUEUES {
-            let ActiveQueue { queue, notify } =
-                queues.next().expect("the transport checked the count");
-            let config = VringConfigData {
-                queue_max_size: queue.max_size(),
-                queue_size: queue.size(),
-                flags: 0,
-                desc_table_addr: queue.desc_table(),
-                used_ring_addr: queue.used_ring(),
-                avail_ring_addr: queue.avail_ring(),
-                log_addr: None,
-            };
-            let call = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| vhost("eventfd")(vhost::Error::IOError(e)))?;
-            backend
-                .set_vring_num(index, queue.size())
-                .map_err(vhost("SET_VRING_NUM"))?;
-            backend
-                .set_vring_addr(index, &config)
-                .map_err(vhost("SET_VRING_ADDR"))?;
-            backend
-                .set_vring_base(index, queue.next_avail())
-                .map_err(vhost("SET_VRING_BASE"))?;
-            backend
-                .set_vring_call(index, &call)
-                .map_err(vhost("SET_VRING_CALL"))?;
-            backend
-                .set_vring_kick(index, &notify)
-                .map_err(vhost("SET_VRING_KICK"))?;
-            calls.push(call);
-        }
-        let event_queue = queues.next().expect("the transport checked the count");
-        backend.start().map_err(vhost("SET_RUNNING"))?;
-        let worker = Worker::spawn("vsock-irq", calls, move |_| interrupt.signal_used_queue())
-            .map_err(|e| VsockError::Vhost {
-                op: "interrupt worker",
-                source: vhost::Error::IOError(std::io::Error::other(e.to_string())),
-            })?;
+        backend.start().map_err(vhost_op("SET_RUNNING"))?;
+        let worker = vhost::interrupt_relay("vsock-irq", calls, interrupt)
+            .map_err(|e| VsockError::Relay(e.to_string()))?;
         Ok(Running {
             backend,
             _worker: worker,
@@ -232,6 +181,7 @@ impl VirtioDevice for VhostVsockDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn config_space_holds_the_cid_and_reads_past_it_as_zero() {
