@@ -373,8 +373,15 @@ done
 mkdir -p /newroot
 mount -t ext4 "$root" /newroot || fail "mount -t ext4 failed"
 [ -x /newroot/sbin/ferry-init ] || fail "it has no /sbin/ferry-init (not a ferry root disk?)"
+# The agent is this initramfs's, started as this initramfs's inittab starts it: a node disk is
+# kept across ferry upgrades, so its own copy may be older than the host's ferry.
 if [ -f /newroot/usr/sbin/ferry-agent ]; then
     mount --bind /sbin/ferry-agent /newroot/usr/sbin/ferry-agent
+fi
+if [ -f /newroot/usr/lib/ferry/agent ]; then
+    { echo '#!/bin/sh'; sed -n 's|^::respawn:/sbin/ferry-agent|exec /usr/sbin/ferry-agent|p' /etc/inittab; } > /ferry-agent.sh
+    chmod 755 /ferry-agent.sh
+    mount --bind /ferry-agent.sh /newroot/usr/lib/ferry/agent
 fi
 for fs in dev sys proc; do
     mount --move /$fs /newroot/$fs

@@ -23,7 +23,7 @@
 //! [`INIT_PATH`]. That script ([`FERRY_INIT`]) mounts the API file systems, sets the hostname
 //! (`ferry.hostname=`, default `ferry`) and the network (`ferry.ip=ADDR/PREFIX ferry.gw=GW
 //! ferry.dns=ADDR`, when an `eth0` exists), then hands PID 1 to busybox init ([`INITTAB`]),
-//! which keeps the agent (on `ttyS1`), sshd and a root login on the console (`ttyS0`) running,
+//! which keeps the agent (on `ttyS1` and vsock), sshd and a root login on the console (`ttyS0`) running,
 //! and handles `poweroff` and `reboot`. No systemd: in the nested host a systemd boot takes
 //! minutes. Debian's minbase has no init and no `poweroff` at all, so the disk carries Debian's
 //! `busybox-static` (1 MiB, a dpkg-managed package) for exactly those duties.
@@ -438,9 +438,10 @@ fn debootstrap(tree: &Path, debs: &Path, packages: &[String]) -> Result<(), Root
             continue;
         }
         // "I: Retrieving libc6 2.36-9" -> "Retrieving"; warnings and errors are shown as is.
-        // Stage headers ("I: Unpacking the base system...") are shown whole.
+        // Stage headers ("I: Unpacking the base system...") are shown whole, but not the
+        // per-package "I: Configuring bash..." lines.
         let this_stage = match line.strip_prefix("I: ") {
-            Some(info) if !info.ends_with("...") => {
+            Some(info) if !(info.ends_with("...") && info.split_whitespace().count() > 2) => {
                 info.split_whitespace().next().unwrap_or("").to_string()
             }
             _ => line.clone(),
@@ -554,11 +555,20 @@ exec /bin/busybox init
 /// busybox init's configuration on the disk.
 pub const INITTAB: &str = "\
 # ferry root disk: busybox init(8), PID 1 after /sbin/ferry-init.
-::respawn:/usr/sbin/ferry-agent --serial /dev/ttyS1 --vsock 1024
+::respawn:/usr/lib/ferry/agent
 ::respawn:/usr/lib/ferry/sshd
 ::respawn:/sbin/agetty --autologin root --noclear --noissue ttyS0 115200 linux
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
+";
+
+/// Runs the agent for init. The initramfs mounts its own version over it (the agent's arguments
+/// as its inittab has them), so that a node disk made by an older ferry still runs the agent
+/// the way the host's ferry expects.
+const AGENT_SERVICE: &str = "\
+#!/bin/sh
+# ferry root disk: the agent, respawned by init.
+exec /usr/sbin/ferry-agent --serial /dev/ttyS1 --vsock 1024
 ";
 
 /// Runs sshd for init, making host keys first when the disk has none (a node disk gets its own
@@ -618,6 +628,11 @@ const DISK_FILES: &[DiskFile] = &[
         path: "etc/inittab",
         mode: 0o644,
         contents: INITTAB,
+    },
+    DiskFile {
+        path: "usr/lib/ferry/agent",
+        mode: 0o755,
+        contents: AGENT_SERVICE,
     },
     DiskFile {
         path: "usr/lib/ferry/sshd",
@@ -1391,7 +1406,8 @@ mod tests {
         ] {
             assert!(FERRY_INIT.contains(needle), "{needle}");
         }
-        assert!(INITTAB.contains(&format!("::respawn:{AGENT_PATH} --serial /dev/ttyS1")));
+        assert!(INITTAB.contains("::respawn:/usr/lib/ferry/agent\n"));
+        assert!(AGENT_SERVICE.contains(&format!("exec {AGENT_PATH} --serial /dev/ttyS1")));
         assert!(INITTAB.contains("ttyS0"));
         assert!(INITTAB.contains("/usr/lib/ferry/sshd"));
         assert!(DISK_FILES
