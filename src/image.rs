@@ -379,7 +379,7 @@ if [ -f /newroot/usr/sbin/ferry-agent ]; then
     mount --bind /sbin/ferry-agent /newroot/usr/sbin/ferry-agent
 fi
 if [ -f /newroot/usr/lib/ferry/agent ]; then
-    { echo '#!/bin/sh'; sed -n 's|^::respawn:/sbin/ferry-agent|exec /usr/sbin/ferry-agent|p' /etc/inittab; } > /ferry-agent.sh
+    { echo '#!/bin/busybox sh'; sed -n 's|^::respawn:/sbin/ferry-agent|exec /usr/sbin/ferry-agent|p' /etc/inittab; } > /ferry-agent.sh
     chmod 755 /ferry-agent.sh
     mount --bind /ferry-agent.sh /newroot/usr/lib/ferry/agent
 fi
