@@ -70,6 +70,12 @@ fn outer(runs: usize) {
             std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
         ),
     ];
+    let mut inner_args = inner_args;
+    inner_args[0] = host
+        .stage_executable(&exe)
+        .expect("stage the bench binary in the nested host")
+        .to_string_lossy()
+        .into_owned();
     let code = host.exec(&inner_args, Path::new("/"), &env, false);
     if started {
         let _ = host.stop();

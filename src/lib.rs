@@ -7,6 +7,7 @@ pub mod image;
 pub mod kernel;
 pub mod kmod;
 pub mod nested;
+pub mod node;
 pub mod rootfs;
 pub mod run;
 pub mod signals;

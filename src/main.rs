@@ -34,6 +34,15 @@ enum Command {
         #[command(subcommand)]
         action: ImageAction,
     },
+    /// Log in to a guest over ssh as root, with ferry's key (guests booted with `--root` let it
+    /// in): a shell, or `-- CMD` to run one command.
+    Ssh {
+        /// The guest's address (as given to `ferry run --net`).
+        addr: String,
+        /// Command to run (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// The nested host: a QEMU machine with a real KVM, for machines whose own KVM cannot boot a
     /// stock kernel. Starting one keeps it up, so later `ferry run`s start in seconds.
     Host {
@@ -122,6 +131,13 @@ struct RunArgs {
     /// `10.77.0.2/24,bridge=NAME` (default bridge: ferry0).
     #[arg(long, value_name = "ADDR/PREFIX[,bridge=NAME]", value_parser = parse_net)]
     net: Option<GuestNet>,
+    /// Boot from a Debian root disk (bash, coreutils, procps, iproute2, an ssh server,
+    /// python3): the node's own copy, kept across runs, built on first use.
+    #[arg(long)]
+    root: bool,
+    /// The node whose root disk `--root` boots (its copy lives under the cache's nodes/).
+    #[arg(long, default_value = "default", requires = "root")]
+    node: String,
     /// Print no progress lines.
     #[arg(long, short)]
     quiet: bool,
@@ -221,6 +237,7 @@ fn main() -> ExitCode {
             })
             .context("building the guest image"),
         Command::Host { action } => cmd_host(action),
+        Command::Ssh { addr, command } => cmd_ssh(&addr, &command),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -242,6 +259,20 @@ struct UsageError(String);
 
 fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
     check_disks(&args.disks)?;
+    let mut args = args;
+    if args.root {
+        // The node's disk becomes /dev/vda and the kernel boots from it.
+        let root = ferry::node::prepare_root(&debian::cache_dir(), &args.node, &[])
+            .context("preparing the root disk")?;
+        args.disks.insert(
+            0,
+            DiskConfig {
+                path: root.disk,
+                read_only: false,
+            },
+        );
+        args.cmdline.push_str(&root.cmdline);
+    }
     for (what, path) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
         if let Some(p) = path {
             if !p.is_file() {
@@ -390,6 +421,7 @@ fn run_nested(args: &RunArgs, kernel: &Path, initrd: &Path) -> anyhow::Result<i3
             true,
         ),
     };
+    argv[0] = host.stage_executable(&exe)?.to_string_lossy().into_owned();
     // The host's files are read-only in the nested host: a writable disk is reached through
     // the writable share, linked into it for this run.
     let mut shared = Vec::new();
@@ -457,6 +489,38 @@ fn passthrough_env() -> Vec<(String, String)> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         )])
         .collect()
+}
+
+fn cmd_ssh(addr: &str, command: &[String]) -> anyhow::Result<i32> {
+    let (key, _) = ferry::node::ssh_key(&debian::cache_dir()).context("ferry's ssh key")?;
+    let interactive = command.is_empty();
+    // Guests' networks live where their VMMs run: in the nested host, when there is one.
+    let nested = match nested::local_kvm_problem() {
+        Some(_) => nested::NestedHost::running()?,
+        None => None,
+    };
+    match nested {
+        Some(host) => {
+            let argv = ferry::node::ssh_command(&key, addr, interactive, command);
+            let raw = if interactive {
+                ferry::terminal::RawMode::enable(&std::io::stdin())?
+            } else {
+                None
+            };
+            let cwd = std::env::current_dir().context("reading the current directory")?;
+            let code = host.exec(&argv, &cwd, &passthrough_env(), true);
+            drop(raw);
+            Ok(code?)
+        }
+        None => {
+            let argv = ferry::node::ssh_command(&key, addr, false, command);
+            let status = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .status()
+                .context("running ssh (openssh-client)")?;
+            Ok(status.code().unwrap_or(255))
+        }
+    }
 }
 
 fn cmd_host(action: HostAction) -> anyhow::Result<i32> {

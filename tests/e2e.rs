@@ -420,6 +420,104 @@ fn two_guests_on_one_bridge_reach_each_other_and_the_host(_: &Suite) -> CaseResu
     result
 }
 
+fn root_disk_keeps_writes_and_lets_ssh_in(s: &Suite) -> CaseResult {
+    // The node's own root disk: what one boot writes, the next boot finds.
+    let node = "e2e-root";
+    let out = ferry(
+        &[
+            "run",
+            "-q",
+            "--root",
+            "--node",
+            node,
+            "--",
+            "sh",
+            "-c",
+            "echo kept-$((6*7)) > /root/mark && sync",
+        ],
+        b"",
+        BOOT_LIMIT,
+    )?;
+    check(out.code() == 0, "the first boot writes a file", &out)?;
+    let out = ferry(
+        &[
+            "run",
+            "-q",
+            "--root",
+            "--node",
+            node,
+            "--",
+            "cat",
+            "/root/mark",
+        ],
+        b"",
+        BOOT_LIMIT,
+    )?;
+    check(
+        out.stdout.trim() == "kept-42",
+        "the next boot of the node reads it back",
+        &out,
+    )?;
+
+    // ssh with ferry's key into a running guest on a bridge.
+    let mut guest = Command::new(FERRY)
+        .args([
+            "run",
+            "--root",
+            "--node",
+            node,
+            "--net",
+            "10.77.0.9/24",
+            "--",
+            "sleep",
+            "180",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = guest.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 0) {
+            if line.contains("guest agent ready") {
+                let _ = tx.send(());
+            }
+            line.clear();
+        }
+    });
+    let result = (|| {
+        rx.recv_timeout(BOOT_LIMIT)
+            .map_err(|_| "the ssh guest never became ready".to_string())?;
+        let out = ferry(
+            &[
+                "ssh",
+                "10.77.0.9",
+                "--",
+                "sh",
+                "-c",
+                "uname -r; python3 -c 'print(6*7)'; hostname",
+            ],
+            b"",
+            QUICK_LIMIT,
+        )?;
+        check(out.code() == 0, "ferry ssh runs the command", &out)?;
+        check(
+            out.stdout == format!("{}\n42\n{node}\n", s.release),
+            "the Debian kernel, python3, and the node's hostname",
+            &out,
+        )
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &guest.id().to_string()])
+        .status();
+    let _ = guest.wait();
+    result
+}
+
 fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
     let kernel = s.public_kernel.to_str().unwrap();
     let initrd = s.public_initrd.to_str().unwrap();
@@ -675,6 +773,10 @@ const CASES: &[Case] = &[
         two_guests_on_one_bridge_reach_each_other_and_the_host,
     ),
     (
+        "root_disk_keeps_writes_and_lets_ssh_in",
+        root_disk_keeps_writes_and_lets_ssh_in,
+    ),
+    (
         "bad_disks_exit_2_before_anything_starts",
         bad_disks_exit_2_before_anything_starts,
     ),
@@ -729,11 +831,18 @@ fn setup() -> Result<(Suite, NestedHostGuard), String> {
     let mut guard = NestedHostGuard(false);
     if let Some(reason) = ferry::nested::local_kvm_problem() {
         eprintln!("e2e: local KVM cannot boot a stock kernel ({reason}); starting one nested host for the suite");
+        // A host someone already runs is used and left running; one started here is stopped.
+        let was_running = Command::new(FERRY)
+            .args(["host", "status"])
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?
+            .success();
         let status = Command::new(FERRY)
             .args(["host", "start"])
             .status()
             .map_err(|e| e.to_string())?;
-        guard.0 = true;
+        guard.0 = !was_running;
         if !status.success() {
             return Err("`ferry host start` failed".into());
         }

@@ -731,6 +731,49 @@ impl NestedHost {
         }
     }
 
+    /// A copy of the host executable `exe` under the writable share, named after the file's
+    /// identity, for running in this host. Running `exe` itself through the read-only share can
+    /// crash once it is rebuilt while the host is up (the guest's 9p client keeps the old file's
+    /// pages under the new file's size); a new name each time the file changes cannot be stale.
+    /// A host without a writable share runs `exe` as it is.
+    pub fn stage_executable(&self, exe: &Path) -> Result<PathBuf, NestedError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(share) = &self.state.rw_share else {
+            return Ok(exe.to_path_buf());
+        };
+        let meta = std::fs::metadata(exe).map_err(io_err(format!("stat {}", exe.display())))?;
+        let name = exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "exe".into());
+        let dir = share.join("bin");
+        let staged = dir.join(format!(
+            "{name}-{}-{}-{}",
+            meta.ino(),
+            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+            meta.len()
+        ));
+        if !staged.is_file() {
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+            std::fs::copy(exe, &tmp).map_err(io_err(format!("copy {}", exe.display())))?;
+            std::fs::rename(&tmp, &staged)
+                .map_err(io_err(format!("rename to {}", staged.display())))?;
+            // Older copies of the same program are no longer needed (a run still using one
+            // keeps it open; unlinking does not disturb it).
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let p = e.path();
+                    let other = e.file_name().to_string_lossy().into_owned();
+                    if p != staged && other.starts_with(&format!("{name}-")) {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
+        }
+        Ok(staged)
+    }
+
     pub fn describe(&self) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
