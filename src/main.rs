@@ -34,6 +34,11 @@ enum Command {
         #[command(subcommand)]
         action: ImageAction,
     },
+    /// Talk to a guest's agent.
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+    },
     /// Log in to a guest over ssh as root, with ferry's key (guests booted with `--root` let it
     /// in): a shell, or `-- CMD` to run one command.
     Ssh {
@@ -48,6 +53,19 @@ enum Command {
     Host {
         #[command(subcommand)]
         action: HostAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Round trips to a running guest's agent over vsock (`ferry run` prints the guest's CID).
+    Ping {
+        /// The guest's vsock context id.
+        #[arg(long)]
+        cid: u32,
+        /// How many pings.
+        #[arg(long, default_value_t = 5)]
+        count: u32,
     },
 }
 
@@ -238,6 +256,9 @@ fn main() -> ExitCode {
             .context("building the guest image"),
         Command::Host { action } => cmd_host(action),
         Command::Ssh { addr, command } => cmd_ssh(&addr, &command),
+        Command::Agent {
+            action: AgentAction::Ping { cid, count },
+        } => cmd_agent_ping(cid, count),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -489,6 +510,42 @@ fn passthrough_env() -> Vec<(String, String)> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         )])
         .collect()
+}
+
+fn cmd_agent_ping(cid: u32, count: u32) -> anyhow::Result<i32> {
+    if !ferry_vmm::devices::virtio::vsock::available() {
+        // The guests' vsock lives where their VMMs run: in the nested host, when there is one.
+        if let Some(host) = nested::NestedHost::running()? {
+            let exe = std::env::current_exe().context("locating the ferry binary")?;
+            let argv = vec![
+                host.stage_executable(&exe)?.to_string_lossy().into_owned(),
+                "agent".into(),
+                "ping".into(),
+                "--cid".into(),
+                cid.to_string(),
+                "--count".into(),
+                count.to_string(),
+            ];
+            let cwd = std::env::current_dir().context("reading the current directory")?;
+            return Ok(host.exec(&argv, &cwd, &passthrough_env(), false)?);
+        }
+        return Err(UsageError(
+            "this machine offers no vhost-vsock and no nested host is running: no guest can be reached over vsock here".into(),
+        )
+        .into());
+    }
+    let times = ferry::run::ping_agent(cid, count)?;
+    let mut us: Vec<u128> = times.iter().map(|t| t.as_micros()).collect();
+    us.sort_unstable();
+    if let (Some(min), Some(max)) = (us.first(), us.last()) {
+        let avg = us.iter().sum::<u128>() / us.len() as u128;
+        println!(
+            "{} pings: min/avg/max/median = {min}/{avg}/{max}/{} us",
+            us.len(),
+            us[us.len() / 2]
+        );
+    }
+    Ok(0)
 }
 
 fn cmd_ssh(addr: &str, command: &[String]) -> anyhow::Result<i32> {

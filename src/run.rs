@@ -332,7 +332,7 @@ pub fn run(spec: LocalRun) -> Result<i32, RunError> {
         let verbose = spec.verbose;
         std::thread::Builder::new()
             .name("agent-hello".into())
-            .spawn(move || report_ready(host_end, started, verbose))?;
+            .spawn(move || report_ready(host_end, started, verbose, vsock_cid))?;
         let reason = running.wait();
         drop(_raw);
         return match interactive_status(&reason) {
@@ -506,15 +506,48 @@ fn announce(hello: &Hello, started: Instant, channel: &str) {
     );
 }
 
+/// Pings the agent of the guest with vsock context id `cid` `count` times, printing each round
+/// trip; returns the round-trip times.
+pub fn ping_agent(cid: u32, count: u32) -> Result<Vec<Duration>, RunError> {
+    let stream =
+        VsockStream::connect(cid, vsock::AGENT_PORT).map_err(|e| RunError::AgentNotReady {
+            cause: format!(
+                "nothing answers on vsock port {} of CID {cid}: {e}",
+                vsock::AGENT_PORT
+            ),
+            console: "(is a guest with that CID running here? `ferry run` prints its CID)".into(),
+        })?;
+    let mut conn = AgentConnection::handshake(stream, Duration::from_secs(5))?;
+    println!(
+        "agent {} (protocol {}) on CID {cid}: kernel {}, {} vCPUs",
+        conn.hello().agent_version,
+        conn.hello().version,
+        conn.hello().kernel_release,
+        conn.hello().online_cpus
+    );
+    let mut times = Vec::with_capacity(count as usize);
+    for seq in 1..=count {
+        let rtt = conn.ping()?;
+        println!("pong from CID {cid}: seq={seq} time={} us", rtt.as_micros());
+        times.push(rtt);
+    }
+    Ok(times)
+}
+
 /// Waits for the agent's hello in an interactive run, prints it, then keeps draining the channel
 /// so the guest never blocks on it.
-fn report_ready(stream: UnixStream, started: Instant, verbose: bool) {
+fn report_ready(stream: UnixStream, started: Instant, verbose: bool, vsock_cid: Option<u64>) {
     let drain = stream.try_clone();
     if let Ok(conn) = AgentConnection::handshake(stream, DEFAULT_BOOT_TIMEOUT) {
         if verbose {
-            // The terminal is raw: end the line ourselves.
+            // The terminal is raw: end the lines ourselves.
             announce(conn.hello(), started, "the serial port");
             eprint!("\r");
+            if let Some(cid) = vsock_cid {
+                eprintln!(
+                    "ferry: it answers on vsock CID {cid} too: `ferry agent ping --cid {cid}`\r"
+                );
+            }
         }
     }
     if let Ok(mut s) = drain {

@@ -518,6 +518,60 @@ fn root_disk_keeps_writes_and_lets_ssh_in(s: &Suite) -> CaseResult {
     result
 }
 
+fn agent_answers_pings_over_vsock(_: &Suite) -> CaseResult {
+    let mut guest = Command::new(FERRY)
+        .args(["run", "--", "sleep", "120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = guest.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 0) {
+            // "... on vsock (CID 1234)"
+            if let Some(cid) = line
+                .split("on vsock (CID ")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+            {
+                let _ = tx.send(cid.to_string());
+            }
+            line.clear();
+        }
+    });
+    let result = (|| {
+        let cid = rx
+            .recv_timeout(BOOT_LIMIT)
+            .map_err(|_| "the guest never reported its agent on vsock".to_string())?;
+        let out = ferry(
+            &["agent", "ping", "--cid", &cid, "--count", "3"],
+            b"",
+            QUICK_LIMIT,
+        )?;
+        check(out.code() == 0, "ferry agent ping succeeds", &out)?;
+        check(
+            out.stdout
+                .contains(&format!("pong from CID {cid}: seq=3 time=")),
+            "three pongs come back",
+            &out,
+        )?;
+        check(
+            out.stdout.contains("min/avg/max/median"),
+            "and a summary",
+            &out,
+        )
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &guest.id().to_string()])
+        .status();
+    let _ = guest.wait();
+    result
+}
+
 fn bad_inputs_exit_2_with_a_reason(s: &Suite) -> CaseResult {
     let kernel = s.public_kernel.to_str().unwrap();
     let initrd = s.public_initrd.to_str().unwrap();
@@ -775,6 +829,10 @@ const CASES: &[Case] = &[
     (
         "root_disk_keeps_writes_and_lets_ssh_in",
         root_disk_keeps_writes_and_lets_ssh_in,
+    ),
+    (
+        "agent_answers_pings_over_vsock",
+        agent_answers_pings_over_vsock,
     ),
     (
         "bad_disks_exit_2_before_anything_starts",
