@@ -156,6 +156,10 @@ struct RunArgs {
     /// The node whose root disk `--root` boots (its copy lives under the cache's nodes/).
     #[arg(long, default_value = "default", requires = "root")]
     node: String,
+    /// An extra Debian package for the root disk (repeatable); a new set of packages makes a
+    /// new root disk image, which nodes get when their disk is made.
+    #[arg(long = "package", value_name = "NAME", requires = "root")]
+    packages: Vec<String>,
     /// Print no progress lines.
     #[arg(long, short)]
     quiet: bool,
@@ -283,7 +287,7 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<i32> {
     let mut args = args;
     if args.root {
         // The node's disk becomes /dev/vda and the kernel boots from it.
-        let root = ferry::node::prepare_root(&debian::cache_dir(), &args.node, &[])
+        let root = ferry::node::prepare_root(&debian::cache_dir(), &args.node, &args.packages)
             .context("preparing the root disk")?;
         args.disks.insert(
             0,

@@ -459,63 +459,103 @@ fn root_disk_keeps_writes_and_lets_ssh_in(s: &Suite) -> CaseResult {
         &out,
     )?;
 
-    // ssh with ferry's key into a running guest on a bridge.
-    let mut guest = Command::new(FERRY)
-        .args([
-            "run",
-            "--root",
-            "--node",
-            node,
-            "--net",
-            "10.77.0.9/24",
-            "--",
-            "sleep",
-            "180",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let stderr = guest.stderr.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = std::io::BufReader::new(stderr);
-        let mut line = String::new();
-        while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 0) {
-            if line.contains("guest agent ready") {
-                let _ = tx.send(());
+    // Two nodes on one bridge, each reached with ferry's ssh key; one pings the other.
+    let start = |node: &str, addr: &str| -> Result<(Child, mpsc::Receiver<()>), String> {
+        let mut guest = Command::new(FERRY)
+            .args([
+                "run", "--root", "--node", node, "--net", addr, "--", "sleep", "240",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stderr = guest.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(stderr);
+            let mut line = String::new();
+            while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 0) {
+                if line.contains("guest agent ready") {
+                    let _ = tx.send(());
+                }
+                line.clear();
             }
-            line.clear();
-        }
-    });
+        });
+        Ok((guest, rx))
+    };
+    let mut guests = Vec::new();
     let result = (|| {
-        rx.recv_timeout(BOOT_LIMIT)
-            .map_err(|_| "the ssh guest never became ready".to_string())?;
+        for (n, addr) in [(node, "10.77.0.9/24"), ("e2e-root-b", "10.77.0.10/24")] {
+            guests.push(start(n, addr)?);
+        }
+        for (_, ready) in &guests {
+            ready
+                .recv_timeout(BOOT_LIMIT)
+                .map_err(|_| "a root-disk guest never became ready".to_string())?;
+        }
+        for (addr, name) in [("10.77.0.9", node), ("10.77.0.10", "e2e-root-b")] {
+            let out = ferry(
+                &[
+                    "ssh",
+                    addr,
+                    "--",
+                    "sh",
+                    "-c",
+                    "uname -r; python3 -c 'print(6*7)'; hostname",
+                ],
+                b"",
+                QUICK_LIMIT,
+            )?;
+            check(
+                out.code() == 0,
+                &format!("ferry ssh {addr} runs the command"),
+                &out,
+            )?;
+            check(
+                out.stdout == format!("{}\n42\n{name}\n", s.release),
+                "the Debian kernel, python3, and the node's hostname",
+                &out,
+            )?;
+        }
         let out = ferry(
             &[
                 "ssh",
                 "10.77.0.9",
                 "--",
-                "sh",
+                "ping",
                 "-c",
-                "uname -r; python3 -c 'print(6*7)'; hostname",
+                "3",
+                "-W",
+                "3",
+                "10.77.0.10",
             ],
             b"",
             QUICK_LIMIT,
         )?;
-        check(out.code() == 0, "ferry ssh runs the command", &out)?;
-        check(
-            out.stdout == format!("{}\n42\n{node}\n", s.release),
-            "the Debian kernel, python3, and the node's hostname",
-            &out,
-        )
+        check(out.code() == 0, "one node pings the other", &out)
     })();
-    let _ = Command::new("kill")
-        .args(["-TERM", &guest.id().to_string()])
-        .status();
-    let _ = guest.wait();
+    for (mut guest, _) in guests {
+        let _ = Command::new("kill")
+            .args(["-TERM", &guest.id().to_string()])
+            .status();
+        let _ = guest.wait();
+    }
     result
+}
+
+fn a_guest_that_never_answers_times_out_with_its_console(_: &Suite) -> CaseResult {
+    let out = ferry(
+        &["run", "--boot-timeout", "1", "--", "true"],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(out.code() == 1, "exit 1", &out)?;
+    check(
+        out.stderr.contains("did not become ready") && out.stderr.contains("last console lines"),
+        "the error says so and shows the console",
+        &out,
+    )
 }
 
 fn agent_answers_pings_over_vsock(_: &Suite) -> CaseResult {
@@ -833,6 +873,10 @@ const CASES: &[Case] = &[
     (
         "agent_answers_pings_over_vsock",
         agent_answers_pings_over_vsock,
+    ),
+    (
+        "a_guest_that_never_answers_times_out_with_its_console",
+        a_guest_that_never_answers_times_out_with_its_console,
     ),
     (
         "bad_disks_exit_2_before_anything_starts",
