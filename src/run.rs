@@ -482,7 +482,7 @@ fn describe_exit(reason: &VmExit, tail: &ConsoleTail) -> String {
         VmExit::Reset if tail.contains("Kernel panic") => "the guest kernel panicked".into(),
         VmExit::Reset => "the guest rebooted".into(),
         VmExit::PowerOff => "the guest powered off".into(),
-        VmExit::TripleFault => "the guest triple-faulted".into(),
+        VmExit::TripleFault(state) => format!("the guest triple-faulted ({state})"),
         VmExit::Stopped => "stopped by a signal".into(),
         VmExit::Error(e) => e.clone(),
     }

@@ -85,7 +85,7 @@ impl Vcpu {
                 Ok(Step::Continue)
             }
             Ok(VcpuExit::Hlt) => Ok(Step::Halted),
-            Ok(VcpuExit::Shutdown) => Ok(Step::Exit(VmExit::TripleFault)),
+            Ok(VcpuExit::Shutdown) => Ok(Step::Exit(VmExit::TripleFault(self.describe_state()))),
             Ok(VcpuExit::SystemEvent(kind, _)) => Ok(Step::Exit(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
@@ -100,6 +100,19 @@ impl Vcpu {
             // INIT/SIPI arrived. Both mean "run again" (the caller checks for a stop first).
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Step::Continue),
             Err(source) => Err(VcpuError::Run { index, source }),
+        }
+    }
+
+    /// The registers that say where a vCPU was, for an error message.
+    fn describe_state(&self) -> String {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => format!(
+                "vCPU {} at RIP={:#x} RSP={:#x} CR0={:#x} CR2={:#x} CR3={:#x} CR4={:#x} EFER={:#x}",
+                self.index, r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => format!("vCPU {} (registers unreadable)", self.index),
         }
     }
 

@@ -12,8 +12,8 @@ pub enum VmExit {
     PowerOff,
     /// The guest asked for a reset (ACPI reset register, i8042 pulse).
     Reset,
-    /// The guest triple-faulted.
-    TripleFault,
+    /// The guest triple-faulted; the text is the vCPU's state at that moment.
+    TripleFault(String),
     /// The VMM was asked to stop (signal, API).
     Stopped,
     /// A vCPU failed; the message says how.
