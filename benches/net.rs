@@ -2,7 +2,7 @@
 //! Debian's iperf3 (guest to guest on one bridge, and host to guest), ferry's VMM against QEMU's
 //! microvm with the same Debian kernel, initramfs and root disks, in the same host.
 //!
-//! `cargo bench --bench net [-- ROUNDS]` (3 by default). Where the local KVM cannot boot a
+//! `cargo bench --bench net [-- ROUNDS]` (5 by default). Where the local KVM cannot boot a
 //! stock kernel, the measurement runs inside the nested host (started for the bench if none is
 //! running), like `boot`. Each VMM boots two guests (2 vCPUs, 512 MiB) from node root disks
 //! with iperf3 (`netbench-fa`, `-fb` for ferry, `-qa`, `-qb` for QEMU), all on a bridge of the
@@ -54,7 +54,7 @@ fn main() {
             std::process::exit(2);
         }
         let inputs = Inputs {
-            rounds: a[0].parse().unwrap_or(3),
+            rounds: a[0].parse().unwrap_or(5),
             ferry: PathBuf::from(&a[1]),
             vmlinux: PathBuf::from(&a[2]),
             bzimage: PathBuf::from(&a[3]),
@@ -64,7 +64,7 @@ fn main() {
         };
         std::process::exit(inner(&inputs));
     }
-    let rounds: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(3).max(1);
+    let rounds: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5).max(1);
     outer(rounds);
 }
 
@@ -280,8 +280,15 @@ fn inner(inputs: &Inputs) -> i32 {
     };
     for (v, vmm) in vmms.iter().enumerate() {
         for (m, what) in METRICS.iter().enumerate() {
-            if let Err(e) = figure(v, m) {
-                println!("# {}: {what} not measured: {e}", vmm.name());
+            match (figure(v, m), &errors[v][m]) {
+                (Err(e), _) => println!("# {}: {what} not measured: {e}", vmm.name()),
+                (Ok(_), Some(e)) => println!(
+                    "# {}: {what}: median of the {} rounds of {} measured (last error: {e})",
+                    vmm.name(),
+                    samples[v][m].len(),
+                    inputs.rounds
+                ),
+                _ => {}
             }
         }
     }
@@ -568,11 +575,12 @@ fn request(argv: &[&str]) -> ExecRequest {
 
 /// Starts a one-shot iperf3 server in guest `cid` and waits until it listens. The thread ends
 /// when the server does (after one test).
-fn start_server(cid: u32) -> Result<std::thread::JoinHandle<()>> {
+fn start_server(cid: u32, port: u16) -> Result<std::thread::JoinHandle<()>> {
     let mut conn = connect(cid, Duration::from_secs(10))?;
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
-        let req = request(&["iperf3", "-s", "-1", "--forceflush"]);
+        let port = port.to_string();
+        let req = request(&["iperf3", "-s", "-1", "--forceflush", "-p", &port]);
         let mut out = ChanWriter(tx.clone());
         let mut err = ChanWriter(tx);
         let _ = conn.exec(&req, None, &mut out, &mut err);
@@ -592,10 +600,13 @@ fn start_server(cid: u32) -> Result<std::thread::JoinHandle<()>> {
     Ok(handle)
 }
 
-fn client_args(server: &str) -> Vec<String> {
+fn client_args(server: &str, port: u16) -> Vec<String> {
     let secs = IPERF_SECS.to_string();
+    let port = port.to_string();
     [
         "iperf3",
+        "-p",
+        &port,
         "-c",
         server,
         "-t",
@@ -609,28 +620,52 @@ fn client_args(server: &str) -> Vec<String> {
     .collect()
 }
 
+/// A new port for each iperf3 test: a server left behind by a failed test (its client gone)
+/// keeps its port, and must not fail the next rounds.
+fn next_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(5201);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// iperf3 from guest B to guest A across the bridge, the receiver's Mbit/s.
 fn iperf_guest_to_guest(pair: &Pair) -> Result<f64> {
-    let server = start_server(pair.cids[0])?;
+    let port = next_port();
+    let server = start_server(pair.cids[0], port)?;
     let mut conn = connect(pair.cids[1], Duration::from_secs(10))?;
-    let args = client_args(&pair.server);
-    let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = conn.exec(&request(&argv), None, &mut out, &mut err)?;
-    let _ = server.join();
+    let args = client_args(&pair.server, port);
+    // A time limit: a guest that stops answering must not hang the bench (its VMM is stopped
+    // at the end, which ends this thread's connection).
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = conn.exec(&request(&argv), None, &mut out, &mut err);
+        let _ = tx.send(r.map(|code| (code, out, err)));
+    });
+    let limit = Duration::from_secs(u64::from(IPERF_SECS) + 60);
+    let (code, out, err) = rx.recv_timeout(limit).map_err(|_| {
+        anyhow!(
+            "iperf3 -c in CID {} still running after {limit:?}",
+            pair.cids[1]
+        )
+    })??;
+    // Not joined: a server whose client never reached it would wait forever (its own port).
+    drop(server);
     receiver_mbps(code, &out, &err)
 }
 
 /// iperf3 from this host (the bridge's address) to guest A, the receiver's Mbit/s.
 fn iperf_host_to_guest(pair: &Pair) -> Result<f64> {
-    let server = start_server(pair.cids[0])?;
-    let args = client_args(&pair.server);
+    let port = next_port();
+    let server = start_server(pair.cids[0], port)?;
+    let args = client_args(&pair.server, port);
     let out = Command::new(&args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
         .output()
         .context("run iperf3 on the host (Debian's iperf3 package)")?;
-    let _ = server.join();
+    // Not joined: a server whose client never reached it would wait forever (its own port).
+    drop(server);
     receiver_mbps(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
 }
 
