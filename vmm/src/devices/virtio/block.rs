@@ -420,17 +420,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = start
-                .checked_add(i)
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config(), offset, data);
     }
 
     fn activate(

@@ -134,6 +134,19 @@ impl Interrupt {
     }
 }
 
+/// Copies a device's configuration space `config` from `offset` into `data`; bytes past its end
+/// read as 0, as [`VirtioDevice::read_config`] promises.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// One queue handed to a device at activation.
 pub struct ActiveQueue {
     /// The queue as the driver configured it.

@@ -125,14 +125,7 @@ impl VirtioDevice for VhostNetDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_net_config { u8 mac[6]; ... }: only the MAC is offered.
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| self.mac.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.mac, offset, data);
     }
 
     fn activate(

@@ -143,15 +143,7 @@ impl VirtioDevice for VhostVsockDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn activate(
