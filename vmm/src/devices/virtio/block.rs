@@ -429,7 +429,8 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), VirtioError> {
-        let Ok([ActiveQueue { queue, notify }]) = <[ActiveQueue; 1]>::try_from(queues) else {
+        // One queue: the transport checked the count.
+        let Some(ActiveQueue { queue, notify }) = queues.into_iter().next() else {
             return Err(VirtioError::QueueCount { got: 0, want: 1 });
         };
         if !queue.ready() {
@@ -725,6 +726,18 @@ mod tests {
         assert!(matches!(
             Disk::open(&p.0, true),
             Err(BlockError::TooSmall(_))
+        ));
+    }
+
+    #[test]
+    fn one_queue_and_the_transport_refuses_a_wrong_count() {
+        let f = fixture(false, "count");
+        let blk = Block::new(f.disk, "t-blk-count");
+        assert_eq!(blk.queue_max_sizes().len(), 1);
+        assert!(super::super::check_queue_count(&blk, 1).is_ok());
+        assert!(matches!(
+            super::super::check_queue_count(&blk, 2),
+            Err(VirtioError::QueueCount { got: 2, want: 1 })
         ));
     }
 

@@ -286,6 +286,7 @@ impl MmioTransport {
                 notify: evt.try_clone().map_err(VirtioError::EventFd)?,
             });
         }
+        super::check_queue_count(self.device.as_ref(), active.len())?;
         self.device
             .activate(self.memory.clone(), self.interrupt.clone(), active)?;
         self.active = true;
@@ -347,6 +348,10 @@ mod tests {
     struct Fake {
         log: Arc<Mutex<Log>>,
         sizes: Vec<u16>,
+        /// Once set, the device reports `grown` as its queues (a device bug the transport
+        /// must catch).
+        grow: Arc<std::sync::atomic::AtomicBool>,
+        grown: Vec<u16>,
     }
 
     const FAKE_FEATURES: u64 = features::VERSION_1 | 1 << 3;
@@ -356,7 +361,11 @@ mod tests {
             42
         }
         fn queue_max_sizes(&self) -> &[u16] {
-            &self.sizes
+            if self.grow.load(std::sync::atomic::Ordering::Relaxed) {
+                &self.grown
+            } else {
+                &self.sizes
+            }
         }
         fn features(&self) -> u64 {
             FAKE_FEATURES
@@ -403,19 +412,33 @@ mod tests {
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Log>>, EventFd) {
+        let (t, log, irq, _) = growing_transport();
+        (t, log, irq)
+    }
+
+    /// A transport whose device reports a third queue once the flag is set.
+    fn growing_transport() -> (
+        MmioTransport,
+        Arc<Mutex<Log>>,
+        EventFd,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
         let log = Arc::new(Mutex::new(Log::default()));
         let mem = crate::memory::create(1 << 20).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let grow = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let t = MmioTransport::new(
             Box::new(Fake {
                 log: log.clone(),
                 sizes: vec![256, 16],
+                grow: grow.clone(),
+                grown: vec![256, 16, 16],
             }),
             mem,
             irq.try_clone().unwrap(),
         )
         .unwrap();
-        (t, log, irq)
+        (t, log, irq, grow)
     }
 
     fn rd(t: &mut MmioTransport, off: u64) -> u32 {
@@ -569,6 +592,22 @@ mod tests {
         wr(&mut t, reg::STATUS, s | status::DRIVER_OK);
         let activated = &log.lock().unwrap().activated;
         assert!(activated.iter().all(|a| a.1 != 100), "{activated:?}");
+    }
+
+    #[test]
+    fn a_device_is_activated_only_with_one_queue_per_declared_size() {
+        let (mut t, log, _, grow) = growing_transport();
+        let s = negotiate(&mut t, FAKE_FEATURES);
+        setup_queue(&mut t, 0, 128, 0x10000);
+        grow.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(
+            t.activate(),
+            Err(VirtioError::QueueCount { got: 2, want: 3 })
+        ));
+        wr(&mut t, reg::STATUS, s | status::DRIVER_OK);
+        assert_ne!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(!t.is_active());
+        assert!(log.lock().unwrap().activated.is_empty());
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub mod device_type {
 pub mod features {
     /// Descriptors may point to indirect descriptor tables.
     pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// The used and available rings carry event indices (notification suppression).
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
     /// The device follows virtio 1.0 or later (required by the modern mmio transport).
     pub const VERSION_1: u64 = 1 << 32;
 }
@@ -176,7 +178,9 @@ pub trait VirtioDevice: Send {
     /// Writes the device's configuration space (ignored where it is read-only).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    /// Starts serving the queues (the driver set DRIVER_OK).
+    /// Starts serving the queues (the driver set DRIVER_OK). `queues` holds one queue per
+    /// entry of [`VirtioDevice::queue_max_sizes`], in that order: the transport checks
+    /// ([`check_queue_count`]) before calling.
     fn activate(
         &mut self,
         memory: GuestMemoryMmap,
@@ -187,6 +191,16 @@ pub trait VirtioDevice: Send {
     /// Stops serving the queues and forgets them (the driver wrote 0 to Status, or the VM
     /// stops). The device can be activated again afterwards.
     fn reset(&mut self);
+}
+
+/// Refuses `got` queues for `device` unless it is one per entry of its
+/// [`VirtioDevice::queue_max_sizes`]: what a transport checks before [`VirtioDevice::activate`].
+pub fn check_queue_count(device: &dyn VirtioDevice, got: usize) -> Result<(), VirtioError> {
+    let want = device.queue_max_sizes().len();
+    if got != want {
+        return Err(VirtioError::QueueCount { got, want });
+    }
+    Ok(())
 }
 
 /// A device thread: waits on the queues' notification eventfds and calls a handler with the
