@@ -460,7 +460,8 @@ struct Defaults {
     packages: Vec<String>,
 }
 
-/// A port of one node, and where it was set (`None`: by the `[api]` rule).
+/// A port taken on a host: by which node, as which kind, set on which line (the node's name's
+/// line when the `[api]` rule gave it).
 struct PortUse<'a> {
     node: &'a str,
     kind: &'static str,
