@@ -28,6 +28,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry_guest_agent::vsock::VsockStream;
 use ferry_guest_agent::{AgentConnection, ExecRequest};
 
+mod common;
+use common::median;
+
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const MEM_MIB: u64 = 512;
 const VCPUS: u32 = 2;
@@ -70,7 +73,7 @@ fn main() {
 
 /// Prepares the image, the root disks and the host's iperf3, then measures where a stock kernel
 /// can boot.
-fn outer(rounds: usize) {
+fn outer(rounds: usize) -> ! {
     let cache = ferry::debian::cache_dir();
     let image = ferry::image::ensure(&cache, false).unwrap_or_else(|e| panic!("guest image: {e}"));
     let extra = vec!["iperf3".to_string()];
@@ -105,45 +108,19 @@ fn outer(rounds: usize) {
         inner_args.push(root.disk.to_string_lossy().into_owned());
         inner_args.push(root.cmdline.clone());
     }
-    let Some(reason) = ferry::nested::local_kvm_problem() else {
-        eprintln!("bench: measuring on this machine's KVM");
-        let status = Command::new(&inner_args[0])
-            .args(&inner_args[1..])
-            .status()
-            .expect("run the measurement");
-        std::process::exit(status.code().unwrap_or(1));
-    };
-    eprintln!("bench: {reason}\nbench: measuring both VMMs inside the nested host");
-    let (host, started) = match ferry::nested::NestedHost::running().expect("nested host state") {
-        Some(h) => (h, false),
-        None => (
-            ferry::nested::NestedHost::start(&ferry::nested::HostOptions::default())
-                .expect("start the nested host"),
-            true,
-        ),
-    };
-    let env = vec![
-        (
-            "PATH".to_string(),
-            "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_string(),
-        ),
-        (
-            "HOME".to_string(),
-            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
-        ),
-    ];
-    let ferry_copy = ferry::nested::rw_share_dir()
-        .join("bin")
-        .join(format!("bench-net-ferry-{}", std::process::id()));
-    let code = (|| -> Result<i32> {
-        inner_args[0] = host.stage_executable(&exe)?.to_string_lossy().into_owned();
+    common::measure("net", inner_args, |host, inner_args| {
         // ferry runs from a copy of its own in the writable share (like a staged executable,
         // never stale): a staged `ferry-*` copy is removed as soon as another ferry build is
         // staged (other runs in the same host), and guest B boots well after guest A.
-        std::fs::create_dir_all(ferry_copy.parent().unwrap())?;
-        std::fs::copy(FERRY, &ferry_copy)
-            .with_context(|| format!("copy ferry to {}", ferry_copy.display()))?;
-        inner_args[3] = ferry_copy.to_string_lossy().into_owned();
+        let ferry_copy = RemovedOnDrop(
+            ferry::nested::rw_share_dir()
+                .join("bin")
+                .join(format!("bench-net-ferry-{}", std::process::id())),
+        );
+        std::fs::create_dir_all(ferry_copy.0.parent().unwrap())?;
+        std::fs::copy(FERRY, &ferry_copy.0)
+            .with_context(|| format!("copy ferry to {}", ferry_copy.0.display()))?;
+        inner_args[3] = ferry_copy.0.to_string_lossy().into_owned();
         // The guests write to their disks: through the nested host's writable share.
         let mut shared = Vec::new();
         for (i, root) in roots.iter().enumerate() {
@@ -151,16 +128,17 @@ fn outer(rounds: usize) {
             inner_args[7 + 2 * i] = file.path().to_string_lossy().into_owned();
             shared.push(file);
         }
-        Ok(host.exec(&inner_args, Path::new("/"), &env, false)?)
-    })();
-    let _ = std::fs::remove_file(&ferry_copy);
-    if started {
-        // Another ferry may have started using the host meanwhile: leave it to them then.
-        let _ = host.stop_if_unused();
+        Ok((ferry_copy, shared))
+    })
+}
+
+/// A file removed when the measurement is over.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
-    std::process::exit(
-        code.unwrap_or_else(|e| panic!("run the measurement in the nested host: {e:#}")),
-    );
 }
 
 /// What the measurement boots.
@@ -313,11 +291,6 @@ fn inner(inputs: &Inputs) -> i32 {
         _ => println!("net ferry/qemu ratio=not-measured"),
     }
     0
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// Boots `vmm`'s guests A and B (pair `k`: its own addresses and disks) one after the other
