@@ -132,12 +132,9 @@ fn serve_vsock(agent: Agent, port: u32) {
     loop {
         match listener.accept() {
             Ok((stream, cid)) => {
-                let agent = agent.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = agent.serve(stream) {
-                        log(format_args!("vsock connection from cid {cid}: {e}"));
-                    }
-                });
+                if let Err(e) = agent.spawn_connection(stream, format!("vsock cid {cid}")) {
+                    log(format_args!("cannot serve vsock cid {cid}: {e}"));
+                }
             }
             Err(e) => {
                 log(format_args!("vsock accept: {e}"));
@@ -167,12 +164,9 @@ fn serve_tcp(agent: Agent, addr: SocketAddr) -> ExitCode {
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        let agent = agent.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = agent.serve(stream) {
-                log(format_args!("connection from {peer}: {e}"));
-            }
-        });
+        if let Err(e) = agent.spawn_connection(stream, peer.clone()) {
+            log(format_args!("cannot serve {peer}: {e}"));
+        }
     }
     ExitCode::SUCCESS
 }

@@ -18,6 +18,28 @@
 //! payloads (`Stdin`, `Stdout`, `Stderr`) are the raw bytes, unprefixed. A frame's payload must
 //! be consumed exactly: trailing bytes are an error.
 //!
+//! Fixed-size arrays (`[u32; 3]`) are their elements in order, without a count.
+//!
+//! # Compatibility
+//!
+//! Message types are only ever added, never changed, and adding one does not change
+//! [`PROTOCOL_VERSION`]: the version byte is in every frame, so a bump would make every agent
+//! already running (in guest images built earlier, in an already running nested host) fail
+//! every frame with [`ProtocolError::UnsupportedVersion`]. A new message type is sent only in
+//! answer to a request of a new type, so a peer never receives a type it does not know unless
+//! it asked for one. The rules for a request type the agent does not know:
+//!
+//! - Agents since [`MessageType::Unsupported`] exists answer it with
+//!   [`Message::Unsupported`] naming the type byte, then go on serving the connection.
+//! - Earlier agents drop the frame (logging "unknown message type") and answer nothing. A host
+//!   asking a newer request therefore sends a [`Message::Ping`] right behind it: frames are
+//!   handled in order, so a [`Message::Pong`] arriving before the answer means the agent
+//!   dropped the request. [`crate::client::AgentConnection`] does this and turns both cases
+//!   into [`crate::client::ClientError::AgentTooOld`].
+//!
+//! The types added after version 1's first release: `ListProcesses`, `Processes`, `Load`,
+//! `LoadReport`, `Unsupported`, `RequestFailed` (type bytes 13 to 18).
+//!
 //! The [`Decoder`] resynchronises on the magic after garbage (a serial line can carry anything
 //! before the agent starts), never panics, and never buffers more than one frame plus what the
 //! caller pushed.
@@ -122,6 +144,18 @@ pub enum MessageType {
     Ping = 11,
     /// [`Message::Pong`].
     Pong = 12,
+    /// [`Message::ListProcesses`].
+    ListProcesses = 13,
+    /// [`Message::Processes`].
+    Processes = 14,
+    /// [`Message::Load`].
+    Load = 15,
+    /// [`Message::LoadReport`].
+    LoadReport = 16,
+    /// [`Message::Unsupported`].
+    Unsupported = 17,
+    /// [`Message::RequestFailed`].
+    RequestFailed = 18,
 }
 
 impl MessageType {
@@ -141,6 +175,12 @@ impl MessageType {
             10 => PowerOff,
             11 => Ping,
             12 => Pong,
+            13 => ListProcesses,
+            14 => Processes,
+            15 => Load,
+            16 => LoadReport,
+            17 => Unsupported,
+            18 => RequestFailed,
             _ => return None,
         })
     }
@@ -177,6 +217,125 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Whether the host will send `Stdin` frames; otherwise stdin is `/dev/null`.
     pub stdin: bool,
+}
+
+/// One process in the guest, as [`Message::Processes`] reports it (from `/proc/PID/stat`,
+/// `/proc/PID/status` and `/proc/PID/cmdline`).
+///
+/// Encoded as: `pid` u32, `ppid` u32, `uid` u32, `state` u8, `threads` u32, `rss_kib` u64,
+/// `cpu_ticks` u64, `start_ticks` u64, `kernel_thread` bool, `comm` string, `cmdline` list of
+/// strings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessInfo {
+    /// Process id (the thread group id).
+    pub pid: u32,
+    /// Parent's process id; 0 for init and kthreadd.
+    pub ppid: u32,
+    /// Effective user id (the second field of `Uid:` in `/proc/PID/status`, as `ps -o uid`).
+    pub uid: u32,
+    /// The state letter of `/proc/PID/stat`: `b'R'` running, `b'S'` sleeping, `b'D'` in
+    /// uninterruptible sleep, `b'Z'` zombie, `b'T'` stopped, `b'I'` idle kernel thread, ...
+    pub state: u8,
+    /// Number of threads.
+    pub threads: u32,
+    /// Resident set size in KiB.
+    pub rss_kib: u64,
+    /// CPU time used, user plus system (`utime + stime`), in clock ticks
+    /// ([`LoadInfo::clock_ticks_per_sec`]).
+    pub cpu_ticks: u64,
+    /// When the process started, in clock ticks after boot (`starttime`).
+    pub start_ticks: u64,
+    /// Whether this is a kernel thread (`PF_KTHREAD` in the stat flags, or kthreadd and its
+    /// children when they have no command line).
+    pub kernel_thread: bool,
+    /// The command name as the kernel keeps it (`comm`, at most 64 bytes here), which may hold
+    /// spaces and parentheses. Bytes that are not UTF-8 become U+FFFD.
+    pub comm: String,
+    /// The command line (`/proc/PID/cmdline` split at NUL bytes, trailing NULs dropped);
+    /// empty for kernel threads and zombies. At most [`CMDLINE_CAP`] bytes (counting 4 per
+    /// argument for its length) and [`CMDLINE_CAP_CROWDED`] when the whole list would not fit
+    /// in a frame: longer command lines are cut, the last argument shortened at a character
+    /// boundary and the ones after it dropped. Bytes that are not UTF-8 become U+FFFD.
+    pub cmdline: Vec<String>,
+}
+
+/// The most bytes of command line [`ProcessInfo::cmdline`] carries per process.
+pub const CMDLINE_CAP: usize = 4096;
+
+/// The per-process command line cap when the processes would not fit in [`MAX_PAYLOAD`] with
+/// [`CMDLINE_CAP`].
+pub const CMDLINE_CAP_CROWDED: usize = 256;
+
+impl ProcessInfo {
+    /// Bytes of payload this process takes in a [`Message::Processes`].
+    pub fn encoded_len(&self) -> usize {
+        // pid, ppid, uid, state, threads, rss, cpu, start, kernel_thread, comm, cmdline count.
+        4 + 4 + 4 + 1 + 4 + 8 + 8 + 8 + 1 + (4 + self.comm.len()) + 4 + cmdline_len(&self.cmdline)
+    }
+}
+
+/// Bytes a command line takes encoded (without its count): 4 per argument plus its bytes.
+pub fn cmdline_len(cmdline: &[String]) -> usize {
+    cmdline.iter().map(|a| 4 + a.len()).sum()
+}
+
+/// The agent's process list: [`Message::Processes`].
+///
+/// Encoded as: `truncated` bool, then `processes` (a u32 count and the elements).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessList {
+    /// Every process the agent could read, by ascending pid. Processes that exit while being
+    /// listed are left out.
+    pub processes: Vec<ProcessInfo>,
+    /// Whether processes were left out so the frame stays within [`MAX_PAYLOAD`]: command
+    /// lines are first cut to [`CMDLINE_CAP_CROWDED`], then the highest pids dropped.
+    pub truncated: bool,
+}
+
+impl ProcessList {
+    /// Bytes of payload of this list in a [`Message::Processes`].
+    pub fn encoded_len(&self) -> usize {
+        1 + 4
+            + self
+                .processes
+                .iter()
+                .map(ProcessInfo::encoded_len)
+                .sum::<usize>()
+    }
+}
+
+/// The guest's load and memory: [`Message::LoadReport`].
+///
+/// Encoded as: `uptime_ms` u64, `load_milli` three u32, `procs_running` u32, `procs_total`
+/// u32, `cpu_total_ticks` u64, `cpu_idle_ticks` u64, `online_cpus` u32, `mem_total_kib` u64,
+/// `mem_available_kib` u64, `clock_ticks_per_sec` u32.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoadInfo {
+    /// Time since boot (`/proc/uptime`), in milliseconds.
+    pub uptime_ms: u64,
+    /// The 1, 5 and 15 minute load averages (`/proc/loadavg`) times 1000.
+    pub load_milli: [u32; 3],
+    /// Runnable scheduling entities (threads) right now (`/proc/loadavg`'s 4th field, before
+    /// the slash).
+    pub procs_running: u32,
+    /// All scheduling entities (threads) in the system (`/proc/loadavg`, after the slash).
+    pub procs_total: u32,
+    /// CPU time of all CPUs since boot, in clock ticks: the sum of user, nice, system, idle,
+    /// iowait, irq, softirq and steal on `/proc/stat`'s `cpu` line (guest time is already part
+    /// of user and nice). CPU use between two reports a and b is
+    /// `1 - Δidle / Δtotal`.
+    pub cpu_total_ticks: u64,
+    /// The idle part of `cpu_total_ticks`: idle plus iowait.
+    pub cpu_idle_ticks: u64,
+    /// Online CPUs now (CPUs may be hot-plugged, so this can differ from [`Hello`]'s).
+    pub online_cpus: u32,
+    /// `MemTotal` of `/proc/meminfo`, in KiB.
+    pub mem_total_kib: u64,
+    /// `MemAvailable` of `/proc/meminfo` (`MemFree + Buffers + Cached` on kernels before 3.14),
+    /// in KiB.
+    pub mem_available_kib: u64,
+    /// The clock ticks per second that tick counts are in (`sysconf(_SC_CLK_TCK)`, usually 100).
+    pub clock_ticks_per_sec: u32,
 }
 
 /// One protocol message; each maps to one frame.
@@ -222,6 +381,32 @@ pub enum Message {
         /// The nonce of the ping being answered.
         nonce: u64,
     },
+    /// Host → agent: list the guest's processes. Answered with [`Message::Processes`] or
+    /// [`Message::RequestFailed`]; may be sent while a command runs on the same connection.
+    ListProcesses,
+    /// Agent → host: the answer to [`Message::ListProcesses`].
+    Processes(ProcessList),
+    /// Host → agent: report the guest's load. Answered with [`Message::LoadReport`] or
+    /// [`Message::RequestFailed`]; cheap enough to poll every second, and may be sent while a
+    /// command runs on the same connection.
+    Load,
+    /// Agent → host: the answer to [`Message::Load`].
+    LoadReport(LoadInfo),
+    /// Agent → host: the answer to a frame whose type byte the agent does not know (a request
+    /// from a newer host). Agents from before this message answer nothing instead; see the
+    /// module's "Compatibility".
+    Unsupported {
+        /// The type byte of the frame that was not understood.
+        message_type: u8,
+    },
+    /// Agent → host: a [`Message::ListProcesses`] or [`Message::Load`] could not be answered
+    /// (e.g. `/proc` is not mounted).
+    RequestFailed {
+        /// The type byte of the request that failed.
+        request: u8,
+        /// What went wrong, for the user.
+        message: String,
+    },
 }
 
 impl Message {
@@ -240,6 +425,12 @@ impl Message {
             Message::PowerOff => MessageType::PowerOff,
             Message::Ping { .. } => MessageType::Ping,
             Message::Pong { .. } => MessageType::Pong,
+            Message::ListProcesses => MessageType::ListProcesses,
+            Message::Processes(_) => MessageType::Processes,
+            Message::Load => MessageType::Load,
+            Message::LoadReport(_) => MessageType::LoadReport,
+            Message::Unsupported { .. } => MessageType::Unsupported,
+            Message::RequestFailed { .. } => MessageType::RequestFailed,
         }
     }
 
@@ -285,7 +476,50 @@ impl Message {
                 p.str(message);
             }
             Message::Ping { nonce } | Message::Pong { nonce } => p.u64(*nonce),
-            Message::HelloRequest | Message::StdinClosed | Message::PowerOff => {}
+            Message::Processes(list) => {
+                p.u8(u8::from(list.truncated));
+                p.u32(len_u32(list.processes.len()));
+                for proc in &list.processes {
+                    p.u32(proc.pid);
+                    p.u32(proc.ppid);
+                    p.u32(proc.uid);
+                    p.u8(proc.state);
+                    p.u32(proc.threads);
+                    p.u64(proc.rss_kib);
+                    p.u64(proc.cpu_ticks);
+                    p.u64(proc.start_ticks);
+                    p.u8(u8::from(proc.kernel_thread));
+                    p.str(&proc.comm);
+                    p.u32(len_u32(proc.cmdline.len()));
+                    for a in &proc.cmdline {
+                        p.str(a);
+                    }
+                }
+            }
+            Message::LoadReport(l) => {
+                p.u64(l.uptime_ms);
+                for v in l.load_milli {
+                    p.u32(v);
+                }
+                p.u32(l.procs_running);
+                p.u32(l.procs_total);
+                p.u64(l.cpu_total_ticks);
+                p.u64(l.cpu_idle_ticks);
+                p.u32(l.online_cpus);
+                p.u64(l.mem_total_kib);
+                p.u64(l.mem_available_kib);
+                p.u32(l.clock_ticks_per_sec);
+            }
+            Message::Unsupported { message_type } => p.u8(*message_type),
+            Message::RequestFailed { request, message } => {
+                p.u8(*request);
+                p.str(message);
+            }
+            Message::HelloRequest
+            | Message::StdinClosed
+            | Message::PowerOff
+            | Message::ListProcesses
+            | Message::Load => {}
         }
         let len = len_u32(out.len() - HEADER_LEN);
         out[4..8].copy_from_slice(&len.to_le_bytes());
@@ -348,6 +582,66 @@ impl Message {
             MessageType::PowerOff => Message::PowerOff,
             MessageType::Ping => Message::Ping { nonce: r.u64()? },
             MessageType::Pong => Message::Pong { nonce: r.u64()? },
+            MessageType::ListProcesses => Message::ListProcesses,
+            MessageType::Processes => {
+                let truncated = r.flag()?;
+                let n = r.u32()?;
+                let mut processes = Vec::new();
+                for _ in 0..n {
+                    let pid = r.u32()?;
+                    let ppid = r.u32()?;
+                    let uid = r.u32()?;
+                    let state = r.u8()?;
+                    let threads = r.u32()?;
+                    let rss_kib = r.u64()?;
+                    let cpu_ticks = r.u64()?;
+                    let start_ticks = r.u64()?;
+                    let kernel_thread = r.flag()?;
+                    let comm = r.string()?;
+                    let args = r.u32()?;
+                    let mut cmdline = Vec::new();
+                    for _ in 0..args {
+                        cmdline.push(r.string()?);
+                    }
+                    processes.push(ProcessInfo {
+                        pid,
+                        ppid,
+                        uid,
+                        state,
+                        threads,
+                        rss_kib,
+                        cpu_ticks,
+                        start_ticks,
+                        kernel_thread,
+                        comm,
+                        cmdline,
+                    });
+                }
+                Message::Processes(ProcessList {
+                    processes,
+                    truncated,
+                })
+            }
+            MessageType::Load => Message::Load,
+            MessageType::LoadReport => Message::LoadReport(LoadInfo {
+                uptime_ms: r.u64()?,
+                load_milli: [r.u32()?, r.u32()?, r.u32()?],
+                procs_running: r.u32()?,
+                procs_total: r.u32()?,
+                cpu_total_ticks: r.u64()?,
+                cpu_idle_ticks: r.u64()?,
+                online_cpus: r.u32()?,
+                mem_total_kib: r.u64()?,
+                mem_available_kib: r.u64()?,
+                clock_ticks_per_sec: r.u32()?,
+            }),
+            MessageType::Unsupported => Message::Unsupported {
+                message_type: r.u8()?,
+            },
+            MessageType::RequestFailed => Message::RequestFailed {
+                request: r.u8()?,
+                message: r.string()?,
+            },
         };
         if !r.buf.is_empty() {
             return Err(ProtocolError::TrailingBytes {
@@ -409,6 +703,9 @@ impl Reader<'_> {
         let mut a = [0; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>()?[0])
     }
     fn flag(&mut self) -> Result<bool, ProtocolError> {
         match self.array::<1>()?[0] {
@@ -571,7 +868,72 @@ mod tests {
             Message::PowerOff,
             Message::Ping { nonce: u64::MAX },
             Message::Pong { nonce: 7 },
+            Message::ListProcesses,
+            Message::Processes(sample_processes()),
+            Message::Processes(ProcessList {
+                processes: vec![],
+                truncated: true,
+            }),
+            Message::Load,
+            Message::LoadReport(LoadInfo {
+                uptime_ms: 123_456_789,
+                load_milli: [520, 1_000_000, 0],
+                procs_running: 2,
+                procs_total: 1345,
+                cpu_total_ticks: u64::MAX,
+                cpu_idle_ticks: 17,
+                online_cpus: 2,
+                mem_total_kib: 2_000_000,
+                mem_available_kib: 1_500_000,
+                clock_ticks_per_sec: 100,
+            }),
+            Message::Unsupported { message_type: 0xee },
+            Message::RequestFailed {
+                request: MessageType::Load as u8,
+                message: "cannot read /proc/loadavg: No such file or directory".into(),
+            },
         ]
+    }
+
+    fn sample_processes() -> ProcessList {
+        ProcessList {
+            processes: vec![
+                ProcessInfo {
+                    pid: 1,
+                    ppid: 0,
+                    uid: 0,
+                    state: b'S',
+                    threads: 1,
+                    rss_kib: 1234,
+                    cpu_ticks: 56,
+                    start_ticks: 1,
+                    kernel_thread: false,
+                    comm: "init".into(),
+                    cmdline: vec!["/sbin/init".into(), "splash".into(), String::new()],
+                },
+                ProcessInfo {
+                    pid: 2,
+                    state: b'I',
+                    kernel_thread: true,
+                    comm: "kworker/0:1-events".into(),
+                    ..Default::default()
+                },
+                ProcessInfo {
+                    pid: u32::MAX,
+                    ppid: 1,
+                    uid: u32::MAX,
+                    state: b'Z',
+                    threads: 40,
+                    rss_kib: u64::MAX,
+                    cpu_ticks: u64::MAX,
+                    start_ticks: u64::MAX,
+                    kernel_thread: false,
+                    comm: ") (a b) ) \u{fffd}é".into(),
+                    cmdline: vec!["sh".into(), "-c".into(), "echo 'x y' \u{1f600}".into()],
+                },
+            ],
+            truncated: false,
+        }
     }
 
     fn decode_all(d: &mut Decoder) -> Vec<Result<Message, ProtocolError>> {
@@ -605,6 +967,9 @@ mod tests {
                 u32::from_le_bytes(frame[4..8].try_into().unwrap()) as usize,
                 frame.len() - HEADER_LEN
             );
+            if let Message::Processes(list) = &m {
+                assert_eq!(list.encoded_len(), frame.len() - HEADER_LEN);
+            }
             let mut d = Decoder::new();
             d.push(&frame);
             assert_eq!(d.next(), Ok(Some(m.clone())), "{m:?}");
@@ -762,6 +1127,136 @@ mod tests {
         }
     }
 
+    /// A Processes payload: not truncated, `count` processes of which one is present, with
+    /// `comm_bytes` as its comm and `cmdline` as its raw command line (count and strings).
+    fn processes_payload(count: u32, comm_bytes: &[u8], cmdline: &[u8]) -> Vec<u8> {
+        let mut p = vec![0];
+        p.extend_from_slice(&count.to_le_bytes());
+        // pid 7, ppid 1, uid 0, state S, 1 thread.
+        p.extend_from_slice(&[7, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, b'S', 1, 0, 0, 0]);
+        p.extend_from_slice(&[0; 24]); // rss, cpu, start
+        p.push(0); // kernel_thread
+        p.extend_from_slice(&(comm_bytes.len() as u32).to_le_bytes());
+        p.extend_from_slice(comm_bytes);
+        p.extend_from_slice(cmdline);
+        p
+    }
+
+    #[test]
+    fn hostile_processes_and_load_payloads_are_errors() {
+        const P: u8 = MessageType::Processes as u8;
+        let truncated = |message| ProtocolError::Truncated { message };
+        let good = processes_payload(1, b"sh", &[0, 0, 0, 0]);
+        let mut d = Decoder::new();
+        d.push(&raw_frame(1, P, &good));
+        assert!(matches!(d.next(), Ok(Some(Message::Processes(l))) if l.processes[0].pid == 7));
+        let mut cases: Vec<(Vec<u8>, ProtocolError)> = vec![
+            // A count of 4 billion processes with one present.
+            (
+                raw_frame(1, P, &processes_payload(u32::MAX, b"sh", &[0, 0, 0, 0])),
+                truncated(MessageType::Processes),
+            ),
+            // A cmdline of 4 billion arguments.
+            (
+                raw_frame(1, P, &processes_payload(1, b"sh", &[255, 255, 255, 255])),
+                truncated(MessageType::Processes),
+            ),
+            // An argument claiming 4 GiB.
+            (
+                raw_frame(
+                    1,
+                    P,
+                    &processes_payload(1, b"sh", &[1, 0, 0, 0, 255, 255, 255, 255, b'x']),
+                ),
+                truncated(MessageType::Processes),
+            ),
+            // A comm that is not UTF-8.
+            (
+                raw_frame(1, P, &processes_payload(1, b"\xc3\x28", &[0, 0, 0, 0])),
+                ProtocolError::InvalidUtf8 {
+                    message: MessageType::Processes,
+                },
+            ),
+            // An argument that is not UTF-8.
+            (
+                raw_frame(
+                    1,
+                    P,
+                    &processes_payload(1, b"sh", &[1, 0, 0, 0, 1, 0, 0, 0, 0xff]),
+                ),
+                ProtocolError::InvalidUtf8 {
+                    message: MessageType::Processes,
+                },
+            ),
+            // A truncated flag of 2.
+            (
+                raw_frame(1, P, &[2, 0, 0, 0, 0]),
+                ProtocolError::InvalidTag {
+                    message: MessageType::Processes,
+                    tag: 2,
+                },
+            ),
+            // A good list with a byte after it.
+            (
+                raw_frame(1, P, &[good.clone(), vec![0]].concat()),
+                ProtocolError::TrailingBytes {
+                    message: MessageType::Processes,
+                    extra: 1,
+                },
+            ),
+            (
+                raw_frame(1, MessageType::ListProcesses as u8, &[0]),
+                ProtocolError::TrailingBytes {
+                    message: MessageType::ListProcesses,
+                    extra: 1,
+                },
+            ),
+            (
+                raw_frame(1, MessageType::Unsupported as u8, &[]),
+                truncated(MessageType::Unsupported),
+            ),
+            (
+                raw_frame(1, MessageType::RequestFailed as u8, &[15, 9, 0, 0, 0, b'x']),
+                truncated(MessageType::RequestFailed),
+            ),
+        ];
+        // A LoadReport and a Processes cut short at every length.
+        let report = Message::LoadReport(LoadInfo::default()).encode();
+        for cut in HEADER_LEN..report.len() {
+            cases.push((
+                raw_frame(1, MessageType::LoadReport as u8, &report[HEADER_LEN..cut]),
+                truncated(MessageType::LoadReport),
+            ));
+        }
+        let list = Message::Processes(sample_processes()).encode();
+        for cut in HEADER_LEN..list.len() {
+            cases.push((
+                raw_frame(1, P, &list[HEADER_LEN..cut]),
+                truncated(MessageType::Processes),
+            ));
+        }
+        for (frame, want) in cases {
+            let mut d = Decoder::new();
+            d.push(&frame);
+            d.push(&Message::Load.encode());
+            assert_eq!(d.next(), Err(want));
+            assert_eq!(d.next(), Ok(Some(Message::Load)));
+        }
+    }
+
+    #[test]
+    fn new_types_are_additive_and_the_version_stays() {
+        // Agents already running speak version 1 and know types 1 to 12 with these bytes.
+        assert_eq!(PROTOCOL_VERSION, 1);
+        assert_eq!(MessageType::Hello as u8, 1);
+        assert_eq!(MessageType::Pong as u8, 12);
+        for b in 1..=18 {
+            assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
+        }
+        assert_eq!(MessageType::from_byte(19), None);
+        assert_eq!(MessageType::from_byte(0), None);
+    }
+
     #[test]
     fn hostile_random_input_never_panics_and_later_frames_survive() {
         // A small xorshift generator: deterministic, no extra crates.
@@ -780,7 +1275,7 @@ mod tests {
             if round % 2 == 0 && n > 8 {
                 junk[0..2].copy_from_slice(&MAGIC);
                 junk[2] = PROTOCOL_VERSION;
-                junk[3] = (rnd() % 14) as u8;
+                junk[3] = (rnd() % 20) as u8;
                 junk[4..8].copy_from_slice(&((rnd() % 48) as u32).to_le_bytes());
             }
             d.push(&junk);

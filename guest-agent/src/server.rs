@@ -1,8 +1,14 @@
 //! The agent's side of the protocol: serve one connection (a serial port or a TCP stream),
-//! running commands and streaming their output.
+//! running commands and streaming their output, and answering process and load queries.
+//!
+//! Concurrency: every accepted connection gets a thread of its own
+//! ([`Agent::spawn_connection`]), so connections never wait on each other. Within a
+//! connection one thread reads and handles frames in order; a command's output is pumped by
+//! threads of its own, so `Load`, `ListProcesses` and `Ping` are answered at once even while
+//! a command runs on the same connection. Answers go out in the order of the requests.
 
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -11,8 +17,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::client::Stream;
+use crate::procfs;
 use crate::protocol::{
-    Decoder, ExecRequest, Hello, Message, ProtocolError, PROTOCOL_VERSION, STREAM_CHUNK,
+    Decoder, ExecRequest, Hello, Message, MessageType, ProtocolError, PROTOCOL_VERSION,
+    STREAM_CHUNK,
 };
 use crate::sys;
 
@@ -35,6 +43,7 @@ pub struct Agent {
     chroot: Option<PathBuf>,
     power_off: PowerOffFn,
     hello: Hello,
+    proc: PathBuf,
 }
 
 impl Agent {
@@ -53,7 +62,14 @@ impl Agent {
                 kernel_release: sys::kernel_release().unwrap_or_else(|_| "unknown".into()),
                 online_cpus: sys::online_cpus(),
             },
+            proc: PathBuf::from("/proc"),
         }
+    }
+
+    /// Reads processes and load from `dir` instead of `/proc` (for tests).
+    pub fn with_proc_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.proc = dir.as_ref().to_owned();
+        self
     }
 
     /// Replaces what [`Message::PowerOff`] does (tests must not power their machine off).
@@ -67,14 +83,35 @@ impl Agent {
         &self.hello
     }
 
+    /// Serves `stream` on a thread of its own until it closes, logging an error with `peer`
+    /// (e.g. `vsock cid 2`). Listeners hand every accepted connection to this, so a host's
+    /// long-lived connection polling `Load` is answered while others run commands.
+    pub fn spawn_connection<S: Stream>(
+        &self,
+        stream: S,
+        peer: String,
+    ) -> io::Result<JoinHandle<()>> {
+        let agent = self.clone();
+        std::thread::Builder::new()
+            .name("ferry-connection".into())
+            .spawn(move || {
+                if let Err(e) = agent.serve(stream) {
+                    log(format_args!("connection from {peer}: {e}"));
+                }
+            })
+    }
+
     /// Serves one connection until it closes: sends Hello, then answers requests. A command
-    /// still running when the connection closes is killed.
+    /// still running when the connection closes is killed. A frame of a type this agent does
+    /// not know (a request from a newer host) is answered with [`Message::Unsupported`] and
+    /// the connection goes on; other bad frames are logged and dropped.
     pub fn serve<S: Stream>(&self, mut stream: S) -> io::Result<()> {
         let writer: SharedWriter<S> = Arc::new(Mutex::new(stream.try_clone_stream()?));
         send(&writer, &Message::Hello(self.hello.clone()))?;
         let mut session = Session::default();
         let mut decoder = Decoder::new();
         let mut buf = vec![0; 64 * 1024];
+        let mut unknown_logged = false;
         let result = loop {
             let n = match stream.read(&mut buf) {
                 Ok(0) => break Ok(()),
@@ -92,6 +129,19 @@ impl Agent {
                         }
                     }
                     Ok(None) => break Ok(()),
+                    Err(ProtocolError::UnknownType(t)) => {
+                        if !unknown_logged {
+                            unknown_logged = true;
+                            log(format_args!(
+                                "the host sent a request of unknown type {t:#04x} (a newer \
+                                 ferry?); answering Unsupported"
+                            ));
+                        }
+                        let reply = Message::Unsupported { message_type: t };
+                        if let Err(e) = send(&writer, &reply) {
+                            break Err(e);
+                        }
+                    }
                     Err(e) => log_frame_error(&e),
                 }
             };
@@ -154,11 +204,29 @@ impl Agent {
                 (self.power_off)();
                 Ok(())
             }
+            Message::ListProcesses => {
+                let reply = match procfs::process_list(&self.proc) {
+                    Ok(list) => Message::Processes(list),
+                    Err(e) => request_failed(MessageType::ListProcesses, &e),
+                };
+                send(writer, &reply)
+            }
+            Message::Load => {
+                let reply = match procfs::load(&self.proc) {
+                    Ok(load) => Message::LoadReport(load),
+                    Err(e) => request_failed(MessageType::Load, &e),
+                };
+                send(writer, &reply)
+            }
             other @ (Message::Hello(_)
             | Message::Stdout(_)
             | Message::Stderr(_)
             | Message::Exited { .. }
-            | Message::Failed { .. }) => {
+            | Message::Failed { .. }
+            | Message::Processes(_)
+            | Message::LoadReport(_)
+            | Message::Unsupported { .. }
+            | Message::RequestFailed { .. }) => {
                 log(format_args!(
                     "ignoring {} message, which only agents send",
                     other.message_type()
@@ -256,6 +324,15 @@ impl Agent {
             }
         }
         cmd.spawn().map_err(|e| spawn_failure(program, &e))
+    }
+}
+
+/// The answer to a request that could not be served, logged on the console too.
+fn request_failed(request: MessageType, e: &procfs::ProcError) -> Message {
+    log(format_args!("cannot answer {request}: {e}"));
+    Message::RequestFailed {
+        request: request as u8,
+        message: format!("ferry-agent: {e}"),
     }
 }
 

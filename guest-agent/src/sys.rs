@@ -28,6 +28,21 @@ pub fn online_cpus() -> u32 {
     u32::try_from(n).unwrap_or(1).max(1)
 }
 
+/// Clock ticks per second, the unit of `/proc` CPU times (`sysconf(_SC_CLK_TCK)`); 100 if
+/// unknown.
+pub fn clock_ticks_per_sec() -> u32 {
+    // SAFETY: sysconf only reads system state.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u32::try_from(n).ok().filter(|&n| n > 0).unwrap_or(100)
+}
+
+/// The page size in bytes (`sysconf(_SC_PAGESIZE)`); 4096 if unknown.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf only reads system state.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
 /// Puts a terminal into raw mode (`cfmakeraw`: no echo, no line editing, no output processing,
 /// 8 data bits), ignoring modem control lines so reads never wait for a carrier.
 pub fn make_raw(tty: &impl AsRawFd) -> io::Result<()> {
@@ -129,6 +144,12 @@ mod tests {
     #[test]
     fn online_cpus_is_at_least_one() {
         assert!(online_cpus() >= 1);
+    }
+
+    #[test]
+    fn clock_ticks_and_page_size_are_plausible() {
+        assert!((1..=10_000).contains(&clock_ticks_per_sec()));
+        assert!(page_size() >= 4096 && page_size().is_power_of_two());
     }
 
     #[test]
