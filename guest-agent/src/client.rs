@@ -1,4 +1,5 @@
-//! The host's side of the agent protocol: connect, run commands, power the guest off.
+//! The host's side of the agent protocol: connect, run commands, list processes, report load,
+//! power the guest off.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -9,7 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    Decoder, ExecRequest, Hello, Message, ProtocolError, PROTOCOL_VERSION, STREAM_CHUNK,
+    Decoder, ExecRequest, Hello, LoadInfo, Message, MessageType, ProcessInfo, ProcessList,
+    ProtocolError, PROTOCOL_VERSION, STREAM_CHUNK,
 };
 
 /// A byte stream the protocol can run over.
@@ -89,6 +91,25 @@ pub enum ClientError {
         /// Ours.
         host: u8,
     },
+    /// The agent does not know a request this build sent: it answered
+    /// [`Message::Unsupported`], or (agents from before that message) dropped the request
+    /// and answered the Ping sent right behind it.
+    #[error(
+        "the guest's agent is older than this ferry; rebuild the image: `ferry image build \
+         --force` (it does not know {request} requests)"
+    )]
+    AgentTooOld {
+        /// The request it did not know.
+        request: MessageType,
+    },
+    /// The agent knows the request but could not answer it ([`Message::RequestFailed`]).
+    #[error("the guest agent could not answer a {request} request: {message}")]
+    RequestFailed {
+        /// The request.
+        request: MessageType,
+        /// The agent's explanation.
+        message: String,
+    },
     /// The command to run was empty.
     #[error("no command to run")]
     EmptyCommand,
@@ -108,6 +129,9 @@ pub struct AgentConnection<S: Stream> {
     hello: Hello,
     timeout: Duration,
     next_nonce: u64,
+    /// The nonce of the Ping sent behind the last [`AgentConnection::request`] whose Pong has
+    /// not arrived yet; everything before that Pong belongs to the earlier request.
+    pending_fence: Option<u64>,
     buf: Vec<u8>,
 }
 
@@ -134,6 +158,7 @@ impl<S: Stream> AgentConnection<S> {
             },
             timeout,
             next_nonce: 1,
+            pending_fence: None,
             buf: vec![0; 64 * 1024],
         };
         let deadline = Instant::now() + timeout;
@@ -194,6 +219,90 @@ impl<S: Stream> AgentConnection<S> {
             if let Message::Pong { nonce: n } = self.receive(Some(wait), "waiting for a Pong")? {
                 if n == nonce {
                     return Ok(start.elapsed());
+                }
+            }
+        }
+    }
+
+    /// The processes running in the guest, by ascending pid, waiting at most the handshake's
+    /// timeout. A list too big for one frame comes without some processes (see
+    /// [`AgentConnection::process_list`], which says so). Fails with
+    /// [`ClientError::AgentTooOld`] if the guest's agent predates the request.
+    pub fn processes(&mut self) -> Result<Vec<ProcessInfo>, ClientError> {
+        Ok(self.process_list()?.processes)
+    }
+
+    /// Like [`AgentConnection::processes`], with whether the agent had to leave processes out
+    /// ([`ProcessList::truncated`]).
+    pub fn process_list(&mut self) -> Result<ProcessList, ClientError> {
+        self.request(
+            Message::ListProcesses,
+            "waiting for the process list",
+            |m| match m {
+                Message::Processes(list) => Some(list),
+                _ => None,
+            },
+        )
+    }
+
+    /// The guest's load, memory and CPU time, waiting at most the handshake's timeout. Cheap
+    /// enough to poll every second on a long-lived connection; CPU use is
+    /// `1 - Δcpu_idle_ticks / Δcpu_total_ticks` between two reports. Fails with
+    /// [`ClientError::AgentTooOld`] if the guest's agent predates the request.
+    pub fn load(&mut self) -> Result<LoadInfo, ClientError> {
+        self.request(Message::Load, "waiting for the load report", |m| match m {
+            Message::LoadReport(load) => Some(load),
+            _ => None,
+        })
+    }
+
+    /// Sends `req` with a Ping right behind it and waits up to the timeout for the answer
+    /// `answer` picks. The agent handles frames in order, so the Pong coming first means it
+    /// dropped a request it did not know (see the protocol's "Compatibility"). If an earlier
+    /// request timed out, what is left of it is skipped first, up to its Pong, so a late
+    /// answer is never taken for this one's.
+    fn request<T>(
+        &mut self,
+        req: Message,
+        during: &'static str,
+        answer: impl Fn(Message) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let ty = req.message_type();
+        let deadline = Instant::now() + self.timeout;
+        let wait = |timeout| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(ClientError::Timeout(timeout, during))
+            } else {
+                Ok(left)
+            }
+        };
+        while self.pending_fence.is_some() {
+            self.receive(Some(wait(self.timeout)?), during)?;
+        }
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        self.send(&req)?;
+        self.send(&Message::Ping { nonce })?;
+        self.pending_fence = Some(nonce);
+        loop {
+            match self.receive(Some(wait(self.timeout)?), during)? {
+                Message::Pong { nonce: n } if n == nonce => {
+                    return Err(ClientError::AgentTooOld { request: ty })
+                }
+                Message::Unsupported { message_type } if message_type == ty as u8 => {
+                    return Err(ClientError::AgentTooOld { request: ty })
+                }
+                Message::RequestFailed { request, message } if request == ty as u8 => {
+                    return Err(ClientError::RequestFailed {
+                        request: ty,
+                        message,
+                    })
+                }
+                other => {
+                    if let Some(v) = answer(other) {
+                        return Ok(v);
+                    }
                 }
             }
         }
@@ -290,6 +399,11 @@ impl<S: Stream> AgentConnection<S> {
             })?;
         loop {
             if let Some(m) = self.decoder.next()? {
+                if let Message::Pong { nonce } = m {
+                    if self.pending_fence == Some(nonce) {
+                        self.pending_fence = None;
+                    }
+                }
                 return Ok(m);
             }
             match self.reader.read(&mut self.buf) {
