@@ -85,6 +85,8 @@ pub enum NestedError {
         #[source]
         source: std::io::Error,
     },
+    #[error("QEMU's monitor would not forward 127.0.0.1:{port} into the nested host: {reply}; another program may hold that port: change the port in the cluster file")]
+    Forward { port: u16, reply: String },
 }
 
 /// A host file made writable inside the nested host ([`NestedHost::share_writable`]); the link
@@ -690,6 +692,68 @@ impl NestedHost {
         }
     }
 
+    /// Forwards TCP `port` on this machine's 127.0.0.1 to the same port in the nested host
+    /// (where a node daemon listens), unless it is forwarded already.
+    pub fn forward_port(&self, port: u16) -> Result<(), NestedError> {
+        let rules = self.monitor("info usernet")?;
+        if forwarded_ports(&rules).contains(&port) {
+            return Ok(());
+        }
+        let reply = self.monitor(&format!("hostfwd_add n0 tcp:127.0.0.1:{port}-:{port}"))?;
+        if reply.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(NestedError::Forward {
+                port,
+                reply: reply.trim().to_string(),
+            })
+        }
+    }
+
+    /// Removes the forwarding of `port` made by [`Self::forward_port`], if there is one.
+    pub fn unforward_port(&self, port: u16) -> Result<(), NestedError> {
+        let rules = self.monitor("info usernet")?;
+        if forwarded_ports(&rules).contains(&port) {
+            self.monitor(&format!("hostfwd_remove n0 tcp:127.0.0.1:{port}"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs one command on QEMU's human monitor and returns what it printed.
+    fn monitor(&self, command: &str) -> Result<String, NestedError> {
+        use std::io::{Read, Write};
+        let path = state_dir().join("monitor.sock");
+        let what = || format!("talk to QEMU's monitor at {}", path.display());
+        let mut sock = std::os::unix::net::UnixStream::connect(&path).map_err(io_err(what()))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(io_err(what()))?;
+        // The monitor greets with a banner and a prompt; each command's output ends with the
+        // next prompt.
+        let read_to_prompt = |sock: &mut std::os::unix::net::UnixStream| {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !out.ends_with(b"(qemu) ") {
+                let n = sock.read(&mut buf).map_err(io_err(what()))?;
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+            Ok::<_, NestedError>(String::from_utf8_lossy(&out).into_owned())
+        };
+        read_to_prompt(&mut sock)?;
+        sock.write_all(format!("{command}\n").as_bytes())
+            .map_err(io_err(what()))?;
+        let out = read_to_prompt(&mut sock)?;
+        // The reply echoes the command (with terminal escapes) before its output.
+        let body: Vec<&str> = out
+            .lines()
+            .skip(1)
+            .filter(|l| !l.starts_with("(qemu)"))
+            .collect();
+        Ok(body.join("\n"))
+    }
+
     /// One line for the user: `QEMU pid 123, agent on 127.0.0.1:40000, up 85 s, console: <path>`.
     /// Makes the host file `path` writable from commands in this host: a file under the
     /// writable share is used as it is; any other is hard-linked into the share (same inode, so
@@ -884,6 +948,15 @@ pub fn console_tail(path: &Path, n: usize) -> String {
         .join("\n")
 }
 
+/// The host ports of the TCP forwardings in `info usernet`'s output, whose rules read like
+/// `TCP[HOST_FORWARD]  13   127.0.0.1 40000   10.0.2.15  7377  0  0`.
+fn forwarded_ports(info: &str) -> Vec<u16> {
+    info.lines()
+        .filter(|l| l.contains("TCP[HOST_FORWARD]"))
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .collect()
+}
+
 /// Why this machine's `/dev/kvm` cannot boot a stock kernel, as a sentence for the user that
 /// says what to do; `None` if it can.
 pub fn local_kvm_problem() -> Option<String> {
@@ -926,6 +999,12 @@ fn local_kvm_problem_at(dev: &Path, sys_module: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_ports_are_read_from_info_usernet() {
+        let info = "Hub -1 (n0):\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\n  TCP[HOST_FORWARD]  13       127.0.0.1 40000       10.0.2.15  7377     0     0\n  TCP[HOST_FORWARD]  14       127.0.0.1  7470       10.0.2.15  7470     0     0\n  UDP[236 sec]       27       10.0.2.15 33146        10.0.2.3    53     0     0";
+        assert_eq!(forwarded_ports(info), vec![40000, 7470]);
+    }
 
     fn temp_dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("ferry-nested-{tag}-{}", std::process::id()));
