@@ -58,9 +58,19 @@ pub fn prepare_root(
     name: &str,
     extra_packages: &[String],
 ) -> Result<NodeRoot, NodeError> {
+    prepare_root_in(cache, &node_dir(cache, name), name, extra_packages)
+}
+
+/// [`prepare_root`] for a node whose state lives in `dir` (a cluster's node directory).
+pub fn prepare_root_in(
+    cache: &Path,
+    dir: &Path,
+    name: &str,
+    extra_packages: &[String],
+) -> Result<NodeRoot, NodeError> {
     check_name(name)?;
     let base = rootfs::ensure(cache, extra_packages, false)?;
-    let dir = node_dir(cache, name);
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).map_err(|source| NodeError::Io {
         path: dir.clone(),
         source,

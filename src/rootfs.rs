@@ -93,7 +93,7 @@ pub const INITRAMFS_MODULES: &[&str] = &[
 /// them in load order (the initramfs's `/init` reads it).
 pub const INITRAMFS_MODULE_DIR: &str = "lib/modules/root";
 
-const IMAGE_FILE: &str = "root.ext4";
+pub const IMAGE_FILE: &str = "root.ext4";
 const MANIFEST_FILE: &str = "manifest";
 /// Next to a node's disk: the key of the image it was copied from.
 const SOURCE_FILE: &str = "root.ext4.source";

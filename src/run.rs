@@ -29,7 +29,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet
 
 /// Guests' vsock context ids are this plus the VMM's pid (0-2 are reserved, and this keeps
 /// clear of the small numbers other tools pick by hand).
-const VSOCK_CID_BASE: u64 = 1000;
+pub(crate) const VSOCK_CID_BASE: u64 = 1000;
 
 /// How long a guest may take from power-on to its agent's hello.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -105,7 +105,7 @@ pub const DEFAULT_BRIDGE: &str = "ferry0";
 
 /// Sets up the host side of `net` (bridge, TAP) and says how the guest configures its side
 /// (kernel command-line words read by the guest's init).
-fn setup_network(net: &GuestNet) -> Result<(NicConfig, String), RunError> {
+pub(crate) fn setup_network(net: &GuestNet) -> Result<(NicConfig, String), RunError> {
     let bridge = Bridge::ensure(&net.bridge, net.addr)?;
     let tap = Tap::create("ferrytap%d")?;
     bridge.attach(tap.name())?;
@@ -121,12 +121,12 @@ fn setup_network(net: &GuestNet) -> Result<(NicConfig, String), RunError> {
 
 /// The last bytes the console printed, for error messages.
 #[derive(Clone, Default)]
-struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+pub(crate) struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
 
 impl ConsoleTail {
     const KEEP: usize = 4096;
 
-    fn push(&self, b: &[u8]) {
+    pub(crate) fn push(&self, b: &[u8]) {
         let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
         t.extend(b);
         let excess = t.len().saturating_sub(Self::KEEP);
@@ -134,7 +134,7 @@ impl ConsoleTail {
     }
 
     /// The last `n` lines, indented, under a heading.
-    fn render(&self, n: usize) -> String {
+    pub(crate) fn render(&self, n: usize) -> String {
         let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let bytes: Vec<u8> = t.iter().copied().collect();
         let text = String::from_utf8_lossy(&bytes);
@@ -151,7 +151,7 @@ impl ConsoleTail {
         s
     }
 
-    fn contains(&self, needle: &str) -> bool {
+    pub(crate) fn contains(&self, needle: &str) -> bool {
         let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let bytes: Vec<u8> = t.iter().copied().collect();
         String::from_utf8_lossy(&bytes).contains(needle)
@@ -159,10 +159,10 @@ impl ConsoleTail {
 }
 
 /// Where the guest console's bytes go: the terminal (interactive runs), a log file, and the tail.
-struct ConsoleSink {
-    stdout: bool,
-    log: Option<File>,
-    tail: ConsoleTail,
+pub(crate) struct ConsoleSink {
+    pub(crate) stdout: bool,
+    pub(crate) log: Option<File>,
+    pub(crate) tail: ConsoleTail,
 }
 
 impl Write for ConsoleSink {
@@ -184,7 +184,7 @@ impl Write for ConsoleSink {
 }
 
 /// Copies what the host writes into `stream` into the UART's input queue.
-fn pump_into(mut stream: UnixStream, port: Arc<Mutex<SerialPort>>) {
+pub(crate) fn pump_into(mut stream: UnixStream, port: Arc<Mutex<SerialPort>>) {
     let mut buf = [0u8; 4096];
     loop {
         match stream.read(&mut buf) {
@@ -477,7 +477,7 @@ fn connect_vsock(
     }
 }
 
-fn describe_exit(reason: &VmExit, tail: &ConsoleTail) -> String {
+pub(crate) fn describe_exit(reason: &VmExit, tail: &ConsoleTail) -> String {
     match reason {
         VmExit::Reset if tail.contains("Kernel panic") => "the guest kernel panicked".into(),
         VmExit::Reset => "the guest rebooted".into(),

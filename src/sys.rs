@@ -40,3 +40,13 @@ pub fn kill_process_group(pgid: i32, signal: libc::c_int) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Sends `signal` to process `pid` (a positive pid: that process only). Failure (the process
+/// is gone) is not an error worth reporting to the callers, which check liveness themselves.
+pub fn kill(pid: i32, signal: libc::c_int) {
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) takes plain integers; a positive pid names one process.
+    unsafe { libc::kill(pid, signal) };
+}
