@@ -1,6 +1,7 @@
 //! The `ferry` command's library: everything above one VMM (guest images, the nested host, the
 //! `run` command) lives here; the hypervisor itself is the `ferry-vmm` crate.
 
+pub mod cluster;
 pub mod cpio;
 pub mod debian;
 pub mod image;

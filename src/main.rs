@@ -7,10 +7,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use ferry::cluster::control::{self, ControlError};
 use ferry::run::{
     GuestNet, LocalRun, RunError, DEFAULT_BOOT_TIMEOUT, DEFAULT_BRIDGE, DEFAULT_CMDLINE,
 };
-use ferry::{debian, image, nested};
+use ferry::{cluster, debian, image, nested};
 use ferry_vmm::vm::DiskConfig;
 
 #[derive(Parser)]
@@ -42,8 +43,12 @@ enum Command {
     /// Log in to a guest over ssh as root, with ferry's key (guests booted with `--root` let it
     /// in): a shell, or `-- CMD` to run one command.
     Ssh {
-        /// The guest's address (as given to `ferry run --net`).
-        addr: String,
+        /// A node's name in the cluster file, or a guest's address (as given to `ferry run
+        /// --net`).
+        node: String,
+        /// The cluster file that names the node.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
         /// Command to run (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -53,6 +58,84 @@ enum Command {
     Host {
         #[command(subcommand)]
         action: HostAction,
+    },
+    /// Bring up the cluster of a TOML file (default configs/local.toml): certificates, root
+    /// disks, one daemon and guest per node of this machine; waits until they are ready and
+    /// prints their table. Running nodes are left as they are.
+    Up {
+        /// The cluster file.
+        #[arg(default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+        /// Print no progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Every node of the cluster, asked of its daemon: name, address, state, load, API URL.
+    /// Exits 0 when every node is ready, 3 otherwise.
+    Status {
+        /// The cluster file.
+        #[arg(default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+        /// JSON for scripts (one object per node).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every node of the cluster on this machine and remove its network; the nodes'
+    /// disks stay unless --purge.
+    Down {
+        /// The cluster file.
+        #[arg(default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+        /// Also remove the cluster's state: node disks, certificates, token.
+        #[arg(long)]
+        purge: bool,
+        /// Print no progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// The node daemon and its helpers (started by `ferry up`, not by hand).
+    #[command(hide = true)]
+    Daemon {
+        #[command(subcommand)]
+        action: DaemonAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DaemonAction {
+    /// Run one node: its VMM, its guest and its API.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: PathBuf,
+        #[arg(long)]
+        listen: std::net::IpAddr,
+        #[arg(long)]
+        api_url: String,
+    },
+    /// Start these nodes' daemons here, in the background.
+    Spawn {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: PathBuf,
+        #[arg(long)]
+        listen: std::net::IpAddr,
+        #[arg(long)]
+        api_host: Option<String>,
+        nodes: Vec<String>,
+    },
+    /// Stop the cluster's daemons here and remove its network.
+    Stop {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -259,7 +342,15 @@ fn main() -> ExitCode {
             })
             .context("building the guest image"),
         Command::Host { action } => cmd_host(action),
-        Command::Ssh { addr, command } => cmd_ssh(&addr, &command),
+        Command::Ssh {
+            node,
+            file,
+            command,
+        } => resolve_node(&node, &file).and_then(|addr| cmd_ssh(&addr, &command)),
+        Command::Up { file, quiet } => cmd_up(&file, quiet),
+        Command::Status { file, json } => cmd_status(&file, json),
+        Command::Down { file, purge, quiet } => cmd_down(&file, purge, quiet),
+        Command::Daemon { action } => cmd_daemon(action),
         Command::Agent {
             action: AgentAction::Ping { cid, count },
         } => cmd_agent_ping(cid, count),
@@ -271,6 +362,9 @@ fn main() -> ExitCode {
             let usage = err
                 .downcast_ref::<RunError>()
                 .is_some_and(RunError::is_usage)
+                || err
+                    .downcast_ref::<ControlError>()
+                    .is_some_and(ControlError::is_usage)
                 || err.downcast_ref::<UsageError>().is_some();
             ExitCode::from(if usage { 2 } else { 1 })
         }
@@ -548,6 +642,103 @@ fn cmd_agent_ping(cid: u32, count: u32) -> anyhow::Result<i32> {
             us.len(),
             us[us.len() / 2]
         );
+    }
+    Ok(0)
+}
+
+/// A node name becomes its guest's address from the cluster file; an address stays as it is.
+fn resolve_node(node: &str, file: &Path) -> anyhow::Result<String> {
+    if node.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(node.to_string());
+    }
+    let cluster = control::Cluster::load(file)?;
+    match cluster.config.node(node) {
+        Some(n) => Ok(n.address.addr.to_string()),
+        None => Err(ControlError::NoSuchNode {
+            name: node.to_string(),
+            file: file.display().to_string(),
+            names: cluster
+                .config
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+        .into()),
+    }
+}
+
+fn cmd_up(file: &Path, quiet: bool) -> anyhow::Result<i32> {
+    let statuses = control::up(file, quiet)?;
+    print!("{}", control::table(&statuses));
+    let all_ready = statuses
+        .iter()
+        .all(|s| s.state == cluster::api::NodeState::Ready);
+    Ok(if all_ready { 0 } else { 1 })
+}
+
+fn cmd_status(file: &Path, json: bool) -> anyhow::Result<i32> {
+    let cluster = control::Cluster::load(file)?;
+    let statuses = cluster.statuses()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+    } else {
+        print!("{}", control::table(&statuses));
+    }
+    let all_ready = statuses
+        .iter()
+        .all(|s| s.state == cluster::api::NodeState::Ready);
+    Ok(if all_ready { 0 } else { 3 })
+}
+
+fn cmd_down(file: &Path, purge: bool, quiet: bool) -> anyhow::Result<i32> {
+    let stopped = control::down(file, purge, quiet)?;
+    if !quiet {
+        if stopped.is_empty() {
+            eprintln!("ferry: no node was running");
+        } else {
+            eprintln!("ferry: stopped {}", stopped.join(", "));
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_daemon(action: DaemonAction) -> anyhow::Result<i32> {
+    match action {
+        DaemonAction::Run {
+            dir,
+            node,
+            kernel,
+            initrd,
+            listen,
+            api_url,
+        } => cluster::daemon::run(cluster::daemon::DaemonOptions {
+            dir,
+            node,
+            kernel,
+            initrd,
+            listen,
+            api_url,
+        })?,
+        DaemonAction::Spawn {
+            dir,
+            kernel,
+            initrd,
+            listen,
+            api_host,
+            nodes,
+        } => control::spawn(&control::SpawnOptions {
+            dir,
+            kernel,
+            initrd,
+            listen,
+            api_host,
+            nodes,
+        })?,
+        DaemonAction::Stop { dir } => {
+            control::stop(&dir)?;
+        }
     }
     Ok(0)
 }

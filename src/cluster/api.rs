@@ -1,0 +1,384 @@
+//! The node daemon's REST API: the JSON it speaks, its routes, who may call it, and the OpenAPI
+//! document that describes all of it ([`openapi`]).
+//!
+//! Every node serves the same API on two ports:
+//! - the API port, HTTPS, for users and tools: a bearer token (`Authorization: Bearer <token>`,
+//!   the token is in the cluster's state directory) or a client certificate from the cluster CA;
+//!   a certificate from any other CA is refused in the TLS handshake;
+//! - the peer port, mutual TLS only: other nodes, with their certificates from the cluster CA.
+//!
+//! Routes (all JSON):
+//! - `GET /v1/node`: this node ([`NodeStatus`]);
+//! - `GET /v1/nodes`: every node of the cluster, asked over the peer port ([`NodeStatus`] each);
+//! - `GET /v1/nodes/{name}`: one node;
+//! - `GET /v1/processes[?all=true]`: this node's processes ([`Process`]); kernel threads only
+//!   with `all=true`;
+//! - `GET /v1/nodes/{name}/processes[?all=true]`: another node's, through its peer port;
+//! - `POST /v1/shutdown`: power the guest off and end the daemon (what `ferry down` asks);
+//! - `GET /v1/openapi.json`: the OpenAPI 3 document (no token needed).
+//!
+//! Errors are `{"error": "<what was wrong and what to do>"}` with 400 (a request that does not
+//! parse), 401 (no or wrong token), 404 (no such route or node), 405 (wrong method), 502 (a peer
+//! or the guest's agent did not answer).
+
+use serde::{Deserialize, Serialize};
+
+/// Where a node is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// The daemon runs; the guest is booting and its agent has not answered yet.
+    Booting,
+    /// The guest's agent answers.
+    Ready,
+    /// The guest is not running (it failed, powered off, or the daemon cannot be reached).
+    Down,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Booting => "booting",
+            NodeState::Ready => "ready",
+            NodeState::Down => "down",
+        })
+    }
+}
+
+/// One node, as its daemon sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's name from the cluster file.
+    pub name: String,
+    /// The guest's address on the cluster network.
+    pub address: String,
+    /// The machine its VMM runs on, as the cluster file says.
+    pub host: String,
+    pub state: NodeState,
+    /// Why the node is down, or what it is waiting for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The node's API, as users reach it.
+    pub api_url: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// The guest's kernel release, once its agent answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Milliseconds from the VMM's start to the agent's first answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_ms: Option<u64>,
+    /// The guest's load, sampled about once a second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<Load>,
+}
+
+/// A guest's load: what a balancer weighs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// CPU use over the last sample interval, all vCPUs together, 0 to 100.
+    pub cpu_percent: f64,
+    /// Runnable tasks right now (the run queue).
+    pub run_queue: u32,
+    /// The 1, 5 and 15 minute load averages.
+    pub load_avg: [f64; 3],
+    pub online_cpus: u32,
+    pub mem_total_mib: u64,
+    pub mem_available_mib: u64,
+    /// Tasks in the guest.
+    pub tasks: u32,
+    pub uptime_s: u64,
+}
+
+/// One process in a guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    /// The kernel's one-letter state (R running, S sleeping, D disk wait, T stopped, Z zombie).
+    pub state: String,
+    pub threads: u32,
+    pub rss_kib: u64,
+    /// CPU time used, user and system.
+    pub cpu_seconds: f64,
+    /// The command line, or `[comm]` for a process without one (kernel threads).
+    pub command: String,
+    pub kernel_thread: bool,
+}
+
+/// An error body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// A request the API understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Node,
+    Nodes,
+    NamedNode(String),
+    Processes { all: bool },
+    NodeProcesses { node: String, all: bool },
+    Shutdown,
+    OpenApi,
+}
+
+/// Why a request maps to no route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no such resource: {0}; the routes are listed at /v1/openapi.json")]
+    NotFound(String),
+    #[error("{method} is not allowed on {path}; use {allowed}")]
+    Method {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl RouteError {
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::NotFound(_) => 404,
+            RouteError::Method { .. } => 405,
+            RouteError::BadRequest(_) => 400,
+        }
+    }
+}
+
+/// Maps a method, path and query to a route.
+pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, RouteError> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let (route, allowed) = match segments.as_slice() {
+        ["v1", "node"] => (Route::Node, "GET"),
+        ["v1", "nodes"] => (Route::Nodes, "GET"),
+        ["v1", "nodes", name] => (Route::NamedNode(name.to_string()), "GET"),
+        ["v1", "processes"] => (Route::Processes { all: all(query)? }, "GET"),
+        ["v1", "nodes", name, "processes"] => (
+            Route::NodeProcesses {
+                node: name.to_string(),
+                all: all(query)?,
+            },
+            "GET",
+        ),
+        ["v1", "shutdown"] => (Route::Shutdown, "POST"),
+        ["v1", "openapi.json"] => (Route::OpenApi, "GET"),
+        _ => return Err(RouteError::NotFound(path.to_string())),
+    };
+    if method != allowed {
+        return Err(RouteError::Method {
+            method: method.to_string(),
+            path: path.to_string(),
+            allowed,
+        });
+    }
+    Ok(route)
+}
+
+/// The `all` query parameter: absent, `true` or `false`; anything else is a bad request.
+fn all(query: Option<&str>) -> Result<bool, RouteError> {
+    let mut all = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "true")) {
+            ("all", "true") => all = true,
+            ("all", "false") => all = false,
+            ("all", v) => {
+                return Err(RouteError::BadRequest(format!(
+                    "query parameter all={v}: write all=true or all=false"
+                )))
+            }
+            (key, _) => {
+                return Err(RouteError::BadRequest(format!(
+                    "unknown query parameter `{key}`; the only one is all=true|false"
+                )))
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Whether the `Authorization` header carries `token` (compared in constant time).
+pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The OpenAPI 3 document of this API.
+pub fn openapi() -> serde_json::Value {
+    use serde_json::json;
+    let error = json!({"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let errors = |extra: &[(&str, &str)]| {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "401".into(),
+            json!({"description": "no token, a wrong token, and no cluster client certificate", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+        );
+        for (code, _) in extra {
+            m.insert(code.to_string(), error.clone());
+        }
+        m
+    };
+    let ok = |schema: serde_json::Value| json!({"description": "OK", "content": {"application/json": {"schema": schema}}});
+    let all = json!({"name": "all", "in": "query", "required": false, "schema": {"type": "boolean"}, "description": "include kernel threads"});
+    let name =
+        json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string"}});
+    let with =
+        |mut m: serde_json::Map<String, serde_json::Value>, code: &str, v: serde_json::Value| {
+            m.insert(code.into(), v);
+            serde_json::Value::Object(m)
+        };
+    let node_ref = json!({"$ref": "#/components/schemas/NodeStatus"});
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "ferry node API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "One ferry node daemon: its guest, its load and its processes, and the other nodes of its cluster."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "NodeStatus": {"type": "object",
+                    "required": ["name", "address", "host", "state", "api_url", "vcpus", "memory_mib"],
+                    "properties": {
+                        "name": {"type": "string"}, "address": {"type": "string"}, "host": {"type": "string"},
+                        "state": {"type": "string", "enum": ["booting", "ready", "down"]},
+                        "detail": {"type": "string"}, "api_url": {"type": "string"},
+                        "vcpus": {"type": "integer"}, "memory_mib": {"type": "integer"},
+                        "kernel": {"type": "string"}, "boot_ms": {"type": "integer"},
+                        "load": {"$ref": "#/components/schemas/Load"}}},
+                "Load": {"type": "object",
+                    "required": ["cpu_percent", "run_queue", "load_avg", "online_cpus", "mem_total_mib", "mem_available_mib", "tasks", "uptime_s"],
+                    "properties": {
+                        "cpu_percent": {"type": "number"}, "run_queue": {"type": "integer"},
+                        "load_avg": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+                        "online_cpus": {"type": "integer"}, "mem_total_mib": {"type": "integer"},
+                        "mem_available_mib": {"type": "integer"}, "tasks": {"type": "integer"},
+                        "uptime_s": {"type": "integer"}}},
+                "Process": {"type": "object",
+                    "required": ["pid", "ppid", "uid", "state", "threads", "rss_kib", "cpu_seconds", "command", "kernel_thread"],
+                    "properties": {
+                        "pid": {"type": "integer"}, "ppid": {"type": "integer"}, "uid": {"type": "integer"},
+                        "state": {"type": "string"}, "threads": {"type": "integer"}, "rss_kib": {"type": "integer"},
+                        "cpu_seconds": {"type": "number"}, "command": {"type": "string"}, "kernel_thread": {"type": "boolean"}}}
+            }
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/node": {"get": {"summary": "this node", "responses": with(errors(&[]), "200", ok(node_ref.clone()))}},
+            "/v1/nodes": {"get": {"summary": "every node of the cluster (peers asked over mutual TLS; an unreachable one is listed as down)",
+                "responses": with(errors(&[]), "200", ok(json!({"type": "array", "items": node_ref.clone()})))}},
+            "/v1/nodes/{name}": {"get": {"summary": "one node", "parameters": [name.clone()],
+                "responses": with(errors(&[("404", "")]), "200", ok(node_ref))}},
+            "/v1/processes": {"get": {"summary": "this node's processes", "parameters": [all.clone()],
+                "responses": with(errors(&[("400", ""), ("502", "")]), "200", ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Process"}})))}},
+            "/v1/nodes/{name}/processes": {"get": {"summary": "a node's processes", "parameters": [name, all],
+                "responses": with(errors(&[("400", ""), ("404", ""), ("502", "")]), "200", ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Process"}})))}},
+            "/v1/shutdown": {"post": {"summary": "power the guest off and end this node's daemon",
+                "responses": with(errors(&[]), "202", json!({"description": "shutting down"}))}},
+            "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
+                "responses": {"200": {"description": "the OpenAPI document"}}}}
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_map_methods_paths_and_queries() {
+        assert_eq!(route("GET", "/v1/nodes", None), Ok(Route::Nodes));
+        assert_eq!(route("GET", "/v1/nodes/", None), Ok(Route::Nodes));
+        assert_eq!(
+            route("GET", "/v1/nodes/node-2", None),
+            Ok(Route::NamedNode("node-2".into()))
+        );
+        assert_eq!(
+            route("GET", "/v1/nodes/node-2/processes", Some("all=true")),
+            Ok(Route::NodeProcesses {
+                node: "node-2".into(),
+                all: true
+            })
+        );
+        assert_eq!(
+            route("GET", "/v1/processes", None),
+            Ok(Route::Processes { all: false })
+        );
+        assert_eq!(route("POST", "/v1/shutdown", None), Ok(Route::Shutdown));
+        let e = route("GET", "/v1/shutdown", None).unwrap_err();
+        assert_eq!(e.status(), 405);
+        assert!(e.to_string().contains("use POST"));
+        assert_eq!(route("GET", "/v2/nodes", None).unwrap_err().status(), 404);
+        let e = route("GET", "/v1/processes", Some("all=maybe")).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("all=true or all=false"), "{e}");
+        let e = route("GET", "/v1/processes", Some("sort=cpu")).unwrap_err();
+        assert!(e.to_string().contains("`sort`"), "{e}");
+    }
+
+    #[test]
+    fn bearer_tokens_must_match_exactly() {
+        assert!(bearer_matches(Some("Bearer abc"), "abc"));
+        assert!(!bearer_matches(Some("Bearer abd"), "abc"));
+        assert!(!bearer_matches(Some("Bearer ab"), "abc"));
+        assert!(!bearer_matches(Some("abc"), "abc"));
+        assert!(!bearer_matches(None, "abc"));
+    }
+
+    #[test]
+    fn openapi_documents_every_route_and_schema() {
+        let doc = openapi();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/v1/node",
+            "/v1/nodes",
+            "/v1/nodes/{name}",
+            "/v1/processes",
+            "/v1/nodes/{name}/processes",
+            "/v1/shutdown",
+            "/v1/openapi.json",
+        ] {
+            assert!(paths.contains_key(p), "{p} missing");
+        }
+        // Every field of the types the API returns is in its schema.
+        let node = serde_json::to_value(NodeStatus {
+            name: "n".into(),
+            address: "a".into(),
+            host: "h".into(),
+            state: NodeState::Ready,
+            detail: Some("d".into()),
+            api_url: "u".into(),
+            vcpus: 1,
+            memory_mib: 1,
+            kernel: Some("k".into()),
+            boot_ms: Some(1),
+            load: None,
+        })
+        .unwrap();
+        let props = &doc["components"]["schemas"]["NodeStatus"]["properties"];
+        for k in node.as_object().unwrap().keys() {
+            assert!(props.get(k).is_some(), "NodeStatus.{k} undocumented");
+        }
+        let load = serde_json::to_value(Load {
+            cpu_percent: 0.0,
+            run_queue: 0,
+            load_avg: [0.0; 3],
+            online_cpus: 1,
+            mem_total_mib: 1,
+            mem_available_mib: 1,
+            tasks: 1,
+            uptime_s: 1,
+        })
+        .unwrap();
+        let props = &doc["components"]["schemas"]["Load"]["properties"];
+        for k in load.as_object().unwrap().keys() {
+            assert!(props.get(k).is_some(), "Load.{k} undocumented");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Guest clusters: a TOML file names the nodes ([`config`]); `ferry up` gives the cluster a
+//! certificate authority and a state directory ([`state`]) and starts one daemon per node
+//! ([`daemon`]): the node's VMM, its guest, and an HTTPS API ([`api`]) that the `ferry`
+//! command and the other nodes reach ([`client`]). [`control`] is what `up`, `status` and
+//! `down` do.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod state;
