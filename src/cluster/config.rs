@@ -85,9 +85,10 @@ impl ClusterConfig {
 /// Why a cluster file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: {source}", path.display())]
+    #[error("cannot read the cluster file {}{}", path.display(), read_hint(source))]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("{}:{line}:{column}: {message}", path.display())]
@@ -99,6 +100,15 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
+}
+
+/// What to do about a cluster file that cannot be read.
+fn read_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        " (give the path of a cluster file; examples are in the source tree's configs/)"
+    } else {
+        ""
+    }
 }
 
 /// Reads and checks the cluster file at `path`.
@@ -1194,13 +1204,13 @@ mod tests {
             ClusterConfig {
                 source: "/src/ferry/configs/local.toml".into(),
                 name: "local".into(),
-                subnet: cidr("10.77.0.0/24"),
+                subnet: cidr("10.77.1.0/24"),
                 listen: "127.0.0.1".parse().unwrap(),
                 tls_dir: None,
                 nodes: vec![
-                    node("node-1", "127.0.0.1", "10.77.0.11/24", 7470, 7570),
-                    node("node-2", "127.0.0.1", "10.77.0.12/24", 7471, 7571),
-                    node("node-3", "127.0.0.1", "10.77.0.13/24", 7472, 7572),
+                    node("node-1", "127.0.0.1", "10.77.1.11/24", 7470, 7570),
+                    node("node-2", "127.0.0.1", "10.77.1.12/24", 7471, 7571),
+                    node("node-3", "127.0.0.1", "10.77.1.13/24", 7472, 7572),
                 ],
             }
         );
@@ -1220,13 +1230,13 @@ mod tests {
             ClusterConfig {
                 source: "/src/ferry/configs/hosts.toml".into(),
                 name: "hosts".into(),
-                subnet: cidr("10.77.0.0/24"),
+                subnet: cidr("10.77.1.0/24"),
                 listen: "0.0.0.0".parse().unwrap(),
                 tls_dir: None,
                 nodes: vec![
-                    node("node-1", "192.168.50.10", "10.77.0.11/24", 7470, 7570),
-                    node("node-2", "192.168.50.10", "10.77.0.12/24", 7471, 7571),
-                    node("node-3", "192.168.50.11", "10.77.0.13/24", 7472, 7572),
+                    node("node-1", "192.168.50.10", "10.77.1.11/24", 7470, 7570),
+                    node("node-2", "192.168.50.10", "10.77.1.12/24", 7471, 7571),
+                    node("node-3", "192.168.50.11", "10.77.1.13/24", 7472, 7572),
                 ],
             }
         );
@@ -1334,7 +1344,9 @@ mod tests {
         assert_eq!(path, Path::new("/nonexistent/ferry/c.toml"));
         assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
         assert!(
-            e.to_string().starts_with("/nonexistent/ferry/c.toml: "),
+            e.to_string().starts_with(
+                "cannot read the cluster file /nonexistent/ferry/c.toml (give the path"
+            ),
             "{e}"
         );
     }
