@@ -791,6 +791,13 @@ fn cmd_host(action: HostAction) -> anyhow::Result<i32> {
         }
         HostAction::Stop => match nested::NestedHost::running()? {
             Some(h) => {
+                let clusters = h.kept_by();
+                if !clusters.is_empty() {
+                    eprintln!(
+                        "ferry: warning: cluster {} ran in the nested host and is down with it; `ferry up` brings it back",
+                        clusters.join(", ")
+                    );
+                }
                 h.stop()?;
                 eprintln!("ferry: nested host stopped");
                 Ok(0)

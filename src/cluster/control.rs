@@ -341,6 +341,7 @@ pub fn up(file: &Path, quiet: bool) -> Result<Vec<NodeStatus>, ControlError> {
                     ..nested::HostOptions::default()
                 })?,
             };
+            host.keep_for(&cfg.name)?;
             for n in &to_start {
                 host.forward_port(n.api_port)?;
             }
@@ -602,6 +603,7 @@ pub fn down(file: &Path, purge: bool, quiet: bool) -> Result<Vec<String>, Contro
             for n in cluster.local_nodes() {
                 let _ = host.unforward_port(n.api_port);
             }
+            host.release(&cluster.config.name);
         }
         // A nested host that is gone took its daemons with it.
         stopped = names.clone();

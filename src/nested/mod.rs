@@ -169,6 +169,11 @@ fn rw_share_in(cache: &Path) -> PathBuf {
     cache.join("nested").join("rw")
 }
 
+/// One empty file per cluster whose daemons run in the host ([`NestedHost::keep_for`]).
+fn kept_by_dir() -> PathBuf {
+    state_dir().join("clusters")
+}
+
 fn state_file() -> PathBuf {
     state_dir().join("state")
 }
@@ -359,6 +364,8 @@ impl NestedHost {
             );
             return Ok(host);
         }
+        // A new host runs none of the clusters an old one may have run.
+        let _ = std::fs::remove_dir_all(kept_by_dir());
         let cache = debian::cache_dir();
         let qemu = qemu::ensure()?;
         let kernel = KernelPackage::fetch(&cache)?;
@@ -615,6 +622,15 @@ impl NestedHost {
     /// Stops the host unless another ferry process is running a command in it right now (then
     /// leaves it running and returns `Ok(false)`). For a host started just for one command.
     pub fn stop_if_unused(self) -> Result<bool, NestedError> {
+        let clusters = self.kept_by();
+        if !clusters.is_empty() {
+            eprintln!(
+                "ferry: nested host: it runs cluster {}; leaving it running (`ferry down` \
+                 stops the cluster, `ferry host stop` the host)",
+                clusters.join(", ")
+            );
+            return Ok(false);
+        }
         let Some(_no_users) = FileLock::no_users()? else {
             eprintln!(
                 "ferry: nested host: another ferry is using it; leaving it running \
@@ -690,6 +706,32 @@ impl NestedHost {
         {
             let _ = std::fs::remove_file(&path);
         }
+    }
+
+    /// Marks this host as running cluster `name`'s daemons: [`Self::stop_if_unused`] leaves it
+    /// running until [`Self::release`].
+    pub fn keep_for(&self, name: &str) -> Result<(), NestedError> {
+        let dir = kept_by_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        std::fs::write(dir.join(name), "").map_err(io_err(format!("mark {}", dir.display())))
+    }
+
+    /// Undoes [`Self::keep_for`].
+    pub fn release(&self, name: &str) {
+        let _ = std::fs::remove_file(kept_by_dir().join(name));
+    }
+
+    /// The clusters this host runs.
+    pub fn kept_by(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(kept_by_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 
     /// Forwards TCP `port` on this machine's 127.0.0.1 to the same port in the nested host
