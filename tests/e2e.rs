@@ -793,9 +793,344 @@ fn bad_disks_exit_2_before_anything_starts(s: &Suite) -> CaseResult {
     Ok(())
 }
 
+/// The default cluster file, as a user runs `ferry up` from the source tree.
+fn local_cluster_file() -> String {
+    format!("{}/configs/local.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `GET path` on node `node`'s API of the cluster in `file`, with `token` (or none) and
+/// optionally a client certificate: the status and body, or why no answer came.
+fn api_get(
+    file: &str,
+    node: &str,
+    path: &str,
+    token: Option<String>,
+    identity: Option<&ferry_net::pki::Identity>,
+) -> Result<(u16, String), String> {
+    use ferry::cluster::{client::ApiClient, control::Cluster};
+    let cluster = Cluster::load(Path::new(file)).map_err(|e| e.to_string())?;
+    let n = cluster.config.node(node).ok_or("no such node")?;
+    let roots = ferry_net::pki::load_roots(&cluster.dir.tls_dir(&cluster.config))
+        .map_err(|e| e.to_string())?;
+    let tls = ferry_net::tls::client_config(roots, identity).map_err(|e| e.to_string())?;
+    let client =
+        ApiClient::new(cluster.api_addr(n), node, tls, token).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(client.call("GET", path))
+        .map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
+        .map_err(|e| e.to_string())
+}
+
+/// The API token of the cluster in `file`.
+fn cluster_token(file: &str) -> Result<String, String> {
+    let cluster =
+        ferry::cluster::control::Cluster::load(Path::new(file)).map_err(|e| e.to_string())?;
+    cluster.dir.read_token().map_err(|e| e.to_string())
+}
+
+/// Runs a shell command here (where the VMMs run without a nested host).
+fn ferry_free_sh(script: &str) -> Result<Outcome, String> {
+    let child = Command::new("sh")
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    wait_with_limit(child, QUICK_LIMIT)
+}
+
+/// Which of ferry's daemons, TAPs and bridges exist where the cluster's VMMs run.
+fn cluster_leftovers(s: &Suite) -> Result<String, String> {
+    let script = "pgrep -af '[f]erry.* daemon run'; ip -br link | grep -E '^(fy-|ferrytap)'; true";
+    let out = if s.nested {
+        ferry(
+            &["host", "exec", "--", "sh", "-c", script],
+            b"",
+            QUICK_LIMIT,
+        )?
+    } else {
+        let o = Command::new("sh")
+            .args(["-c", script])
+            .output()
+            .map_err(|e| e.to_string())?;
+        return Ok(String::from_utf8_lossy(&o.stdout).into_owned());
+    };
+    Ok(out.stdout)
+}
+
+fn cluster_up_ssh_api_status_and_down(s: &Suite) -> CaseResult {
+    let file = local_cluster_file();
+    let file = file.as_str();
+    let out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
+    check(out.code() == 0, "`ferry up` brings the cluster up", &out)?;
+    for node in ["node-1", "node-2", "node-3"] {
+        check(
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with(node) && l.contains(" ready ")),
+            &format!("the table shows {node} ready"),
+            &out,
+        )?;
+    }
+    check(
+        out.stderr.contains("ready after"),
+        "progress lines while the guests boot",
+        &out,
+    )?;
+
+    // A second `up` changes nothing.
+    let again = ferry(&["up", file], b"", QUICK_LIMIT)?;
+    check(
+        again.code() == 0 && again.stderr.contains("nothing to do"),
+        "`ferry up` on a running cluster changes nothing",
+        &again,
+    )?;
+
+    // ssh by node name: the Debian kernel, python3, the node's own hostname; guests reach
+    // each other.
+    for node in ["node-1", "node-2", "node-3"] {
+        let out = ferry(
+            &[
+                "ssh",
+                node,
+                "--file",
+                file,
+                "--",
+                "sh",
+                "-c",
+                "uname -r; python3 -c 'print(6*7)'; hostname",
+            ],
+            b"",
+            QUICK_LIMIT,
+        )?;
+        check(
+            out.code() == 0 && out.stdout == format!("{}\n42\n{node}\n", s.release),
+            &format!("`ferry ssh {node}` runs a command there"),
+            &out,
+        )?;
+    }
+    let out = ferry(
+        &[
+            "ssh",
+            "node-1",
+            "--file",
+            file,
+            "--",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "3",
+            "10.77.1.13",
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(out.code() == 0, "node-1 pings node-3", &out)?;
+
+    // status --json: every node ready, with load figures.
+    let out = ferry(&["status", file, "--json"], b"", QUICK_LIMIT)?;
+    check(
+        out.code() == 0,
+        "`ferry status` exits 0 when all are ready",
+        &out,
+    )?;
+    let nodes: serde_json::Value = serde_json::from_str(&out.stdout)
+        .map_err(|e| format!("status --json is not JSON: {e}\n{}", out.stdout))?;
+    let nodes = nodes.as_array().ok_or("status --json is not a list")?;
+    check(nodes.len() == 3, "status lists three nodes", &out)?;
+    for n in nodes {
+        check(
+            n["state"] == "ready"
+                && n["api_url"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("https://"))
+                && n["load"]["mem_total_mib"].as_u64().is_some_and(|m| m > 100),
+            "each node is ready, with its API URL and its load",
+            &out,
+        )?;
+    }
+
+    // The API: every node asked over the peers' mutual TLS, with load; a token is required.
+    let cluster =
+        ferry::cluster::control::Cluster::load(Path::new(file)).map_err(|e| e.to_string())?;
+    let token = cluster.dir.read_token().map_err(|e| e.to_string())?;
+    let (status, body) = api_get(file, "node-1", "/v1/nodes", Some(token.clone()), None)?;
+    let listed: Vec<ferry::cluster::api::NodeStatus> =
+        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+    if status != 200
+        || listed.len() != 3
+        || !listed.iter().all(|n| {
+            n.state == ferry::cluster::api::NodeState::Ready
+                && n.load
+                    .as_ref()
+                    .is_some_and(|l| l.mem_total_mib > 100 && l.online_cpus == 2)
+        })
+    {
+        return Err(format!("GET /v1/nodes on node-1: {status}\n{body}"));
+    }
+    let (status, body) = api_get(
+        file,
+        "node-1",
+        "/v1/nodes/node-2/processes",
+        Some(token.clone()),
+        None,
+    )?;
+    if status != 200 || !body.contains("ferry-agent") || !body.contains("sshd") {
+        return Err(format!(
+            "node-2's processes through node-1: {status}\n{body}"
+        ));
+    }
+    let (status, body) = api_get(file, "node-2", "/v1/nodes", None, None)?;
+    if status != 401 || !body.contains("no bearer token") {
+        return Err(format!("no token must give 401: {status}\n{body}"));
+    }
+    let (status, body) = api_get(file, "node-2", "/v1/nodes", Some("0".repeat(64)), None)?;
+    if status != 401 || !body.contains("wrong bearer token") {
+        return Err(format!("a wrong token must give 401: {status}\n{body}"));
+    }
+    let (status, body) = api_get(
+        file,
+        "node-2",
+        "/v1/processes?all=maybe",
+        Some(token.clone()),
+        None,
+    )?;
+    if status != 400 || !body.contains("all=true or all=false") {
+        return Err(format!("a bad query must give 400: {status}\n{body}"));
+    }
+    let (status, body) = api_get(file, "node-3", "/v1/openapi.json", None, None)?;
+    if status != 200 || !body.contains("\"/v1/nodes/{name}/processes\"") {
+        return Err(format!("the OpenAPI document: {status}\n{body}"));
+    }
+    // A client certificate from another CA is refused in the handshake, token or not.
+    let foreign_dir = scratch(s, "foreign-ca");
+    let foreign = ferry_net::pki::ClusterCa::load_or_create(&foreign_dir, "intruders")
+        .and_then(|ca| ca.issue(&foreign_dir, "node-1", &[], &[]))
+        .map_err(|e| e.to_string())?;
+    match api_get(file, "node-2", "/v1/nodes", Some(token), Some(&foreign)) {
+        Err(_) => {}
+        Ok((status, body)) => {
+            return Err(format!(
+                "a client certificate from a foreign CA must be refused, got {status}\n{body}"
+            ))
+        }
+    }
+
+    // A node whose VMM dies shows as down, to `status` and to the other nodes; `up` brings
+    // it back and leaves the others as they are.
+    let kill = "pkill -KILL -f '[f]erry.* daemon run .*--node node-3 '";
+    let out = if s.nested {
+        ferry(&["host", "exec", "--", "sh", "-c", kill], b"", QUICK_LIMIT)?
+    } else {
+        ferry_free_sh(kill)?
+    };
+    check(out.code() == 0, "node-3's daemon is killed", &out)?;
+    let out = ferry(&["status", file], b"", QUICK_LIMIT)?;
+    check(
+        out.code() == 3
+            && out
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("node-3") && l.contains(" down ")),
+        "`ferry status` shows node-3 down",
+        &out,
+    )?;
+    let (_, body) = api_get(
+        file,
+        "node-1",
+        "/v1/nodes/node-3",
+        Some(cluster_token(file)?),
+        None,
+    )?;
+    if !body.contains("\"state\": \"down\"") {
+        return Err(format!("node-1 must see node-3 down:\n{body}"));
+    }
+    let out = ferry(&["up", file], b"", BOOT_LIMIT)?;
+    check(
+        out.code() == 0
+            && out.stderr.contains("node-3 ready after")
+            && !out.stderr.contains("node-1 ready after"),
+        "`ferry up` restarts node-3 alone",
+        &out,
+    )?;
+
+    // down: no daemon, TAP or bridge left; status says down; disks stay.
+    let out = ferry(&["down", file], b"", BOOT_LIMIT)?;
+    check(out.code() == 0, "`ferry down` stops the cluster", &out)?;
+    let left = cluster_leftovers(s)?;
+    if !left.trim().is_empty() {
+        return Err(format!("left after `ferry down`:\n{left}"));
+    }
+    let out = ferry(&["status", file], b"", QUICK_LIMIT)?;
+    check(
+        out.code() == 3 && out.stdout.matches(" down ").count() == 3,
+        "`ferry status` shows every node down",
+        &out,
+    )?;
+    check(
+        cluster.dir.disk("node-1").is_file(),
+        "the node's disk stays after `ferry down`",
+        &out,
+    )
+}
+
+fn bad_cluster_files_exit_2_with_their_place_and_start_nothing(s: &Suite) -> CaseResult {
+    let cases: [(&str, &str, &str); 4] = [
+        (
+            "unknown key",
+            "[cluster]\nname = \"bad1\"\nsubnet = \"10.79.0.0/24\"\n[[node]]\nname = \"a\"\nmemroy = \"1G\"\n",
+            ":6:1: unknown key `memroy`",
+        ),
+        (
+            "bad size",
+            "[cluster]\nname = \"bad2\"\nsubnet = \"10.79.0.0/24\"\n[[node]]\nname = \"a\"\nmemory = \"12Q\"\n",
+            ":6:10:",
+        ),
+        (
+            "duplicate node name",
+            "[cluster]\nname = \"bad3\"\nsubnet = \"10.79.0.0/24\"\n[[node]]\nname = \"a\"\n[[node]]\nname = \"a\"\n",
+            ":7:8: node name \"a\" is already taken",
+        ),
+        (
+            "address outside the subnet",
+            "[cluster]\nname = \"bad4\"\nsubnet = \"10.79.0.0/24\"\n[[node]]\nname = \"a\"\naddress = \"10.80.0.5\"\n",
+            ":6:11:",
+        ),
+    ];
+    for (what, text, place) in cases {
+        let path = scratch(s, "bad-cluster.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        let path = path.to_string_lossy().into_owned();
+        let out = ferry(&["up", &path], b"", QUICK_LIMIT)?;
+        check(out.code() == 2, &format!("{what}: exit 2"), &out)?;
+        check(
+            out.stderr.contains(&format!("{path}{place}")),
+            &format!("{what}: the message names the file, line and column ({place})"),
+            &out,
+        )?;
+        let name = text.split('"').nth(1).unwrap_or("?");
+        let dir = ferry::debian::cache_dir().join("clusters").join(name);
+        check(
+            !dir.exists(),
+            &format!("{what}: nothing was made ({} is absent)", dir.display()),
+            &out,
+        )?;
+    }
+    Ok(())
+}
+
 type Case = (&'static str, fn(&Suite) -> CaseResult);
 
 const CASES: &[Case] = &[
+    (
+        "bad_cluster_files_exit_2_with_their_place_and_start_nothing",
+        bad_cluster_files_exit_2_with_their_place_and_start_nothing,
+    ),
     (
         "bad_inputs_exit_2_with_a_reason",
         bad_inputs_exit_2_with_a_reason,
@@ -851,6 +1186,10 @@ const CASES: &[Case] = &[
     (
         "writable_disk_keeps_what_the_guest_wrote",
         writable_disk_keeps_what_the_guest_wrote,
+    ),
+    (
+        "cluster_up_ssh_api_status_and_down",
+        cluster_up_ssh_api_status_and_down,
     ),
 ];
 
