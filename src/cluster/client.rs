@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -126,7 +126,93 @@ impl ApiClient {
 
     /// One request; the status and the body, whatever the status.
     pub async fn call(&self, method: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
-        match tokio::time::timeout(self.timeout, self.call_inner(method, path)).await {
+        self.limited(self.call_inner(method, path)).await
+    }
+
+    async fn call_inner(&self, method: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
+        let mut sender = self.connect(false).await?;
+        let req = self
+            .request(method, path)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Request(format!("{method} {path}: {e}")))?;
+        let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.http(e))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    /// `POST path` with a JSON body; the status and the body, whatever the status.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let body = serde_json::to_vec(body).map_err(|source| ClientError::Decode {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        let fut = async {
+            let mut sender = self.connect(false).await?;
+            let req = self
+                .request("POST", path)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| ClientError::Request(format!("POST {path}: {e}")))?;
+            let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.http(e))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        self.limited(fut).await
+    }
+
+    /// `POST path` asking to switch the connection to `protocol`: the raw TLS stream once the
+    /// node answers 101 (the migration stream between nodes).
+    pub async fn upgrade(
+        &self,
+        path: &str,
+        protocol: &str,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let fut = async {
+            let mut sender = self.connect(true).await?;
+            let req = self
+                .request("POST", path)
+                .header(hyper::header::CONNECTION, "upgrade")
+                .header(hyper::header::UPGRADE, protocol)
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| ClientError::Request(format!("POST {path}: {e}")))?;
+            let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
+            if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| self.http(e))?
+                    .to_bytes();
+                return Err(self.status_error(status, &body));
+            }
+            let upgraded = hyper::upgrade::on(resp).await.map_err(|e| self.http(e))?;
+            Ok(TokioIo::new(upgraded))
+        };
+        self.limited(fut).await
+    }
+
+    async fn limited<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout {
                 addr: self.addr.clone(),
@@ -135,7 +221,30 @@ impl ApiClient {
         }
     }
 
-    async fn call_inner(&self, method: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
+    fn http(&self, source: hyper::Error) -> ClientError {
+        ClientError::Http {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    fn request(&self, method: &str, path: &str) -> hyper::http::request::Builder {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.addr);
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        req
+    }
+
+    /// A TLS connection to the node with HTTP/1.1 on it; `upgrades` keeps it open for a
+    /// protocol switch.
+    async fn connect(
+        &self,
+        upgrades: bool,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let addr = self.addr.clone();
         let tcp = TcpStream::connect(&self.addr)
             .await
@@ -151,28 +260,15 @@ impl ApiClient {
                 addr: addr.clone(),
                 source,
             })?;
-        let http = |source| ClientError::Http {
-            addr: addr.clone(),
-            source,
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(http)?;
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, &self.addr);
-        if let Some(t) = &self.token {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+            .map_err(|e| self.http(e))?;
+        if upgrades {
+            tokio::spawn(conn.with_upgrades());
+        } else {
+            tokio::spawn(conn);
         }
-        let req = req
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ClientError::Request(format!("{method} {path}: {e}")))?;
-        let resp = sender.send_request(req).await.map_err(http)?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
-        Ok((status, body))
+        Ok(sender)
     }
 
     fn decode<T: DeserializeOwned>(&self, status: u16, body: &[u8]) -> Result<T, ClientError> {

@@ -494,7 +494,7 @@ fn wait_ready(
             );
             last_line = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
