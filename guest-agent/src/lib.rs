@@ -5,9 +5,11 @@
 //!   over TCP).
 //! - [`server`]: the agent's side, which the `ferry-agent` binary runs in the guest.
 //! - [`procfs`]: the guest's processes and load, read from `/proc` for the agent's answers.
+//! - [`migrate`]: process migration: the process image, freezing at the source.
 //! - [`vsock`]: AF_VSOCK streams, the guest-host channel when the VMM offers a vsock device.
 
 pub mod client;
+pub mod migrate;
 pub mod procfs;
 pub mod protocol;
 pub mod server;

@@ -658,39 +658,76 @@ fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Appends payload fields.
-struct Payload<'a>(&'a mut Vec<u8>);
+/// Appends payload fields (shared with [`crate::migrate::image`]).
+pub(crate) struct Payload<'a>(pub(crate) &'a mut Vec<u8>);
 
+#[allow(dead_code)] // Until the migration messages use them all.
 impl Payload<'_> {
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u16(&mut self, v: u16) {
+    pub(crate) fn flag(&mut self, v: bool) {
+        self.0.push(u8::from(v));
+    }
+    pub(crate) fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u32(&mut self, v: u32) {
+    pub(crate) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn i32(&mut self, v: i32) {
+    pub(crate) fn i32(&mut self, v: i32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.u32(len_u32(s.len()));
         self.0.extend_from_slice(s.as_bytes());
+    }
+    /// A byte string: a u32 length and the bytes.
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
+        self.u32(len_u32(b.len()));
+        self.0.extend_from_slice(b);
+    }
+    /// A list: a u32 count, then `each` for every element.
+    pub(crate) fn list<T>(&mut self, items: &[T], mut each: impl FnMut(&mut Self, &T)) {
+        self.u32(len_u32(items.len()));
+        for item in items {
+            each(self, item);
+        }
     }
 }
 
 /// Reads payload fields; every read is bounds-checked against the payload, so a hostile
-/// length or count can never make it allocate more than the payload's size.
-struct Reader<'a> {
+/// length or count can never make it allocate more than the payload's size. (Shared with
+/// [`crate::migrate::image`].)
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     ty: MessageType,
 }
 
-impl Reader<'_> {
+#[allow(dead_code)] // Until the migration messages use them all.
+impl<'a> Reader<'a> {
+    /// A reader over `buf`, naming `ty` in its errors.
+    pub(crate) fn new(buf: &'a [u8], ty: MessageType) -> Self {
+        Self { buf, ty }
+    }
+    /// The message type errors name.
+    pub(crate) fn message_type(&self) -> MessageType {
+        self.ty
+    }
+    /// Fails with [`ProtocolError::TrailingBytes`] if anything is left.
+    pub(crate) fn finish(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::TrailingBytes {
+                message: self.ty,
+                extra: self.buf.len(),
+            })
+        }
+    }
     fn take(&mut self, n: usize) -> Result<&[u8], ProtocolError> {
         if self.buf.len() < n {
             return Err(ProtocolError::Truncated { message: self.ty });
@@ -704,10 +741,10 @@ impl Reader<'_> {
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.array::<1>()?[0])
     }
-    fn flag(&mut self) -> Result<bool, ProtocolError> {
+    pub(crate) fn flag(&mut self) -> Result<bool, ProtocolError> {
         match self.array::<1>()?[0] {
             0 => Ok(false),
             1 => Ok(true),
@@ -717,23 +754,41 @@ impl Reader<'_> {
             }),
         }
     }
-    fn u16(&mut self) -> Result<u16, ProtocolError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, ProtocolError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
-    fn u32(&mut self) -> Result<u32, ProtocolError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, ProtocolError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn i32(&mut self) -> Result<i32, ProtocolError> {
+    pub(crate) fn i32(&mut self) -> Result<i32, ProtocolError> {
         Ok(i32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> Result<u64, ProtocolError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ProtocolError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn string(&mut self) -> Result<String, ProtocolError> {
+    pub(crate) fn string(&mut self) -> Result<String, ProtocolError> {
         let len = self.u32()? as usize;
         let ty = self.ty;
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::InvalidUtf8 { message: ty })
+    }
+    /// A byte string: a u32 length and the bytes.
+    pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, ProtocolError> {
+        let len = self.u32()? as usize;
+        Ok(self.take(len)?.to_vec())
+    }
+    /// A list: a u32 count, then `each` for every element. A hostile count fails at the
+    /// first element past the payload's end; nothing is allocated ahead of the elements.
+    pub(crate) fn list<T>(
+        &mut self,
+        mut each: impl FnMut(&mut Self) -> Result<T, ProtocolError>,
+    ) -> Result<Vec<T>, ProtocolError> {
+        let n = self.u32()?;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(each(self)?);
+        }
+        Ok(out)
     }
     fn rest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.buf).to_vec()
