@@ -131,6 +131,282 @@ pub fn chroot_before_exec(cmd: &mut Command, root: &Path, cwd: &str) -> io::Resu
     Ok(())
 }
 
+// --- migration: restore ---
+// ptrace, waitpid, clone3 and prlimit for the destination side of a migration
+// (`crate::migrate::inject` runs system calls inside a stopped tracee; `crate::migrate::restore`
+// builds a process there). Every ptrace request must come from the thread that is the tracer.
+
+/// How [`ptrace_resume`] lets a stopped tracee go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// PTRACE_SYSCALL: run until the next system-call entry or exit.
+    Syscall,
+    /// PTRACE_DETACH: stop tracing and run.
+    Detach,
+}
+
+/// The rseq area the kernel knows for a thread (PTRACE_GET_RSEQ_CONFIGURATION).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RseqConfig {
+    /// Address of the `struct rseq`; 0 if none is registered.
+    pub pointer: u64,
+    /// Its registered size.
+    pub size: u32,
+    /// The abort-handler signature it was registered with.
+    pub signature: u32,
+}
+
+fn pid_arg(pid: u32) -> io::Result<libc::pid_t> {
+    libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))
+}
+
+/// One ptrace(2) request whose result is 0 or -1 with errno.
+fn ptrace_raw(request: libc::c_uint, pid: u32, addr: usize, data: usize) -> io::Result<()> {
+    let pid = pid_arg(pid)?;
+    // SAFETY: every caller passes, for its request, either plain integers or pointers to
+    // buffers of the size that request reads or writes, which outlive the call.
+    let rc = unsafe { libc::ptrace(request, pid, addr, data) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// PTRACE_GETREGS.
+pub fn ptrace_getregs(pid: u32) -> io::Result<libc::user_regs_struct> {
+    // SAFETY: `user_regs_struct` is plain old data; all-zero bytes are a valid value.
+    let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    ptrace_raw(
+        libc::PTRACE_GETREGS,
+        pid,
+        0,
+        &mut regs as *mut libc::user_regs_struct as usize,
+    )?;
+    Ok(regs)
+}
+
+/// PTRACE_SETREGS.
+pub fn ptrace_setregs(pid: u32, regs: &libc::user_regs_struct) -> io::Result<()> {
+    ptrace_raw(
+        libc::PTRACE_SETREGS,
+        pid,
+        0,
+        regs as *const libc::user_regs_struct as usize,
+    )
+}
+
+/// PTRACE_GETREGSET of the register set `note` (e.g. `NT_X86_XSTATE`) into `buf`; returns
+/// the bytes the kernel filled.
+pub fn ptrace_getregset(pid: u32, note: u32, buf: &mut [u8]) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    ptrace_raw(
+        libc::PTRACE_GETREGSET,
+        pid,
+        note as usize,
+        &mut iov as *mut libc::iovec as usize,
+    )?;
+    Ok(iov.iov_len)
+}
+
+/// PTRACE_SETREGSET of the register set `note` from `buf`.
+pub fn ptrace_setregset(pid: u32, note: u32, buf: &[u8]) -> io::Result<()> {
+    // The kernel only reads through `iov_base` for SETREGSET.
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    ptrace_raw(
+        libc::PTRACE_SETREGSET,
+        pid,
+        note as usize,
+        &mut iov as *mut libc::iovec as usize,
+    )
+}
+
+/// PTRACE_SETOPTIONS (replaces all options).
+pub fn ptrace_setoptions(pid: u32, options: u32) -> io::Result<()> {
+    ptrace_raw(libc::PTRACE_SETOPTIONS, pid, 0, options as usize)
+}
+
+/// Lets a stopped tracee go on, delivering `signal` (0 for none).
+pub fn ptrace_resume(pid: u32, how: Resume, signal: i32) -> io::Result<()> {
+    let request = match how {
+        Resume::Syscall => libc::PTRACE_SYSCALL,
+        Resume::Detach => libc::PTRACE_DETACH,
+    };
+    let signal = usize::try_from(signal)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "negative signal"))?;
+    ptrace_raw(request, pid, 0, signal)
+}
+
+/// PTRACE_GET_RSEQ_CONFIGURATION (Linux 5.13+).
+pub fn ptrace_rseq_configuration(pid: u32) -> io::Result<RseqConfig> {
+    // SAFETY: the struct is plain old data; all-zero bytes are a valid value.
+    let mut conf: libc::ptrace_rseq_configuration = unsafe { std::mem::zeroed() };
+    ptrace_raw(
+        libc::PTRACE_GET_RSEQ_CONFIGURATION,
+        pid,
+        std::mem::size_of::<libc::ptrace_rseq_configuration>(),
+        &mut conf as *mut libc::ptrace_rseq_configuration as usize,
+    )?;
+    Ok(RseqConfig {
+        pointer: conf.rseq_abi_pointer,
+        size: conf.rseq_abi_size,
+        signature: conf.signature,
+    })
+}
+
+/// waitpid(pid, __WALL) until it reports something; returns the raw status.
+pub fn wait_status(pid: u32) -> io::Result<i32> {
+    let pid = pid_arg(pid)?;
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid, writable int that outlives the call.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if rc == pid {
+            return Ok(status);
+        }
+        let err = io::Error::last_os_error();
+        if rc == -1 && err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// waitpid(pid, __WALL | WNOHANG): the raw status if the child has something to report.
+pub fn try_wait_status(pid: u32) -> io::Result<Option<i32>> {
+    let pid = pid_arg(pid)?;
+    let mut status = 0;
+    // SAFETY: `status` is a valid, writable int that outlives the call.
+    let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+    match rc {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        _ => Ok(Some(status)),
+    }
+}
+
+/// Creates a child process that asks to be traced by the calling thread (PTRACE_TRACEME),
+/// starts a session of its own, drops the alternate signal stack, closes every descriptor
+/// and stops itself with SIGSTOP; the caller then waits for that stop and drives the child
+/// by ptrace alone. Its address space is still a copy of this process's.
+///
+/// With `set_tid`, clone3(2) is asked for that pid in this pid namespace (root only; fails
+/// with e.g. EEXIST if it is taken); without, clone3 (or clone(2) where clone3 is refused
+/// with ENOSYS, as some seccomp profiles do) picks one. Returns the child's pid.
+pub fn spawn_traced_stopped(set_tid: Option<u32>) -> io::Result<u32> {
+    let tids: [libc::pid_t; 1] = [match set_tid {
+        Some(t) => pid_arg(t)?,
+        None => 0,
+    }];
+    // SAFETY: `clone_args` is plain old data; all-zero bytes are a valid value.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.exit_signal = libc::SIGCHLD as u64;
+    if set_tid.is_some() {
+        args.set_tid = tids.as_ptr() as u64;
+        args.set_tid_size = 1;
+    }
+    // SAFETY: clone3 without CLONE_VM gives the child a copy of the address space, as fork
+    // does, and returns in both processes on their own stacks; `args` and `tids` are valid
+    // for the call. The child only runs `become_stopped_tracee`, which never returns.
+    let mut rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if rc == -1
+        && set_tid.is_none()
+        && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)
+    {
+        // SAFETY: as for clone3: a fork-like clone with no stack or TLS change.
+        rc = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                libc::SIGCHLD as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+            )
+        };
+    }
+    match rc {
+        0 => become_stopped_tracee(),
+        -1 => Err(io::Error::last_os_error()),
+        pid => u32::try_from(pid)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "clone returned a bad pid")),
+    }
+}
+
+/// The child's side of [`spawn_traced_stopped`]. It is a copy of a possibly multi-threaded
+/// process, so it makes raw system calls only: no allocation, no locks, no libc state.
+fn become_stopped_tracee() -> ! {
+    let no_stack = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: libc::SS_DISABLE,
+        ss_size: 0,
+    };
+    // SAFETY: raw system calls with integer arguments or pointers to the local `no_stack`;
+    // none allocates or takes a lock; _exit is exit_group(2) and ends the process.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_ptrace,
+            libc::PTRACE_TRACEME as libc::c_long,
+            0,
+            0,
+            0,
+        ) == 0
+        {
+            libc::syscall(libc::SYS_setsid);
+            libc::syscall(
+                libc::SYS_sigaltstack,
+                &no_stack as *const libc::stack_t,
+                std::ptr::null_mut::<libc::stack_t>(),
+            );
+            libc::syscall(
+                libc::SYS_close_range,
+                0 as libc::c_long,
+                libc::c_long::from(u32::MAX),
+                0 as libc::c_long,
+            );
+            let me = libc::syscall(libc::SYS_getpid);
+            libc::syscall(libc::SYS_kill, me, libc::SIGSTOP as libc::c_long);
+        }
+        libc::_exit(127)
+    }
+}
+
+/// prlimit64(pid, resource, {cur, max}) from outside the process.
+pub fn set_rlimit(pid: u32, resource: u32, cur: u64, max: u64) -> io::Result<()> {
+    let pid = pid_arg(pid)?;
+    let limit = libc::rlimit64 {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
+    // SAFETY: `limit` is a valid rlimit64 that outlives the call; no old value is asked for.
+    let rc = unsafe {
+        libc::prlimit64(
+            pid,
+            resource as libc::__rlimit_resource_t,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+// --- end migration: restore ---
+
 #[cfg(test)]
 mod tests {
     use super::*;
