@@ -269,8 +269,14 @@ impl Agent {
             for p in pumps {
                 let _ = p.join();
             }
-            let code = match child.wait() {
-                Ok(status) => exit_code(status),
+            // Not `child.wait()`: while a migration freezes the command, its ptrace stops
+            // are reported to every thread of the agent, which std would take for its end.
+            let code = match sys::wait_exit(pid) {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    drop(child);
+                    exit_code(ExitStatus::from_raw(status))
+                }
                 Err(e) => {
                     log(format_args!("cannot wait for pid {pid}: {e}"));
                     CODE_AGENT_FAILURE

@@ -407,6 +407,319 @@ pub fn set_rlimit(pid: u32, resource: u32, cur: u64, max: u64) -> io::Result<()>
 }
 // --- end migration: restore ---
 
+// --- migration: dump ---
+
+/// `PTRACE_GETREGS`.
+const PTRACE_GETREGS: libc::c_long = 12;
+/// `PTRACE_SETREGS`.
+const PTRACE_SETREGS: libc::c_long = 13;
+/// `PTRACE_DETACH`.
+const PTRACE_DETACH: libc::c_long = 17;
+/// `PTRACE_CONT`.
+const PTRACE_CONT: libc::c_long = 7;
+/// `PTRACE_SYSCALL`.
+const PTRACE_SYSCALL: libc::c_long = 24;
+/// `PTRACE_GETSIGINFO`.
+const PTRACE_GETSIGINFO: libc::c_long = 0x4202;
+/// `PTRACE_GETREGSET`.
+const PTRACE_GETREGSET: libc::c_long = 0x4204;
+/// `PTRACE_SEIZE`.
+const PTRACE_SEIZE: libc::c_long = 0x4206;
+/// `PTRACE_INTERRUPT`.
+const PTRACE_INTERRUPT: libc::c_long = 0x4207;
+/// `PTRACE_GETSIGMASK`.
+const PTRACE_GETSIGMASK: libc::c_long = 0x420a;
+/// `PTRACE_GET_SYSCALL_INFO` (Linux 5.3).
+const PTRACE_GET_SYSCALL_INFO: libc::c_long = 0x420e;
+/// `NT_X86_XSTATE`, the regset of the FPU/SSE/AVX state.
+const NT_X86_XSTATE: libc::c_long = 0x202;
+/// The largest xstate area asked for (AMX tiles make it about 11 KiB today).
+const XSTATE_MAX: usize = 64 * 1024;
+
+/// The 27 registers of x86-64's `struct user_regs_struct`, in its order (`r15` first,
+/// `rax` at 10, `orig_rax` at 15, `rip` at 16, `rsp` at 19, `fs_base` at 21).
+pub type UserRegs = [u64; 27];
+
+/// A `pid_t` for `pid`, or EINVAL for one that does not fit.
+fn pid_t(pid: u32) -> io::Result<libc::pid_t> {
+    libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// ptrace(2) through syscall(2), so the request's type is the same on glibc and musl.
+///
+/// # Safety
+///
+/// `addr` and `data` must be what `request` expects: integers the kernel does not
+/// dereference, or pointers to live buffers of the size the request reads or writes.
+unsafe fn ptrace(
+    request: libc::c_long,
+    pid: u32,
+    addr: *mut libc::c_void,
+    data: *mut libc::c_void,
+) -> io::Result<libc::c_long> {
+    let pid = pid_t(pid)?;
+    // SAFETY: the caller guarantees `addr` and `data` fit `request` (this fn's contract).
+    let rc = unsafe { libc::syscall(libc::SYS_ptrace, request, pid, addr, data) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// PTRACE_SEIZE without options: the calling *thread* becomes the tracer, the process runs on.
+/// Every later ptrace call for `pid` must come from this same thread.
+pub fn ptrace_seize(pid: u32) -> io::Result<()> {
+    // SAFETY: addr and data are 0 (no options); nothing is dereferenced.
+    unsafe {
+        ptrace(
+            PTRACE_SEIZE,
+            pid,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .map(drop)
+    }
+}
+
+/// PTRACE_INTERRUPT: asks a seized tracee to stop (an event stop).
+pub fn ptrace_interrupt(pid: u32) -> io::Result<()> {
+    // SAFETY: addr and data are 0; nothing is dereferenced.
+    unsafe {
+        ptrace(
+            PTRACE_INTERRUPT,
+            pid,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .map(drop)
+    }
+}
+
+/// PTRACE_DETACH, delivering `signal` (0 for none) as the tracee resumes.
+pub fn ptrace_detach(pid: u32, signal: i32) -> io::Result<()> {
+    let data = signal as usize as *mut libc::c_void;
+    // SAFETY: addr is 0 and data a signal number by value; nothing is dereferenced.
+    unsafe { ptrace(PTRACE_DETACH, pid, std::ptr::null_mut(), data).map(drop) }
+}
+
+/// PTRACE_CONT without a signal (a signal-delivery stop's signal is suppressed).
+pub fn ptrace_cont(pid: u32) -> io::Result<()> {
+    // SAFETY: addr and data are 0; nothing is dereferenced.
+    unsafe { ptrace(PTRACE_CONT, pid, std::ptr::null_mut(), std::ptr::null_mut()).map(drop) }
+}
+
+/// PTRACE_SYSCALL without a signal: run to the next system-call entry or exit stop.
+pub fn ptrace_syscall(pid: u32) -> io::Result<()> {
+    // SAFETY: addr and data are 0; nothing is dereferenced.
+    unsafe {
+        ptrace(
+            PTRACE_SYSCALL,
+            pid,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .map(drop)
+    }
+}
+
+/// PTRACE_GETREGS.
+pub fn ptrace_get_regs(pid: u32) -> io::Result<UserRegs> {
+    let mut regs: UserRegs = [0; 27];
+    // SAFETY: data points at 27 writable u64s, exactly `struct user_regs_struct` on x86-64.
+    unsafe {
+        ptrace(
+            PTRACE_GETREGS,
+            pid,
+            std::ptr::null_mut(),
+            regs.as_mut_ptr().cast(),
+        )
+    }?;
+    Ok(regs)
+}
+
+/// PTRACE_SETREGS.
+pub fn ptrace_set_regs(pid: u32, regs: &UserRegs) -> io::Result<()> {
+    let mut copy = *regs;
+    // SAFETY: data points at 27 u64s, exactly `struct user_regs_struct`; the kernel only reads it.
+    unsafe {
+        ptrace(
+            PTRACE_SETREGS,
+            pid,
+            std::ptr::null_mut(),
+            copy.as_mut_ptr().cast(),
+        )
+    }
+    .map(drop)
+}
+
+/// PTRACE_GETREGSET NT_X86_XSTATE: the FPU/SSE/AVX area, as long as the kernel makes it.
+pub fn ptrace_get_xstate(pid: u32) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: addr is the regset number by value; data points at an iovec describing `buf`, which
+    // is writable for iov_len bytes. The kernel writes at most iov_len bytes and stores the
+    // length it wrote back into iov_len.
+    unsafe {
+        ptrace(
+            PTRACE_GETREGSET,
+            pid,
+            NT_X86_XSTATE as usize as *mut libc::c_void,
+            (&mut iov as *mut libc::iovec).cast(),
+        )
+    }?;
+    buf.truncate(iov.iov_len.min(XSTATE_MAX));
+    Ok(buf)
+}
+
+/// PTRACE_GETSIGMASK: the blocked signals (bit `n - 1` for signal `n`).
+pub fn ptrace_get_sigmask(pid: u32) -> io::Result<u64> {
+    let mut mask: u64 = 0;
+    // SAFETY: addr is sizeof(sigset_t) by value (8, the kernel's); data points at a writable u64.
+    unsafe {
+        ptrace(
+            PTRACE_GETSIGMASK,
+            pid,
+            8usize as *mut libc::c_void,
+            (&mut mask as *mut u64).cast(),
+        )
+    }?;
+    Ok(mask)
+}
+
+/// PTRACE_GETSIGINFO: `(si_signo, si_code)` of the current stop.
+pub fn ptrace_get_siginfo(pid: u32) -> io::Result<(i32, i32)> {
+    // siginfo_t is 128 bytes: si_signo at 0, si_errno at 4, si_code at 8.
+    let mut info = [0u8; 128];
+    // SAFETY: data points at 128 writable bytes, the size of siginfo_t.
+    unsafe {
+        ptrace(
+            PTRACE_GETSIGINFO,
+            pid,
+            std::ptr::null_mut(),
+            info.as_mut_ptr().cast(),
+        )
+    }?;
+    let word = |at: usize| i32::from_ne_bytes(info[at..at + 4].try_into().unwrap_or([0; 4]));
+    Ok((word(0), word(8)))
+}
+
+/// PTRACE_GET_SYSCALL_INFO's `op`: 0 none (not a system-call stop), 1 entry, 2 exit,
+/// 3 seccomp.
+pub fn ptrace_syscall_op(pid: u32) -> io::Result<u8> {
+    let mut info = [0u8; 88];
+    // SAFETY: addr is the buffer's size by value; data points at that many writable bytes. The
+    // kernel writes at most that many.
+    unsafe {
+        ptrace(
+            PTRACE_GET_SYSCALL_INFO,
+            pid,
+            info.len() as *mut libc::c_void,
+            info.as_mut_ptr().cast(),
+        )
+    }?;
+    Ok(info[0])
+}
+
+/// One resource limit of another process, `(soft, hard)` (`u64::MAX` is infinity).
+pub fn prlimit_get(pid: u32, resource: u32) -> io::Result<(u64, u64)> {
+    let pid = pid_t(pid)?;
+    let mut old = [0u64; 2];
+    // SAFETY: prlimit64 with a NULL new limit only writes the old one into `old`, two
+    // writable u64s laid out as `struct rlimit64`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            pid,
+            resource as libc::c_long,
+            std::ptr::null::<u64>(),
+            old.as_mut_ptr(),
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((old[0], old[1]))
+}
+
+/// What `waitpid` reported for a child or tracee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStatus {
+    /// Nothing to report yet.
+    Nothing,
+    /// Stopped: the signal and the ptrace event (`status >> 16`).
+    Stopped {
+        /// `WSTOPSIG`.
+        signal: i32,
+        /// The `PTRACE_EVENT_*`, 0 for a signal-delivery stop.
+        event: i32,
+    },
+    /// Exited with a status.
+    Exited(i32),
+    /// Killed by a signal.
+    Signaled(i32),
+    /// Resumed (`WIFCONTINUED`).
+    Continued,
+}
+
+/// `waitpid(pid, WNOHANG | __WALL)`: consumes one pending report for a child or tracee.
+/// `ECHILD` when `pid` is neither (any more).
+pub fn waitpid_nohang(pid: u32) -> io::Result<WaitStatus> {
+    let p = pid_t(pid)?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: `status` is a valid, writable int for the call.
+    let rc = unsafe { libc::waitpid(p, &mut status, libc::WNOHANG | libc::__WALL) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    if rc == 0 {
+        return Ok(WaitStatus::Nothing);
+    }
+    Ok(decode_wait_status(status))
+}
+
+/// Blocks until `pid` (a child) exits or is killed, skipping stop reports (a tracer in the
+/// same process may stop it: ptrace stops are reported to every thread of the parent).
+/// Returns the exit status as `waitpid` gives it.
+pub fn wait_exit(pid: u32) -> io::Result<libc::c_int> {
+    let p = pid_t(pid)?;
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid, writable int for the call.
+        let rc = unsafe { libc::waitpid(p, &mut status, libc::__WALL) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            return Ok(status);
+        }
+    }
+}
+
+fn decode_wait_status(status: libc::c_int) -> WaitStatus {
+    if libc::WIFEXITED(status) {
+        WaitStatus::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        WaitStatus::Signaled(libc::WTERMSIG(status))
+    } else if libc::WIFSTOPPED(status) {
+        WaitStatus::Stopped {
+            signal: libc::WSTOPSIG(status),
+            event: (status >> 16) & 0xff,
+        }
+    } else {
+        WaitStatus::Continued
+    }
+}
+
+// --- end migration: dump ---
+
 #[cfg(test)]
 mod tests {
     use super::*;
