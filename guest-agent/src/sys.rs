@@ -467,19 +467,13 @@ unsafe fn ptrace(
     }
 }
 
-/// PTRACE_SEIZE without options: the calling *thread* becomes the tracer, the process runs on.
-/// Every later ptrace call for `pid` must come from this same thread.
+/// PTRACE_SEIZE with PTRACE_O_TRACESYSGOOD (system-call stops tell themselves apart, which
+/// PTRACE_GET_SYSCALL_INFO needs): the calling *thread* becomes the tracer, the process runs
+/// on. Every later ptrace call for `pid` must come from this same thread.
 pub fn ptrace_seize(pid: u32) -> io::Result<()> {
-    // SAFETY: addr and data are 0 (no options); nothing is dereferenced.
-    unsafe {
-        ptrace(
-            PTRACE_SEIZE,
-            pid,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        )
-        .map(drop)
-    }
+    let options = libc::PTRACE_O_TRACESYSGOOD as usize as *mut libc::c_void;
+    // SAFETY: addr is 0 and data the options by value; nothing is dereferenced.
+    unsafe { ptrace(PTRACE_SEIZE, pid, std::ptr::null_mut(), options).map(drop) }
 }
 
 /// PTRACE_INTERRUPT: asks a seized tracee to stop (an event stop).
