@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::migrate::image::{PageRef, ProcessImage};
 use crate::protocol::{
     Decoder, ExecRequest, Hello, LoadInfo, Message, MessageType, ProcessInfo, ProcessList,
-    ProtocolError, PROTOCOL_VERSION, STREAM_CHUNK,
+    ProtocolError, PAGE_FRAMES_BATCH, PROTOCOL_VERSION, STREAM_CHUNK,
 };
 
 /// A byte stream the protocol can run over.
@@ -109,6 +110,17 @@ pub enum ClientError {
         request: MessageType,
         /// The agent's explanation.
         message: String,
+    },
+    /// The process cannot move ([`Message::CantMove`]); it was left untouched.
+    #[error("the process cannot move: {0}")]
+    CantMove(String),
+    /// A page-frame answer did not add up (the agent's count, or one frame per address).
+    #[error("the guest agent announced {announced} page frames but sent {received}")]
+    PageCount {
+        /// What the agent said it sent (or what was asked for).
+        announced: u64,
+        /// What arrived.
+        received: u64,
     },
     /// The command to run was empty.
     #[error("no command to run")]
@@ -254,6 +266,135 @@ impl<S: Stream> AgentConnection<S> {
             Message::LoadReport(load) => Some(load),
             _ => None,
         })
+    }
+
+    /// Freezes process `pid` in the guest for migration: its image and every present page
+    /// with its guest-physical frame. [`ClientError::CantMove`] says why a process cannot
+    /// move. The process stays frozen until [`AgentConnection::release`] or this connection
+    /// closes (the agent then thaws it).
+    pub fn freeze(&mut self, pid: u32) -> Result<(ProcessImage, Vec<PageRef>), ClientError> {
+        let image = self.request(
+            Message::Freeze { pid },
+            "waiting for the frozen process's image",
+            |m| match m {
+                Message::Frozen(image) => Some(Ok(image)),
+                Message::CantMove { reason } => Some(Err(reason)),
+                _ => None,
+            },
+        )?;
+        let image = image.map_err(ClientError::CantMove)?;
+        let pages = self.page_frames(Vec::new())?;
+        Ok((image, pages))
+    }
+
+    /// The pages of frozen process `pid` whose frame changed since the freeze.
+    pub fn recheck(&mut self, pid: u32) -> Result<Vec<PageRef>, ClientError> {
+        let first = self.request(
+            Message::Recheck { pid },
+            "waiting for the rechecked page frames",
+            |m| match m {
+                Message::PageFrames(pages) => Some(Ok(pages)),
+                Message::PageFramesEnd { count } => Some(Err(count)),
+                _ => None,
+            },
+        )?;
+        match first {
+            Ok(pages) => self.page_frames(pages),
+            Err(0) => Ok(Vec::new()),
+            Err(count) => Err(ClientError::PageCount {
+                announced: count,
+                received: 0,
+            }),
+        }
+    }
+
+    /// Lets frozen process `pid` go on unchanged (`kill` false), or kills it.
+    pub fn release(&mut self, pid: u32, kill: bool) -> Result<(), ClientError> {
+        self.request(
+            Message::Release { pid, kill },
+            "waiting for the process's release",
+            |m| matches!(m, Message::Released { pid: p } if p == pid).then_some(()),
+        )
+    }
+
+    /// Builds a skeleton of `image` in the guest (the destination side); returns its pid.
+    pub fn rebuild(&mut self, image: &ProcessImage) -> Result<u32, ClientError> {
+        self.request(
+            Message::Rebuild(image.clone()),
+            "waiting for the rebuilt process",
+            |m| match m {
+                Message::Rebuilt { pid } => Some(pid),
+                _ => None,
+            },
+        )
+    }
+
+    /// The frames backing the skeleton's pages at `vaddrs`, one per address in order (asked
+    /// for in batches of [`PAGE_FRAMES_BATCH`]).
+    pub fn want_frames(&mut self, vaddrs: &[u64]) -> Result<Vec<PageRef>, ClientError> {
+        let mut out = Vec::with_capacity(vaddrs.len());
+        for batch in vaddrs.chunks(PAGE_FRAMES_BATCH) {
+            let pages = self.request(
+                Message::WantFrames(batch.to_vec()),
+                "waiting for the skeleton's page frames",
+                |m| match m {
+                    Message::PageFrames(pages) => Some(pages),
+                    _ => None,
+                },
+            )?;
+            if pages.len() != batch.len() {
+                return Err(ClientError::PageCount {
+                    announced: batch.len() as u64,
+                    received: pages.len() as u64,
+                });
+            }
+            out.extend(pages);
+        }
+        Ok(out)
+    }
+
+    /// Lets the rebuilt process `pid` run; returns its pid.
+    pub fn resume(&mut self, pid: u32) -> Result<u32, ClientError> {
+        self.request(
+            Message::Resume { pid },
+            "waiting for the process to resume",
+            |m| match m {
+                Message::Resumed { pid } => Some(pid),
+                _ => None,
+            },
+        )
+    }
+
+    /// Removes the skeleton `pid` (a migration that failed).
+    pub fn abort(&mut self, pid: u32) -> Result<(), ClientError> {
+        self.request(
+            Message::Abort { pid },
+            "waiting for the skeleton's removal",
+            |m| matches!(m, Message::Released { pid: p } if p == pid).then_some(()),
+        )
+    }
+
+    /// Receives `PageFrames` batches (after `first`) up to `PageFramesEnd`, each read waiting
+    /// at most the timeout.
+    fn page_frames(&mut self, first: Vec<PageRef>) -> Result<Vec<PageRef>, ClientError> {
+        const DURING: &str = "receiving page frames";
+        let mut pages = first;
+        loop {
+            match self.receive(Some(self.timeout), DURING)? {
+                Message::PageFrames(batch) => pages.extend(batch),
+                Message::PageFramesEnd { count } => {
+                    if count != pages.len() as u64 {
+                        return Err(ClientError::PageCount {
+                            announced: count,
+                            received: pages.len() as u64,
+                        });
+                    }
+                    return Ok(pages);
+                }
+                // The request's fence Pong, or stale frames.
+                _ => {}
+            }
+        }
     }
 
     /// Sends `req` with a Ping right behind it and waits up to the timeout for the answer

@@ -38,13 +38,31 @@
 //!   into [`crate::client::ClientError::AgentTooOld`].
 //!
 //! The types added after version 1's first release: `ListProcesses`, `Processes`, `Load`,
-//! `LoadReport`, `Unsupported`, `RequestFailed` (type bytes 13 to 18).
+//! `LoadReport`, `Unsupported`, `RequestFailed` (type bytes 13 to 18); for process migration
+//! `Freeze`, `Frozen`, `PageFrames`, `PageFramesEnd`, `CantMove`, `Recheck`, `Release`,
+//! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32).
+//!
+//! # Migration messages
+//!
+//! Source agent: `Freeze { pid }` is answered with `Frozen(image)`, then the present pages in
+//! `PageFrames` batches of at most [`PAGE_FRAMES_BATCH`], then `PageFramesEnd { count }` (the
+//! total); or `CantMove { reason }` (the process was not touched) or `RequestFailed`.
+//! `Recheck { pid }` is answered the same way, with only the pages whose frame changed.
+//! `Release { pid, kill }` thaws (or kills) a frozen process: `Released { pid }`.
+//! Destination agent: `Rebuild(image)` → `Rebuilt { pid }`; `WantFrames(vaddrs)` (at most
+//! [`PAGE_FRAMES_BATCH`]) → one `PageFrames` with a frame for each address, in order;
+//! `Resume { pid }` → `Resumed { pid }`; `Abort { pid }` → `Released { pid }`. Failures are
+//! `RequestFailed` naming the request. A [`crate::migrate::image::ProcessImage`] and a
+//! [`crate::migrate::image::PageRef`] are encoded as [`crate::migrate::image`] says; a
+//! `WantFrames` is a u32 count and the u64 addresses.
 //!
 //! The [`Decoder`] resynchronises on the magic after garbage (a serial line can carry anything
 //! before the agent starts), never panics, and never buffers more than one frame plus what the
 //! caller pushed.
 
 use std::fmt;
+
+use crate::migrate::image::{PageRef, ProcessImage};
 
 /// The protocol version this code speaks; carried in every frame header and in [`Hello`].
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -57,6 +75,10 @@ pub const HEADER_LEN: usize = 8;
 
 /// The largest payload a frame may carry (1 MiB). Larger lengths are rejected unread.
 pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// The most [`PageRef`]s in one [`Message::PageFrames`] (and addresses in one
+/// [`Message::WantFrames`]): 16 Ki entries, 272 KiB, well under [`MAX_PAYLOAD`].
+pub const PAGE_FRAMES_BATCH: usize = 16 * 1024;
 
 /// A chunk size for streamed bytes (`Stdin`, `Stdout`, `Stderr`) well below [`MAX_PAYLOAD`].
 pub const STREAM_CHUNK: usize = 32 * 1024;
@@ -156,6 +178,34 @@ pub enum MessageType {
     Unsupported = 17,
     /// [`Message::RequestFailed`].
     RequestFailed = 18,
+    /// [`Message::Freeze`].
+    Freeze = 19,
+    /// [`Message::Frozen`].
+    Frozen = 20,
+    /// [`Message::PageFrames`].
+    PageFrames = 21,
+    /// [`Message::PageFramesEnd`].
+    PageFramesEnd = 22,
+    /// [`Message::CantMove`].
+    CantMove = 23,
+    /// [`Message::Recheck`].
+    Recheck = 24,
+    /// [`Message::Release`].
+    Release = 25,
+    /// [`Message::Released`].
+    Released = 26,
+    /// [`Message::Rebuild`].
+    Rebuild = 27,
+    /// [`Message::Rebuilt`].
+    Rebuilt = 28,
+    /// [`Message::WantFrames`].
+    WantFrames = 29,
+    /// [`Message::Resume`].
+    Resume = 30,
+    /// [`Message::Resumed`].
+    Resumed = 31,
+    /// [`Message::Abort`].
+    Abort = 32,
 }
 
 impl MessageType {
@@ -181,6 +231,20 @@ impl MessageType {
             16 => LoadReport,
             17 => Unsupported,
             18 => RequestFailed,
+            19 => Freeze,
+            20 => Frozen,
+            21 => PageFrames,
+            22 => PageFramesEnd,
+            23 => CantMove,
+            24 => Recheck,
+            25 => Release,
+            26 => Released,
+            27 => Rebuild,
+            28 => Rebuilt,
+            29 => WantFrames,
+            30 => Resume,
+            31 => Resumed,
+            32 => Abort,
             _ => return None,
         })
     }
@@ -407,6 +471,77 @@ pub enum Message {
         /// What went wrong, for the user.
         message: String,
     },
+    /// Host → source agent: freeze a process for migration. Answered with
+    /// [`Message::Frozen`], the [`Message::PageFrames`] batches and
+    /// [`Message::PageFramesEnd`]; or [`Message::CantMove`] or [`Message::RequestFailed`].
+    /// The process stays frozen until [`Message::Release`] or the connection closes (then it
+    /// is thawed).
+    Freeze {
+        /// The process.
+        pid: u32,
+    },
+    /// Agent → host: the frozen process's image.
+    Frozen(ProcessImage),
+    /// Agent → host: a batch of present pages (at most [`PAGE_FRAMES_BATCH`]), in address
+    /// order; or the answer to [`Message::WantFrames`].
+    PageFrames(Vec<PageRef>),
+    /// Agent → host: all the pages of a `Freeze` or `Recheck` answer were sent.
+    PageFramesEnd {
+        /// How many pages the `PageFrames` batches held.
+        count: u64,
+    },
+    /// Agent → host: the process cannot move (it was left untouched).
+    CantMove {
+        /// Why, for the user (e.g. "multi-threaded processes cannot move yet (2 threads)").
+        reason: String,
+    },
+    /// Host → source agent: the pages of a frozen process whose frame changed since the
+    /// freeze. Answered like `Freeze`, without the `Frozen`.
+    Recheck {
+        /// The frozen process.
+        pid: u32,
+    },
+    /// Host → source agent: let a frozen process go on (`kill` false), or kill it (after
+    /// the destination took over). Answered with [`Message::Released`].
+    Release {
+        /// The frozen process.
+        pid: u32,
+        /// Kill it instead of letting it run.
+        kill: bool,
+    },
+    /// Agent → host: the answer to [`Message::Release`] and [`Message::Abort`].
+    Released {
+        /// The process let go, killed, or whose skeleton was removed.
+        pid: u32,
+    },
+    /// Host → destination agent: build a skeleton process for this image. Answered with
+    /// [`Message::Rebuilt`].
+    Rebuild(ProcessImage),
+    /// Agent → host: the skeleton exists (stopped).
+    Rebuilt {
+        /// The skeleton's pid at the destination.
+        pid: u32,
+    },
+    /// Host → destination agent: the frames backing these page addresses of the skeleton
+    /// (at most [`PAGE_FRAMES_BATCH`]). Answered with one [`Message::PageFrames`], one entry
+    /// per address in the same order.
+    WantFrames(Vec<u64>),
+    /// Host → destination agent: the pages are written; let the skeleton run. Answered with
+    /// [`Message::Resumed`].
+    Resume {
+        /// The skeleton's pid.
+        pid: u32,
+    },
+    /// Agent → host: the migrated process runs.
+    Resumed {
+        /// Its pid.
+        pid: u32,
+    },
+    /// Host → destination agent: remove a skeleton. Answered with [`Message::Released`].
+    Abort {
+        /// The skeleton's pid.
+        pid: u32,
+    },
 }
 
 impl Message {
@@ -431,6 +566,20 @@ impl Message {
             Message::LoadReport(_) => MessageType::LoadReport,
             Message::Unsupported { .. } => MessageType::Unsupported,
             Message::RequestFailed { .. } => MessageType::RequestFailed,
+            Message::Freeze { .. } => MessageType::Freeze,
+            Message::Frozen(_) => MessageType::Frozen,
+            Message::PageFrames(_) => MessageType::PageFrames,
+            Message::PageFramesEnd { .. } => MessageType::PageFramesEnd,
+            Message::CantMove { .. } => MessageType::CantMove,
+            Message::Recheck { .. } => MessageType::Recheck,
+            Message::Release { .. } => MessageType::Release,
+            Message::Released { .. } => MessageType::Released,
+            Message::Rebuild(_) => MessageType::Rebuild,
+            Message::Rebuilt { .. } => MessageType::Rebuilt,
+            Message::WantFrames(_) => MessageType::WantFrames,
+            Message::Resume { .. } => MessageType::Resume,
+            Message::Resumed { .. } => MessageType::Resumed,
+            Message::Abort { .. } => MessageType::Abort,
         }
     }
 
@@ -515,6 +664,22 @@ impl Message {
                 p.u8(*request);
                 p.str(message);
             }
+            Message::Freeze { pid }
+            | Message::Recheck { pid }
+            | Message::Released { pid }
+            | Message::Rebuilt { pid }
+            | Message::Resume { pid }
+            | Message::Resumed { pid }
+            | Message::Abort { pid } => p.u32(*pid),
+            Message::Frozen(image) | Message::Rebuild(image) => image.write(&mut p),
+            Message::PageFrames(pages) => p.list(pages, |p, page| page.write(p)),
+            Message::PageFramesEnd { count } => p.u64(*count),
+            Message::CantMove { reason } => p.str(reason),
+            Message::Release { pid, kill } => {
+                p.u32(*pid);
+                p.flag(*kill);
+            }
+            Message::WantFrames(vaddrs) => p.list(vaddrs, |p, v| p.u64(*v)),
             Message::HelloRequest
             | Message::StdinClosed
             | Message::PowerOff
@@ -541,7 +706,7 @@ impl Message {
 
     /// Decodes a payload of the given type.
     fn decode(ty: MessageType, payload: &[u8]) -> Result<Self, ProtocolError> {
-        let mut r = Reader { buf: payload, ty };
+        let mut r = Reader::new(payload, ty);
         let msg = match ty {
             MessageType::Hello => Message::Hello(Hello {
                 version: r.u16()?,
@@ -642,13 +807,27 @@ impl Message {
                 request: r.u8()?,
                 message: r.string()?,
             },
+            MessageType::Freeze => Message::Freeze { pid: r.u32()? },
+            MessageType::Frozen => Message::Frozen(ProcessImage::read(&mut r)?),
+            MessageType::PageFrames => Message::PageFrames(r.list(PageRef::read)?),
+            MessageType::PageFramesEnd => Message::PageFramesEnd { count: r.u64()? },
+            MessageType::CantMove => Message::CantMove {
+                reason: r.string()?,
+            },
+            MessageType::Recheck => Message::Recheck { pid: r.u32()? },
+            MessageType::Release => Message::Release {
+                pid: r.u32()?,
+                kill: r.flag()?,
+            },
+            MessageType::Released => Message::Released { pid: r.u32()? },
+            MessageType::Rebuild => Message::Rebuild(ProcessImage::read(&mut r)?),
+            MessageType::Rebuilt => Message::Rebuilt { pid: r.u32()? },
+            MessageType::WantFrames => Message::WantFrames(r.list(|r| r.u64())?),
+            MessageType::Resume => Message::Resume { pid: r.u32()? },
+            MessageType::Resumed => Message::Resumed { pid: r.u32()? },
+            MessageType::Abort => Message::Abort { pid: r.u32()? },
         };
-        if !r.buf.is_empty() {
-            return Err(ProtocolError::TrailingBytes {
-                message: ty,
-                extra: r.buf.len(),
-            });
-        }
+        r.finish()?;
         Ok(msg)
     }
 }
@@ -661,7 +840,6 @@ fn len_u32(n: usize) -> u32 {
 /// Appends payload fields (shared with [`crate::migrate::image`]).
 pub(crate) struct Payload<'a>(pub(crate) &'a mut Vec<u8>);
 
-#[allow(dead_code)] // Until the migration messages use them all.
 impl Payload<'_> {
     pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
@@ -707,7 +885,6 @@ pub(crate) struct Reader<'a> {
     ty: MessageType,
 }
 
-#[allow(dead_code)] // Until the migration messages use them all.
 impl<'a> Reader<'a> {
     /// A reader over `buf`, naming `ty` in its errors.
     pub(crate) fn new(buf: &'a [u8], ty: MessageType) -> Self {
@@ -947,6 +1124,38 @@ mod tests {
                 request: MessageType::Load as u8,
                 message: "cannot read /proc/loadavg: No such file or directory".into(),
             },
+            Message::Freeze { pid: 4242 },
+            Message::Frozen(crate::migrate::image::tests::sample_image()),
+            Message::PageFrames(vec![
+                PageRef {
+                    vaddr: 0x7fff_0000_0000,
+                    pfn: 0x12345,
+                    anon: true,
+                },
+                PageRef {
+                    vaddr: 0x5555_0000_1000,
+                    pfn: 0,
+                    anon: false,
+                },
+            ]),
+            Message::PageFrames(vec![]),
+            Message::PageFramesEnd { count: u64::MAX },
+            Message::CantMove {
+                reason: "multi-threaded processes cannot move yet (2 threads)".into(),
+            },
+            Message::Recheck { pid: 1 },
+            Message::Release { pid: 2, kill: true },
+            Message::Release {
+                pid: 2,
+                kill: false,
+            },
+            Message::Released { pid: 3 },
+            Message::Rebuild(crate::migrate::image::tests::sample_image()),
+            Message::Rebuilt { pid: 5 },
+            Message::WantFrames(vec![0x1000, u64::MAX, 0]),
+            Message::Resume { pid: 6 },
+            Message::Resumed { pid: 7 },
+            Message::Abort { pid: u32::MAX },
         ]
     }
 
@@ -1300,15 +1509,96 @@ mod tests {
     }
 
     #[test]
+    fn hostile_migration_payloads_are_errors() {
+        let truncated = |message| ProtocolError::Truncated { message };
+        let mut cases: Vec<(Vec<u8>, ProtocolError)> = vec![
+            // 4 billion page refs with one present.
+            (
+                raw_frame(
+                    1,
+                    MessageType::PageFrames as u8,
+                    &[&[255, 255, 255, 255][..], &[0; 17]].concat(),
+                ),
+                truncated(MessageType::PageFrames),
+            ),
+            // An anon flag of 2.
+            (
+                raw_frame(
+                    1,
+                    MessageType::PageFrames as u8,
+                    &[&[1, 0, 0, 0][..], &[0; 16], &[2]].concat(),
+                ),
+                ProtocolError::InvalidTag {
+                    message: MessageType::PageFrames,
+                    tag: 2,
+                },
+            ),
+            (
+                raw_frame(1, MessageType::WantFrames as u8, &[2, 0, 0, 0, 1, 2, 3]),
+                truncated(MessageType::WantFrames),
+            ),
+            (
+                raw_frame(1, MessageType::Release as u8, &[1, 0, 0, 0, 9]),
+                ProtocolError::InvalidTag {
+                    message: MessageType::Release,
+                    tag: 9,
+                },
+            ),
+            (
+                raw_frame(1, MessageType::Freeze as u8, &[1, 0, 0, 0, 0]),
+                ProtocolError::TrailingBytes {
+                    message: MessageType::Freeze,
+                    extra: 1,
+                },
+            ),
+            (
+                raw_frame(1, MessageType::Abort as u8, &[1, 0]),
+                truncated(MessageType::Abort),
+            ),
+        ];
+        // A Frozen and a Rebuild cut short at every length.
+        for ty in [MessageType::Frozen, MessageType::Rebuild] {
+            let image = crate::migrate::image::tests::sample_image();
+            let frame = Message::Frozen(image).encode();
+            for cut in HEADER_LEN..frame.len() {
+                cases.push((
+                    raw_frame(1, ty as u8, &frame[HEADER_LEN..cut]),
+                    truncated(ty),
+                ));
+            }
+        }
+        for (frame, want) in cases {
+            let mut d = Decoder::new();
+            d.push(&frame);
+            d.push(&Message::Load.encode());
+            assert_eq!(d.next(), Err(want));
+            assert_eq!(d.next(), Ok(Some(Message::Load)));
+        }
+    }
+
+    #[test]
+    fn a_full_page_frames_batch_fits_a_frame() {
+        let page = PageRef {
+            vaddr: u64::MAX,
+            pfn: u64::MAX,
+            anon: true,
+        };
+        let m = Message::PageFrames(vec![page; PAGE_FRAMES_BATCH]);
+        assert!(m.encode_checked().unwrap().len() < MAX_PAYLOAD / 2);
+        let w = Message::WantFrames(vec![0; PAGE_FRAMES_BATCH]);
+        assert!(w.encode_checked().is_ok());
+    }
+
+    #[test]
     fn new_types_are_additive_and_the_version_stays() {
         // Agents already running speak version 1 and know types 1 to 12 with these bytes.
         assert_eq!(PROTOCOL_VERSION, 1);
         assert_eq!(MessageType::Hello as u8, 1);
         assert_eq!(MessageType::Pong as u8, 12);
-        for b in 1..=18 {
+        for b in 1..=32 {
             assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
         }
-        assert_eq!(MessageType::from_byte(19), None);
+        assert_eq!(MessageType::from_byte(33), None);
         assert_eq!(MessageType::from_byte(0), None);
     }
 
@@ -1330,7 +1620,7 @@ mod tests {
             if round % 2 == 0 && n > 8 {
                 junk[0..2].copy_from_slice(&MAGIC);
                 junk[2] = PROTOCOL_VERSION;
-                junk[3] = (rnd() % 20) as u8;
+                junk[3] = (rnd() % 34) as u8;
                 junk[4..8].copy_from_slice(&((rnd() % 48) as u32).to_le_bytes());
             }
             d.push(&junk);

@@ -17,10 +17,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::client::Stream;
+use crate::migrate::dump::{self, DumpError, Frozen};
+use crate::migrate::image::PageRef;
 use crate::procfs;
 use crate::protocol::{
-    Decoder, ExecRequest, Hello, Message, MessageType, ProtocolError, PROTOCOL_VERSION,
-    STREAM_CHUNK,
+    Decoder, ExecRequest, Hello, Message, MessageType, ProtocolError, PAGE_FRAMES_BATCH,
+    PROTOCOL_VERSION, STREAM_CHUNK,
 };
 use crate::sys;
 
@@ -181,7 +183,9 @@ impl Agent {
                 }
                 match self.start(&req, writer) {
                     Ok(running) => {
+                        let frozen = std::mem::take(&mut session.frozen);
                         *session = running;
+                        session.frozen = frozen;
                         Ok(())
                     }
                     Err((code, message)) => send(writer, &Message::Failed { code, message }),
@@ -218,6 +222,77 @@ impl Agent {
                 };
                 send(writer, &reply)
             }
+            Message::Freeze { pid } => {
+                if session.frozen.contains_key(&pid) {
+                    return send(
+                        writer,
+                        &migration_failed(MessageType::Freeze, pid, "is already frozen"),
+                    );
+                }
+                match dump::freeze(pid) {
+                    Ok(frozen) => {
+                        send(writer, &Message::Frozen(frozen.image().clone()))?;
+                        let pages = frozen.pages().to_vec();
+                        session.frozen.insert(pid, frozen);
+                        send_pages(writer, &pages)
+                    }
+                    Err(DumpError::CantMove { reason, .. }) => send(
+                        writer,
+                        &Message::CantMove {
+                            reason: reason.to_string(),
+                        },
+                    ),
+                    Err(e) => send(
+                        writer,
+                        &migration_failed(MessageType::Freeze, pid, &e.to_string()),
+                    ),
+                }
+            }
+            Message::Recheck { pid } => {
+                let Some(frozen) = session.frozen.get(&pid) else {
+                    return send(
+                        writer,
+                        &migration_failed(MessageType::Recheck, pid, "is not frozen"),
+                    );
+                };
+                match frozen.recheck() {
+                    Ok(pages) => send_pages(writer, &pages),
+                    Err(e) => send(
+                        writer,
+                        &migration_failed(MessageType::Recheck, pid, &e.to_string()),
+                    ),
+                }
+            }
+            Message::Release { pid, kill } => {
+                let Some(frozen) = session.frozen.remove(&pid) else {
+                    return send(
+                        writer,
+                        &migration_failed(MessageType::Release, pid, "is not frozen"),
+                    );
+                };
+                let result = if kill { frozen.kill() } else { frozen.thaw() };
+                match result {
+                    Ok(()) => send(writer, &Message::Released { pid }),
+                    Err(e) => send(
+                        writer,
+                        &migration_failed(MessageType::Release, pid, &e.to_string()),
+                    ),
+                }
+            }
+            Message::Rebuild(_)
+            | Message::WantFrames(_)
+            | Message::Resume { .. }
+            | Message::Abort { .. } => {
+                let request = msg.message_type();
+                send(
+                    writer,
+                    &Message::RequestFailed {
+                        request: request as u8,
+                        message: "ferry-agent: this agent cannot rebuild migrated processes yet"
+                            .into(),
+                    },
+                )
+            }
             other @ (Message::Hello(_)
             | Message::Stdout(_)
             | Message::Stderr(_)
@@ -226,7 +301,14 @@ impl Agent {
             | Message::Processes(_)
             | Message::LoadReport(_)
             | Message::Unsupported { .. }
-            | Message::RequestFailed { .. }) => {
+            | Message::RequestFailed { .. }
+            | Message::Frozen(_)
+            | Message::PageFrames(_)
+            | Message::PageFramesEnd { .. }
+            | Message::CantMove { .. }
+            | Message::Released { .. }
+            | Message::Rebuilt { .. }
+            | Message::Resumed { .. }) => {
                 log(format_args!(
                     "ignoring {} message, which only agents send",
                     other.message_type()
@@ -290,6 +372,7 @@ impl Agent {
             pid: Some(pid),
             done,
             stdin,
+            frozen: Default::default(),
         })
     }
 
@@ -342,6 +425,28 @@ fn request_failed(request: MessageType, e: &procfs::ProcError) -> Message {
     }
 }
 
+/// The answer to a migration request that failed, logged on the console too.
+fn migration_failed(request: MessageType, pid: u32, why: &str) -> Message {
+    log(format_args!("cannot answer {request} for pid {pid}: {why}"));
+    Message::RequestFailed {
+        request: request as u8,
+        message: format!("ferry-agent: pid {pid}: {why}"),
+    }
+}
+
+/// Sends `pages` in [`Message::PageFrames`] batches, then [`Message::PageFramesEnd`].
+fn send_pages<S: Stream>(writer: &SharedWriter<S>, pages: &[PageRef]) -> io::Result<()> {
+    for batch in pages.chunks(PAGE_FRAMES_BATCH) {
+        send(writer, &Message::PageFrames(batch.to_vec()))?;
+    }
+    send(
+        writer,
+        &Message::PageFramesEnd {
+            count: pages.len() as u64,
+        },
+    )
+}
+
 /// Code and message for a command that could not start, worded like a shell's.
 fn spawn_failure(program: &str, e: &io::Error) -> (i32, String) {
     match e.kind() {
@@ -372,12 +477,14 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 
 type SharedWriter<S> = Arc<Mutex<S>>;
 
-/// The command running on a connection, if any.
+/// The command running on a connection, if any, and the processes it froze for migration
+/// (thawed when the connection ends; ptrace ties them to this connection's thread).
 #[derive(Default)]
 struct Session {
     pid: Option<u32>,
     done: Arc<AtomicBool>,
     stdin: Option<SyncSender<Vec<u8>>>,
+    frozen: std::collections::HashMap<u32, Frozen>,
 }
 
 impl Session {
@@ -389,6 +496,12 @@ impl Session {
     /// nested host stops its VM), then SIGKILL if it is still there after a grace period.
     fn end(&mut self) {
         const GRACE: Duration = Duration::from_secs(3);
+        for (pid, frozen) in self.frozen.drain() {
+            log(format_args!("thawing pid {pid}: its connection ended"));
+            if let Err(e) = frozen.thaw() {
+                log(format_args!("cannot thaw pid {pid}: {e}"));
+            }
+        }
         self.stdin = None;
         if let Some(pid) = self.pid {
             if !self.done.load(Ordering::SeqCst) {

@@ -254,3 +254,47 @@ fn init_the_agent_and_missing_processes_are_refused() {
         })
     ));
 }
+
+#[test]
+fn freeze_recheck_and_release_through_the_agent() {
+    use ferry_guest_agent::{Agent, AgentConnection, ClientError};
+    let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+    let agent = Agent::new(None).with_power_off(std::sync::Arc::new(|| {}));
+    std::thread::spawn(move || agent.serve(guest));
+    let mut conn = AgentConnection::handshake(host, Duration::from_secs(10)).unwrap();
+
+    let mut h = Helper::start(PATTERN);
+    h.line();
+    let before = h.counter_after(1);
+    let (image, pages) = conn.freeze(h.pid()).unwrap();
+    assert_eq!(image.pid, h.pid());
+    assert!(pages.iter().filter(|p| p.anon).count() >= 64);
+    assert!(conn.recheck(h.pid()).unwrap().len() < pages.len() / 10);
+    // A second freeze of the same process is refused, and it stays frozen.
+    assert!(matches!(
+        conn.freeze(h.pid()),
+        Err(ClientError::RequestFailed { .. })
+    ));
+    conn.release(h.pid(), false).unwrap();
+    h.counter_after(before + 3);
+    assert!(matches!(
+        conn.release(h.pid(), false),
+        Err(ClientError::RequestFailed { .. })
+    ));
+
+    // A refusal comes back as CantMove.
+    let mut s = Helper::start(
+        "import socket, time\ns = socket.socket()\nprint('ready', flush=True)\ntime.sleep(60)",
+    );
+    assert_eq!(s.line(), "ready");
+    match conn.freeze(s.pid()) {
+        Err(ClientError::CantMove(reason)) => assert!(reason.contains("socket"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A process frozen when the connection closes is thawed.
+    conn.freeze(h.pid()).unwrap();
+    drop(conn);
+    let last = h.counter_after(0);
+    h.counter_after(last + 3);
+}

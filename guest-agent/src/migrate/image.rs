@@ -275,8 +275,6 @@ pub struct PageRef {
     pub anon: bool,
 }
 
-// Used by the migration messages (next commit).
-#[allow(dead_code)]
 impl ProcessImage {
     /// Appends the encoding (see the module's "Encoding").
     pub(crate) fn write(&self, p: &mut Payload<'_>) {
@@ -441,7 +439,6 @@ impl ProcessImage {
     }
 }
 
-#[allow(dead_code)]
 impl PageRef {
     /// Appends the encoding: `vaddr u64, pfn u64, anon bool`.
     pub(crate) fn write(&self, p: &mut Payload<'_>) {
