@@ -632,14 +632,47 @@ fn iperf_host_to_guest(pair: &Pair) -> Result<f64> {
     let port = next_port();
     let server = start_server(pair.cids[0], port)?;
     let args = client_args(&pair.server, port);
-    let out = Command::new(&args[0])
+    let mut child = Command::new(&args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("run iperf3 on the host (Debian's iperf3 package)")?;
+    let read_all = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    // A time limit, as for the guest's client: when the guest stops answering mid-test, the
+    // host's iperf3 was seen spinning forever on the dead connection.
+    let limit = Duration::from_secs(u64::from(IPERF_SECS) + 60);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     // Not joined: a server whose client never reached it would wait forever (its own port).
     drop(server);
-    receiver_mbps(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    match status {
+        Some(status) => receiver_mbps(status.code().unwrap_or(-1), &out, &err),
+        None => bail!("iperf3 -c on the host still running after {limit:?}; stopped it"),
+    }
 }
 
 /// The receiver's throughput from iperf3's JSON summary (`end.sum_received.bits_per_second`).
