@@ -2,9 +2,18 @@
 //! pages from the source VMM's guest memory into the destination VMM's guest memory.
 //!
 //! - [`protocol`]: the frames on the wire and the order they come in, written down once.
+//! - [`engine`]: [`engine::send`] (source) and [`engine::receive`] (destination) over any
+//!   async byte stream (mutual TLS between nodes), reading and writing guest pages through
+//!   [`engine::PageSource`] and [`engine::PageSink`] (implemented for vm-memory's
+//!   `GuestMemoryMmap`).
 //! - [`checksum`]: the end-to-end checksum over a job's pages, and the zero-page test.
 
 pub mod checksum;
+pub mod engine;
 pub mod protocol;
 
+pub use engine::{
+    receive, send, Incoming, Landed, MigrationError, PageError, PageSink, PageSource, Stats,
+    Timeouts,
+};
 pub use protocol::PROTOCOL_VERSION;

@@ -1,0 +1,1040 @@
+//! The engines that move one process's pages: [`send`] at the source VMM, [`receive`] at the
+//! destination VMM, over one already authenticated byte stream (see [`crate::protocol`] for
+//! the frames and their order).
+//!
+//! The source reads each page straight out of its guest's memory by frame
+//! ([`PageSource`]) into its place in a batch frame, and writes each batch (up to 1 MiB)
+//! with one call. The destination reads each batch into one buffer and writes each page from
+//! there into its frame ([`PageSink`]). Zero pages travel as markers.
+//!
+//! The destination is driven in steps, so its caller can talk to its guest agent between
+//! them:
+//!
+//! ```text
+//! let incoming = receive(&mut stream, &timeouts).await?;     // Hello and the vaddr list
+//! // the agent builds the skeleton from incoming.image() and incoming.vaddrs(),
+//! // and reports one frame per vaddr
+//! let landed = incoming.land(&frames, zeroed, &guest_memory, |s| ...).await?;  // Ready, pages, Done
+//! // the agent restores registers and files and resumes the process
+//! landed.finish(Ok(())).await?;                               // Ack
+//! ```
+//!
+//! Both sides bound every wait ([`Timeouts`]): a dropped or silent connection is an error on
+//! both sides, never a hang. A side that fails tells its peer why with [`Message::Abort`] (or,
+//! after Done, [`Message::Ack`] with `ok: false`) when the connection still carries it.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::timeout;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::checksum::{is_zero_page, Checksum};
+use crate::protocol::{
+    bounded_text, Ack, BatchWriter, Done, FrameHeader, Hello, Message, MessageType, PageBatchView,
+    PageKind, ProtocolError, HEADER_LEN, MAX_BATCH_PAGES, MAX_IMAGE, MAX_JOB_PAGES, MAX_PAGE_LIST,
+    PAGE_SIZE,
+};
+
+/// Where the source reads pages: its guest's memory, by frame number.
+pub trait PageSource {
+    /// Fills `buf` ([`PAGE_SIZE`] bytes) with the page in guest frame `pfn` (guest-physical
+    /// address `pfn * 4096`).
+    fn read_page(&self, pfn: u64, buf: &mut [u8]) -> Result<(), PageError>;
+}
+
+/// Where the destination writes pages: its guest's memory, by frame number.
+pub trait PageSink {
+    /// Writes `data` ([`PAGE_SIZE`] bytes) into guest frame `pfn`.
+    fn write_page(&self, pfn: u64, data: &[u8]) -> Result<(), PageError>;
+}
+
+/// Errors from reading or writing one page of guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// The frame lies outside the guest's memory (or its address overflows).
+    #[error("frame {pfn:#x} is outside the guest's memory")]
+    OutOfRange {
+        /// The frame number.
+        pfn: u64,
+    },
+    /// The buffer handed over is not one page.
+    #[error("a page buffer must be {PAGE_SIZE} bytes, this one is {len}")]
+    BufferSize {
+        /// Its length.
+        len: usize,
+    },
+    /// The memory backend refused the access.
+    #[error("guest memory refused access to frame {pfn:#x}")]
+    Access {
+        /// The frame number.
+        pfn: u64,
+        /// What the backend said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Errors of a migration job, on either side. Every one but `Ack {ok: true}` at the source
+/// means the process did not move: the source thaws the original.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The job cannot be sent as given (a caller's mistake; nothing was sent).
+    #[error("invalid migration job: {0}")]
+    InvalidJob(String),
+    /// Reading from or writing to the peer failed.
+    #[error("{during}: the connection to the peer failed")]
+    Io {
+        /// What the engine was doing.
+        during: &'static str,
+        /// The stream's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer closed the connection in the middle of the job.
+    #[error("{during}: the peer closed the connection; see the peer node's log for why")]
+    Closed {
+        /// What the engine was doing.
+        during: &'static str,
+    },
+    /// The peer sent nothing (or took nothing) for too long.
+    #[error(
+        "{during}: nothing moved for {after:?}; the peer hangs or the network is down \
+         (raise the timeout if the peer is only slow)"
+    )]
+    Timeout {
+        /// What the engine was waiting for.
+        during: &'static str,
+        /// The timeout that ran out.
+        after: Duration,
+    },
+    /// The peer sent a frame that does not decode.
+    #[error("{during}: the peer sent an invalid frame")]
+    Protocol {
+        /// What the engine was doing.
+        during: &'static str,
+        /// What was wrong with it.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The peer sent a valid message at the wrong point of the job.
+    #[error("{during}: expected {expected}, the peer sent {got}")]
+    Unexpected {
+        /// What the engine was doing.
+        during: &'static str,
+        /// The message(s) that may come here.
+        expected: &'static str,
+        /// The message that came.
+        got: MessageType,
+    },
+    /// The peer gave up on the job and said why.
+    #[error("the peer gave up on the migration: {0}")]
+    PeerAborted(String),
+    /// The destination received everything but could not resume the process (its `Ack` said
+    /// `ok: false`).
+    #[error("the destination could not take over the process: {0}")]
+    Destination(String),
+    /// A page could not be read from the source guest's memory.
+    #[error("reading page {vaddr:#x} from guest frame {pfn:#x}")]
+    ReadPage {
+        /// The page's virtual address in the process.
+        vaddr: u64,
+        /// The guest frame it was read from.
+        pfn: u64,
+        /// Why.
+        #[source]
+        source: PageError,
+    },
+    /// A page could not be written into the destination guest's memory.
+    #[error("writing page {vaddr:#x} into guest frame {pfn:#x}")]
+    WritePage {
+        /// The page's virtual address in the process.
+        vaddr: u64,
+        /// The guest frame it was to land in.
+        pfn: u64,
+        /// Why.
+        #[source]
+        source: PageError,
+    },
+    /// A page arrived that is not the next one of the job's page list.
+    #[error(
+        "page {index} of the job should be {expected:#x}, the source sent {got:#x}; \
+         the two nodes disagree on the protocol (run the same ferry build on both)"
+    )]
+    OutOfOrder {
+        /// Its position in the job.
+        index: u64,
+        /// The vaddr the page list has there.
+        expected: u64,
+        /// The vaddr that came.
+        got: u64,
+    },
+    /// The source's page counts in `Done` differ from what arrived.
+    #[error(
+        "the source reports {sent} pages ({sent_zero} zero) of {announced}, {landed} pages \
+         ({landed_zero} zero) arrived"
+    )]
+    CountMismatch {
+        /// Pages announced in Hello.
+        announced: u64,
+        /// Pages the source says it sent.
+        sent: u64,
+        /// Zero pages the source says it sent.
+        sent_zero: u64,
+        /// Pages that arrived.
+        landed: u64,
+        /// Zero pages that arrived.
+        landed_zero: u64,
+    },
+    /// The pages that arrived do not hash to the source's checksum.
+    #[error(
+        "the pages that arrived have checksum {got:#018x}, the source sent {expected:#018x}; \
+         a page was lost, repeated or damaged on the way"
+    )]
+    ChecksumMismatch {
+        /// The source's checksum (from `Done`).
+        expected: u64,
+        /// The destination's.
+        got: u64,
+    },
+}
+
+impl MigrationError {
+    /// The message and every cause under it on one line (`a: b: c`), for a log or an API
+    /// answer that prints no error chain of its own: the messages here do not repeat their
+    /// sources.
+    pub fn chain(&self) -> String {
+        error_chain(self)
+    }
+}
+
+/// How long each side waits before it declares the peer gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Each frame read or written while data flows (the destination waits this long for each
+    /// next frame; the source for each batch to be taken).
+    pub io: Duration,
+    /// The source's wait for `Ready`: the destination's agent building the skeleton.
+    pub skeleton: Duration,
+    /// The source's wait for `Ack` after `Done`: the destination resuming the process.
+    pub resume: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            io: Duration::from_secs(30),
+            skeleton: Duration::from_secs(120),
+            resume: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The progress and outcome of one job, on either side.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// The job's id.
+    pub job_id: u64,
+    /// Pages the job moves.
+    pub total_pages: u64,
+    /// Pages sent (source) or landed (destination) so far, zero pages included.
+    pub pages: u64,
+    /// Of `pages`, the zero pages (sent as markers, no data).
+    pub zero_pages: u64,
+    /// Bytes of frames from source to destination so far, headers included: written by the
+    /// source, read by the destination.
+    pub bytes: u64,
+    /// Time since the job started (Hello sent or received).
+    pub elapsed: Duration,
+    /// Of `elapsed`, the time before the page stream began: sending the job description and
+    /// the destination building its skeleton (until `Ready`).
+    pub setup: Duration,
+    /// Page stream throughput: frame bytes since `Ready` over time since `Ready`, in MiB/s.
+    pub throughput_mib_s: f64,
+}
+
+impl Stats {
+    /// Pages that travelled with their data.
+    pub fn data_pages(&self) -> u64 {
+        self.pages - self.zero_pages
+    }
+
+    /// Pages still to move.
+    pub fn remaining_pages(&self) -> u64 {
+        self.total_pages.saturating_sub(self.pages)
+    }
+}
+
+/// Throughput bookkeeping for [`Stats`].
+struct Clock {
+    start: Instant,
+    stream_start: Instant,
+    stream_bytes_before: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let now = Instant::now();
+        Clock {
+            start: now,
+            stream_start: now,
+            stream_bytes_before: 0,
+        }
+    }
+
+    /// The page stream starts now.
+    fn streaming(&mut self, stats: &mut Stats) {
+        self.stream_start = Instant::now();
+        self.stream_bytes_before = stats.bytes;
+        stats.setup = self.start.elapsed();
+        stats.elapsed = stats.setup;
+    }
+
+    fn update(&self, stats: &mut Stats) {
+        stats.elapsed = self.start.elapsed();
+        let secs = self.stream_start.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            let bytes = stats.bytes - self.stream_bytes_before;
+            stats.throughput_mib_s = bytes as f64 / (1024.0 * 1024.0) / secs;
+        }
+    }
+}
+
+/// A zero page, written where the destination's frames are not known to be zero.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// The most a best-effort farewell (`Abort`, or an answer after a failed write) may take.
+const FAREWELL: Duration = Duration::from_secs(2);
+
+/// Moves one process's pages to the destination: sends `Hello` (`job_id`, `image`: the
+/// agent's encoded process image, opaque here) and the vaddr list, waits for `Ready`, streams
+/// the pages of `pages` (`(vaddr, pfn)` pairs, read from `source` by frame) in batches, sends
+/// `Done` and waits for the destination's `Ack`.
+///
+/// `progress` is called after each batch. Returns the job's statistics once the destination
+/// has acknowledged that the process runs there; only then may the caller kill its frozen
+/// copy. Every error means the process did not move (the caller thaws it):
+/// [`MigrationError::Destination`] when the destination's `Ack` says `ok: false`,
+/// [`MigrationError::PeerAborted`] when it gave up earlier.
+pub async fn send<S>(
+    stream: &mut S,
+    job_id: u64,
+    image: &[u8],
+    pages: &[(u64, u64)],
+    source: &impl PageSource,
+    timeouts: &Timeouts,
+    mut progress: impl FnMut(&Stats),
+) -> Result<Stats, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    check_job(image, pages)?;
+    let mut clock = Clock::new();
+    let mut stats = Stats {
+        job_id,
+        total_pages: pages.len() as u64,
+        ..Stats::default()
+    };
+    let (mut rd, mut wr) = tokio::io::split(stream);
+
+    // The job description: Hello, then the vaddrs in list-sized frames.
+    const DESCRIBING: &str = "sending the job description";
+    let hello = Message::Hello(Hello {
+        job_id,
+        page_count: pages.len() as u64,
+        image: image.to_vec(),
+    });
+    write_message(&mut wr, &hello, &mut stats, timeouts.io, DESCRIBING).await?;
+    for chunk in pages.chunks(MAX_PAGE_LIST) {
+        let list = Message::PageList(chunk.iter().map(|&(vaddr, _)| vaddr).collect());
+        write_message(&mut wr, &list, &mut stats, timeouts.io, DESCRIBING).await?;
+    }
+    flush(&mut wr, timeouts.io, DESCRIBING).await?;
+
+    const SKELETON: &str = "waiting for the destination's skeleton (Ready)";
+    let mut answer_buf = Vec::new();
+    let answer = timeout(
+        timeouts.skeleton,
+        read_message(&mut rd, &mut answer_buf, SKELETON),
+    )
+    .await
+    .map_err(|_| MigrationError::Timeout {
+        during: SKELETON,
+        after: timeouts.skeleton,
+    })??;
+    match answer {
+        Message::Ready => {}
+        Message::Abort { reason } => return Err(MigrationError::PeerAborted(reason)),
+        other => {
+            return Err(MigrationError::Unexpected {
+                during: SKELETON,
+                expected: "Ready",
+                got: other.message_type(),
+            })
+        }
+    }
+    clock.streaming(&mut stats);
+
+    // The page stream. The destination says nothing until Done unless it gives up, so one
+    // read of its next message stays pending across all batches: an early Abort (or a closed
+    // connection) ends the stream at once.
+    const STREAMING: &str = "streaming pages";
+    let answer = read_message(&mut rd, &mut answer_buf, STREAMING);
+    tokio::pin!(answer);
+    let mut batch = BatchWriter::new();
+    let mut checksum = Checksum::new();
+    for chunk in pages.chunks(MAX_BATCH_PAGES) {
+        if let Err(e) = fill_batch(&mut batch, chunk, source, &mut checksum, &mut stats) {
+            farewell(
+                &mut wr,
+                &Message::Abort {
+                    reason: bounded_text(&error_chain(&e)),
+                },
+            )
+            .await;
+            return Err(e);
+        }
+        let frame = batch.finish();
+        let written = tokio::select! {
+            biased;
+            early = &mut answer => return Err(early_answer(early, STREAMING)),
+            written = timeout(timeouts.io, wr.write_all(frame)) => written,
+        };
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // The destination may have said why before it closed.
+                if let Ok(Ok(Message::Abort { reason })) = timeout(FAREWELL, &mut answer).await {
+                    return Err(MigrationError::PeerAborted(reason));
+                }
+                return Err(io_error(STREAMING, e));
+            }
+            Err(_) => {
+                return Err(MigrationError::Timeout {
+                    during: STREAMING,
+                    after: timeouts.io,
+                })
+            }
+        }
+        stats.bytes += frame.len() as u64;
+        clock.update(&mut stats);
+        progress(&stats);
+    }
+
+    let done = Message::Done(Done {
+        pages: stats.pages,
+        zero_pages: stats.zero_pages,
+        checksum: checksum.value(),
+    });
+    write_message(&mut wr, &done, &mut stats, timeouts.io, STREAMING).await?;
+    flush(&mut wr, timeouts.io, STREAMING).await?;
+    clock.update(&mut stats);
+
+    const RESUME: &str = "waiting for the destination to resume the process (Ack)";
+    let answer =
+        timeout(timeouts.resume, &mut answer)
+            .await
+            .map_err(|_| MigrationError::Timeout {
+                during: RESUME,
+                after: timeouts.resume,
+            })?;
+    match answer {
+        Ok(Message::Ack(Ack { ok: true, .. })) => {
+            clock.update(&mut stats);
+            Ok(stats)
+        }
+        Ok(Message::Ack(Ack { ok: false, message })) => Err(MigrationError::Destination(message)),
+        other => Err(early_answer(other, RESUME)),
+    }
+}
+
+/// Refuses a job that the destination would refuse, before anything is sent.
+fn check_job(image: &[u8], pages: &[(u64, u64)]) -> Result<(), MigrationError> {
+    if image.len() > MAX_IMAGE {
+        return Err(MigrationError::InvalidJob(format!(
+            "the process image is {} bytes, the protocol carries at most {MAX_IMAGE}",
+            image.len()
+        )));
+    }
+    if pages.len() as u64 > MAX_JOB_PAGES {
+        return Err(MigrationError::InvalidJob(format!(
+            "{} pages, the protocol moves at most {MAX_JOB_PAGES} per job",
+            pages.len()
+        )));
+    }
+    if let Some(&(vaddr, _)) = pages.iter().find(|(v, _)| v % PAGE_SIZE as u64 != 0) {
+        return Err(MigrationError::InvalidJob(format!(
+            "page address {vaddr:#x} is not page-aligned"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the pages of `chunk` into the batch, zero pages as markers.
+fn fill_batch(
+    batch: &mut BatchWriter,
+    chunk: &[(u64, u64)],
+    source: &impl PageSource,
+    checksum: &mut Checksum,
+    stats: &mut Stats,
+) -> Result<(), MigrationError> {
+    batch.start(chunk.len());
+    for &(vaddr, pfn) in chunk {
+        let slot = batch.page_slot();
+        source
+            .read_page(pfn, slot)
+            .map_err(|source| MigrationError::ReadPage { vaddr, pfn, source })?;
+        let kind = if is_zero_page(slot) {
+            checksum.add_zero_page(vaddr);
+            stats.zero_pages += 1;
+            PageKind::Zero
+        } else {
+            checksum.add_page(vaddr, slot);
+            PageKind::Data
+        };
+        batch.push(vaddr, kind);
+        stats.pages += 1;
+    }
+    Ok(())
+}
+
+/// The error for a message from the destination in the middle of the stream (or instead of
+/// its `Ack`).
+fn early_answer(answer: Result<Message, MigrationError>, during: &'static str) -> MigrationError {
+    match answer {
+        Ok(Message::Abort { reason }) => MigrationError::PeerAborted(reason),
+        Ok(Message::Ack(Ack { ok: false, message })) => MigrationError::Destination(message),
+        Ok(other) => MigrationError::Unexpected {
+            during,
+            expected: "Abort or nothing until Done",
+            got: other.message_type(),
+        },
+        Err(e) => e,
+    }
+}
+
+/// A job arriving at the destination: its `Hello` and vaddr list are in, nothing has been
+/// answered yet. Next: [`Incoming::land`] once the skeleton stands, or [`Incoming::reject`].
+/// Dropping it drops the job (the source times out or sees the connection close).
+pub struct Incoming<'s, S> {
+    stream: &'s mut S,
+    hello: Hello,
+    vaddrs: Vec<u64>,
+    timeouts: Timeouts,
+    buf: Vec<u8>,
+    stats: Stats,
+    clock_start: Instant,
+}
+
+impl<S> std::fmt::Debug for Incoming<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("job_id", &self.hello.job_id)
+            .field("image_len", &self.hello.image.len())
+            .field("pages", &self.vaddrs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepts a job at the destination: reads `Hello` and the whole vaddr list (each frame
+/// within `timeouts.io`).
+pub async fn receive<'s, S>(
+    stream: &'s mut S,
+    timeouts: &Timeouts,
+) -> Result<Incoming<'s, S>, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    const DESCRIBING: &str = "receiving the job description";
+    let clock_start = Instant::now();
+    let mut buf = Vec::new();
+    let mut stats = Stats::default();
+    let result = async {
+        let hello =
+            match read_counted(stream, &mut buf, &mut stats, timeouts.io, DESCRIBING).await? {
+                Message::Hello(h) => h,
+                other => return Err(unexpected_or_abort(other, DESCRIBING, "Hello")),
+            };
+        // The list grows with what arrives, not with what Hello announced.
+        let announced = hello.page_count as usize;
+        let mut vaddrs = Vec::with_capacity(announced.min(MAX_PAGE_LIST));
+        while vaddrs.len() < announced {
+            match read_counted(stream, &mut buf, &mut stats, timeouts.io, DESCRIBING).await? {
+                Message::PageList(list) => {
+                    if vaddrs.len() + list.len() > announced {
+                        return Err(MigrationError::Protocol {
+                            during: DESCRIBING,
+                            source: ProtocolError::TooMany {
+                                message: MessageType::PageList,
+                                what: "vaddrs in all",
+                                count: (vaddrs.len() + list.len()) as u64,
+                                max: announced as u64,
+                            },
+                        });
+                    }
+                    vaddrs.extend(list);
+                }
+                other => return Err(unexpected_or_abort(other, DESCRIBING, "PageList")),
+            }
+        }
+        Ok((hello, vaddrs))
+    }
+    .await;
+    let (hello, vaddrs) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            farewell_on_error(stream, &e).await;
+            return Err(e);
+        }
+    };
+    stats.job_id = hello.job_id;
+    stats.total_pages = hello.page_count;
+    Ok(Incoming {
+        stream,
+        hello,
+        vaddrs,
+        timeouts: timeouts.clone(),
+        buf,
+        stats,
+        clock_start,
+    })
+}
+
+impl<'s, S> Incoming<'s, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// The job's id, as the source chose it.
+    pub fn job_id(&self) -> u64 {
+        self.hello.job_id
+    }
+
+    /// The process image (the agent's encoded `ProcessImage`), as the source sent it.
+    pub fn image(&self) -> &[u8] {
+        &self.hello.image
+    }
+
+    /// The vaddrs of the pages that will arrive, in arrival order (what the agent needs to
+    /// build the skeleton); [`Incoming::land`] takes one frame per vaddr in this order.
+    pub fn vaddrs(&self) -> &[u64] {
+        &self.vaddrs
+    }
+
+    /// Refuses the job (e.g. the skeleton could not be built): sends `Abort` with `reason`,
+    /// which the source reports as [`MigrationError::PeerAborted`].
+    pub async fn reject(self, reason: &str) -> Result<(), MigrationError> {
+        const REJECTING: &str = "refusing the job";
+        let abort = Message::Abort {
+            reason: bounded_text(reason),
+        };
+        let mut stats = Stats::default();
+        write_message(self.stream, &abort, &mut stats, self.timeouts.io, REJECTING).await?;
+        flush(self.stream, self.timeouts.io, REJECTING).await
+    }
+
+    /// Lands the pages: sends `Ready`, writes every arriving page into its frame through
+    /// `sink` (`frames[i]` for `vaddrs()[i]`), and checks `Done`'s counts and checksum.
+    /// `progress` is called after each batch.
+    ///
+    /// `frames_zeroed` says the destination frames are known to hold zeros (fresh pages from
+    /// the skeleton); zero pages are then skipped, otherwise zeros are written.
+    ///
+    /// On success the pages are in place and the source waits for the outcome: resume the
+    /// process, then [`Landed::finish`]. On failure the source has been told (`Abort`, or
+    /// `Ack {ok: false}` for a bad `Done`) where the connection allowed.
+    pub async fn land(
+        mut self,
+        frames: &[u64],
+        frames_zeroed: bool,
+        sink: &impl PageSink,
+        mut progress: impl FnMut(&Stats),
+    ) -> Result<Landed<'s, S>, MigrationError> {
+        if frames.len() != self.vaddrs.len() {
+            let e = MigrationError::InvalidJob(format!(
+                "the destination has {} frames for the {} pages of the job",
+                frames.len(),
+                self.vaddrs.len()
+            ));
+            farewell_on_error(self.stream, &e).await;
+            return Err(e);
+        }
+        let mut clock = Clock {
+            start: self.clock_start,
+            stream_start: Instant::now(),
+            stream_bytes_before: 0,
+        };
+        const READY: &str = "telling the source the skeleton stands (Ready)";
+        let io = self.timeouts.io;
+        let mut written = Stats::default();
+        write_message(self.stream, &Message::Ready, &mut written, io, READY).await?;
+        flush(self.stream, io, READY).await?;
+        clock.streaming(&mut self.stats);
+
+        let landing = self.land_pages(frames, frames_zeroed, sink, &clock, &mut progress);
+        match landing.await {
+            Ok(()) => {}
+            Err(e) => {
+                farewell_on_error(self.stream, &e).await;
+                return Err(e);
+            }
+        }
+        clock.update(&mut self.stats);
+        Ok(Landed {
+            stream: self.stream,
+            timeouts: self.timeouts,
+            stats: self.stats,
+        })
+    }
+
+    async fn land_pages(
+        &mut self,
+        frames: &[u64],
+        frames_zeroed: bool,
+        sink: &impl PageSink,
+        clock: &Clock,
+        progress: &mut impl FnMut(&Stats),
+    ) -> Result<(), MigrationError> {
+        const LANDING: &str = "receiving pages";
+        let io = self.timeouts.io;
+        let stats = &mut self.stats;
+        let mut checksum = Checksum::new();
+        let mut next = 0usize;
+        loop {
+            let header = timeout(io, read_frame(self.stream, &mut self.buf, LANDING))
+                .await
+                .map_err(|_| MigrationError::Timeout {
+                    during: LANDING,
+                    after: io,
+                })??;
+            stats.bytes += (HEADER_LEN + header.len) as u64;
+            let payload = &self.buf[..header.len];
+            let protocol = |source| MigrationError::Protocol {
+                during: LANDING,
+                source,
+            };
+            if header.message != MessageType::PageBatch {
+                match Message::decode(header.message, payload).map_err(protocol)? {
+                    Message::Done(done) => {
+                        return check_done(&done, stats, checksum.value());
+                    }
+                    other => return Err(unexpected_or_abort(other, LANDING, "PageBatch or Done")),
+                }
+            }
+            let batch = PageBatchView::parse(payload).map_err(protocol)?;
+            if next + batch.len() > self.vaddrs.len() {
+                return Err(protocol(ProtocolError::TooMany {
+                    message: MessageType::PageBatch,
+                    what: "pages in all",
+                    count: (next + batch.len()) as u64,
+                    max: self.vaddrs.len() as u64,
+                }));
+            }
+            for (page, (&expected, &pfn)) in batch
+                .pages()
+                .zip(self.vaddrs[next..].iter().zip(&frames[next..]))
+            {
+                if page.vaddr != expected {
+                    return Err(MigrationError::OutOfOrder {
+                        index: next as u64,
+                        expected,
+                        got: page.vaddr,
+                    });
+                }
+                let data = match page.data {
+                    Some(data) => {
+                        checksum.add_page(page.vaddr, data);
+                        Some(data)
+                    }
+                    None => {
+                        checksum.add_zero_page(page.vaddr);
+                        stats.zero_pages += 1;
+                        (!frames_zeroed).then_some(&ZERO_PAGE[..])
+                    }
+                };
+                if let Some(data) = data {
+                    sink.write_page(pfn, data)
+                        .map_err(|source| MigrationError::WritePage {
+                            vaddr: page.vaddr,
+                            pfn,
+                            source,
+                        })?;
+                }
+                next += 1;
+            }
+            stats.pages = next as u64;
+            clock.update(stats);
+            progress(stats);
+        }
+    }
+}
+
+/// Checks `Done` against what arrived.
+fn check_done(done: &Done, stats: &Stats, checksum: u64) -> Result<(), MigrationError> {
+    if done.pages != stats.pages
+        || done.zero_pages != stats.zero_pages
+        || stats.pages != stats.total_pages
+    {
+        return Err(MigrationError::CountMismatch {
+            announced: stats.total_pages,
+            sent: done.pages,
+            sent_zero: done.zero_pages,
+            landed: stats.pages,
+            landed_zero: stats.zero_pages,
+        });
+    }
+    if done.checksum != checksum {
+        return Err(MigrationError::ChecksumMismatch {
+            expected: done.checksum,
+            got: checksum,
+        });
+    }
+    Ok(())
+}
+
+/// Every page of a job is in place at the destination; the source waits for the outcome.
+/// Resume the process, then call [`Landed::finish`]. Dropping it unanswered leaves the source
+/// to time out (and thaw its copy).
+pub struct Landed<'s, S> {
+    stream: &'s mut S,
+    timeouts: Timeouts,
+    stats: Stats,
+}
+
+impl<S> std::fmt::Debug for Landed<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Landed")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Landed<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// What arrived.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Tells the source the outcome (`Ack`): `Ok(())` when the process runs here (the source
+    /// then kills its frozen copy), `Err(message)` when it could not be resumed (the source
+    /// thaws its copy and reports `message`). Returns the job's statistics once the answer is
+    /// on its way.
+    pub async fn finish(self, resumed: Result<(), String>) -> Result<Stats, MigrationError> {
+        const ANSWERING: &str = "telling the source the outcome (Ack)";
+        let ack = Message::Ack(match resumed {
+            Ok(()) => Ack {
+                ok: true,
+                message: String::new(),
+            },
+            Err(message) => Ack {
+                ok: false,
+                message: bounded_text(&message),
+            },
+        });
+        let mut written = Stats::default();
+        write_message(self.stream, &ack, &mut written, self.timeouts.io, ANSWERING).await?;
+        flush(self.stream, self.timeouts.io, ANSWERING).await?;
+        Ok(self.stats)
+    }
+}
+
+/// The error for a message other than the expected one (the peer's `Abort` carries its reason).
+fn unexpected_or_abort(
+    got: Message,
+    during: &'static str,
+    expected: &'static str,
+) -> MigrationError {
+    match got {
+        Message::Abort { reason } => MigrationError::PeerAborted(reason),
+        other => MigrationError::Unexpected {
+            during,
+            expected,
+            got: other.message_type(),
+        },
+    }
+}
+
+/// Tells the source why the destination gives up, where that can still reach it: `Ack {ok:
+/// false}` for a bad `Done` (the source waits for an Ack), `Abort` otherwise. Nothing when the
+/// peer gave up itself or the connection is gone.
+async fn farewell_on_error<W: AsyncWrite + Unpin>(stream: &mut W, e: &MigrationError) {
+    let message = bounded_text(&error_chain(e));
+    let farewell_message = match e {
+        MigrationError::PeerAborted(_)
+        | MigrationError::Closed { .. }
+        | MigrationError::Io { .. }
+        | MigrationError::Timeout { .. } => return,
+        MigrationError::CountMismatch { .. } | MigrationError::ChecksumMismatch { .. } => {
+            Message::Ack(Ack { ok: false, message })
+        }
+        _ => Message::Abort { reason: message },
+    };
+    farewell(stream, &farewell_message).await;
+}
+
+/// Sends a last message, best effort and briefly.
+async fn farewell<W: AsyncWrite + Unpin>(stream: &mut W, message: &Message) {
+    if let Ok(frame) = message.encode() {
+        let _ = timeout(FAREWELL, async {
+            stream.write_all(&frame).await?;
+            stream.flush().await
+        })
+        .await;
+    }
+}
+
+/// An error and its sources, one line, for the peer.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn io_error(during: &'static str, e: io::Error) -> MigrationError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => MigrationError::Closed { during },
+        _ => MigrationError::Io { during, source: e },
+    }
+}
+
+/// Reads one frame into `buf` (grown to the payload, which the header has bounded); returns its
+/// header, the payload being `buf[..header.len]`.
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    during: &'static str,
+) -> Result<FrameHeader, MigrationError> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)
+        .await
+        .map_err(|e| io_error(during, e))?;
+    let header = FrameHeader::decode(&header)
+        .map_err(|source| MigrationError::Protocol { during, source })?;
+    if buf.len() < header.len {
+        buf.resize(header.len, 0);
+    }
+    r.read_exact(&mut buf[..header.len])
+        .await
+        .map_err(|e| io_error(during, e))?;
+    Ok(header)
+}
+
+/// Reads and decodes one frame.
+async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    during: &'static str,
+) -> Result<Message, MigrationError> {
+    let header = read_frame(r, buf, during).await?;
+    Message::decode(header.message, &buf[..header.len])
+        .map_err(|source| MigrationError::Protocol { during, source })
+}
+
+/// Reads and decodes one frame within `limit`, counting its bytes.
+async fn read_counted<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    stats: &mut Stats,
+    limit: Duration,
+    during: &'static str,
+) -> Result<Message, MigrationError> {
+    let header = timeout(limit, read_frame(r, buf, during))
+        .await
+        .map_err(|_| MigrationError::Timeout {
+            during,
+            after: limit,
+        })??;
+    stats.bytes += (HEADER_LEN + header.len) as u64;
+    Message::decode(header.message, &buf[..header.len])
+        .map_err(|source| MigrationError::Protocol { during, source })
+}
+
+/// Encodes and writes one message within `limit`, counting its bytes.
+async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    message: &Message,
+    stats: &mut Stats,
+    limit: Duration,
+    during: &'static str,
+) -> Result<(), MigrationError> {
+    let frame = message
+        .encode()
+        .map_err(|source| MigrationError::Protocol { during, source })?;
+    timeout(limit, w.write_all(&frame))
+        .await
+        .map_err(|_| MigrationError::Timeout {
+            during,
+            after: limit,
+        })?
+        .map_err(|e| io_error(during, e))?;
+    stats.bytes += frame.len() as u64;
+    Ok(())
+}
+
+async fn flush<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    limit: Duration,
+    during: &'static str,
+) -> Result<(), MigrationError> {
+    timeout(limit, w.flush())
+        .await
+        .map_err(|_| MigrationError::Timeout {
+            during,
+            after: limit,
+        })?
+        .map_err(|e| io_error(during, e))
+}
+
+/// The guest-physical address of frame `pfn`, if a whole page there is guest memory.
+fn frame_address<M: GuestMemoryBackend>(
+    mem: &M,
+    pfn: u64,
+    len: usize,
+) -> Result<GuestAddress, PageError> {
+    if len != PAGE_SIZE {
+        return Err(PageError::BufferSize { len });
+    }
+    let addr = pfn
+        .checked_mul(PAGE_SIZE as u64)
+        .map(GuestAddress)
+        .ok_or(PageError::OutOfRange { pfn })?;
+    if !mem.check_range(addr, PAGE_SIZE) {
+        return Err(PageError::OutOfRange { pfn });
+    }
+    Ok(addr)
+}
+
+impl<B: Bitmap> PageSource for GuestMemoryMmap<B> {
+    fn read_page(&self, pfn: u64, buf: &mut [u8]) -> Result<(), PageError> {
+        let addr = frame_address(self, pfn, buf.len())?;
+        self.read_slice(buf, addr).map_err(|e| PageError::Access {
+            pfn,
+            source: Box::new(e),
+        })
+    }
+}
+
+impl<B: Bitmap> PageSink for GuestMemoryMmap<B> {
+    fn write_page(&self, pfn: u64, data: &[u8]) -> Result<(), PageError> {
+        let addr = frame_address(self, pfn, data.len())?;
+        self.write_slice(data, addr).map_err(|e| PageError::Access {
+            pfn,
+            source: Box::new(e),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
