@@ -93,6 +93,25 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Move a running process to another node: `ferry migrate node-1:4242 node-2`. Shows
+    /// progress while pages move and a summary at the end; a process that cannot move says
+    /// why and runs on where it was.
+    Migrate {
+        /// The process: NODE:PID.
+        process: String,
+        /// The node to move it to.
+        to: String,
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+    },
+    /// The processes of every node (without kernel threads): node, pid, where it started, how
+    /// often it moved, CPU time, memory, command.
+    Ps {
+        /// The cluster file.
+        #[arg(default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+    },
     /// The node daemon and its helpers (started by `ferry up`, not by hand).
     #[command(hide = true)]
     Daemon {
@@ -351,6 +370,8 @@ fn main() -> ExitCode {
         Command::Status { file, json } => cmd_status(&file, json),
         Command::Down { file, purge, quiet } => cmd_down(&file, purge, quiet),
         Command::Daemon { action } => cmd_daemon(action),
+        Command::Migrate { process, to, file } => cmd_migrate(&process, &to, &file),
+        Command::Ps { file } => cmd_ps(&file),
         Command::Agent {
             action: AgentAction::Ping { cid, count },
         } => cmd_agent_ping(cid, count),
@@ -701,6 +722,65 @@ fn cmd_down(file: &Path, purge: bool, quiet: bool) -> anyhow::Result<i32> {
             eprintln!("ferry: stopped {}", stopped.join(", "));
         }
     }
+    Ok(0)
+}
+
+fn cmd_migrate(process: &str, to: &str, file: &Path) -> anyhow::Result<i32> {
+    let Some((node, pid)) = process
+        .split_once(':')
+        .and_then(|(n, p)| Some((n, p.parse::<u32>().ok()?)))
+    else {
+        return Err(UsageError(format!(
+            "`{process}`: name the process as NODE:PID, e.g. node-1:4242"
+        ))
+        .into());
+    };
+    let cluster = control::Cluster::load(file)?;
+    let outcome = cluster::control::migrate(&cluster, node, pid, to, &mut |job| {
+        let pct = if job.pages_total > 0 {
+            job.pages_sent * 100 / job.pages_total
+        } else {
+            0
+        };
+        eprint!(
+            "\rferry: moving {node}:{pid} to {to}: {}/{} pages ({pct}%), {:.0} MiB/s   ",
+            job.pages_sent, job.pages_total, job.throughput_mib_s
+        );
+    });
+    eprintln!();
+    let job = outcome?;
+    match job.state {
+        cluster::api::JobState::Done => {
+            println!(
+                "moved process {pid} from {} to {} (pid {} there): {} pages sent ({} MiB), {} zero pages as markers, frozen {} ms, total {} ms, {:.0} MiB/s",
+                job.from,
+                job.to,
+                job.new_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                job.pages_sent,
+                job.bytes_sent >> 20,
+                job.zero_pages,
+                job.frozen_ms,
+                job.total_ms,
+                job.throughput_mib_s
+            );
+            if let Some(e) = &job.error {
+                eprintln!("ferry: warning: {e}");
+            }
+            Ok(0)
+        }
+        _ => {
+            eprintln!(
+                "ferry: error: process {pid} did not move: {}",
+                job.error.as_deref().unwrap_or("no reason given")
+            );
+            Ok(1)
+        }
+    }
+}
+
+fn cmd_ps(file: &Path) -> anyhow::Result<i32> {
+    let cluster = control::Cluster::load(file)?;
+    print!("{}", cluster::control::ps_table(&cluster.processes()?));
     Ok(0)
 }
 

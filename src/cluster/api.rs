@@ -105,6 +105,61 @@ pub struct Process {
     /// The command line, or `[comm]` for a process without one (kernel threads).
     pub command: String,
     pub kernel_thread: bool,
+    /// The node it started on, if it moved here from elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+    /// How often it moved.
+    #[serde(default)]
+    pub moves: u32,
+}
+
+/// `POST /v1/migrations`: move process `pid` of node `node` (default: the node asked) to node
+/// `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub to: String,
+}
+
+/// Where a migration job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Pages are moving; the process is frozen at the source.
+    Running,
+    /// The process runs at the destination; the source's copy is gone.
+    Done,
+    /// It did not move; it runs on at the source (the error says what failed).
+    Failed,
+}
+
+/// One migration, as the source node reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationJob {
+    pub id: u64,
+    /// The process's pid at the source.
+    pub pid: u32,
+    pub from: String,
+    pub to: String,
+    pub state: JobState,
+    /// The process's pid at the destination, once it runs there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_pid: Option<u32>,
+    /// Pages to send (present private pages), sent so far, and of those sent as zero markers.
+    pub pages_total: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    /// Bytes of page data on the wire.
+    pub bytes_sent: u64,
+    /// From freezing the process to it running again (at the destination, or thawed).
+    pub frozen_ms: u64,
+    pub total_ms: u64,
+    pub throughput_mib_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// An error body.
@@ -119,10 +174,24 @@ pub enum Route {
     Node,
     Nodes,
     NamedNode(String),
-    Processes { all: bool },
-    NodeProcesses { node: String, all: bool },
+    Processes {
+        all: bool,
+    },
+    NodeProcesses {
+        node: String,
+        all: bool,
+    },
     Shutdown,
     OpenApi,
+    /// `GET /v1/migrations`: this node's migration jobs.
+    Migrations,
+    /// `POST /v1/migrations`: move a process ([`MigrationRequest`]).
+    StartMigration,
+    /// `GET /v1/migrations/{id}`.
+    Migration(u64),
+    /// `POST /v1/peer/migrations`: a source node's page stream (peers only; the connection is
+    /// upgraded to the migration protocol).
+    PeerMigration,
 }
 
 /// Why a request maps to no route.
@@ -167,9 +236,20 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
         ),
         ["v1", "shutdown"] => (Route::Shutdown, "POST"),
         ["v1", "openapi.json"] => (Route::OpenApi, "GET"),
+        ["v1", "migrations"] if method == "POST" => (Route::StartMigration, "POST"),
+        ["v1", "migrations"] => (Route::Migrations, "GET or POST"),
+        ["v1", "migrations", id] => match id.parse() {
+            Ok(id) => (Route::Migration(id), "GET"),
+            Err(_) => {
+                return Err(RouteError::BadRequest(format!(
+                    "`{id}` is not a migration id (a number, as POST /v1/migrations returned it)"
+                )))
+            }
+        },
+        ["v1", "peer", "migrations"] => (Route::PeerMigration, "POST"),
         _ => return Err(RouteError::NotFound(path.to_string())),
     };
-    if method != allowed {
+    if !allowed.split(" or ").any(|m| m == method) {
         return Err(RouteError::Method {
             method: method.to_string(),
             path: path.to_string(),
@@ -265,7 +345,19 @@ pub fn openapi() -> serde_json::Value {
                     "properties": {
                         "pid": {"type": "integer"}, "ppid": {"type": "integer"}, "uid": {"type": "integer"},
                         "state": {"type": "string"}, "threads": {"type": "integer"}, "rss_kib": {"type": "integer"},
-                        "cpu_seconds": {"type": "number"}, "command": {"type": "string"}, "kernel_thread": {"type": "boolean"}}}
+                        "cpu_seconds": {"type": "number"}, "command": {"type": "string"}, "kernel_thread": {"type": "boolean"},
+                        "home": {"type": "string", "description": "the node it started on, if it moved"},
+                        "moves": {"type": "integer"}}},
+                "MigrationRequest": {"type": "object", "required": ["pid", "to"], "additionalProperties": false,
+                    "properties": {"pid": {"type": "integer"}, "node": {"type": "string", "description": "the node that runs it (default: this one)"}, "to": {"type": "string"}}},
+                "MigrationJob": {"type": "object",
+                    "required": ["id", "pid", "from", "to", "state", "pages_total", "pages_sent", "zero_pages", "bytes_sent", "frozen_ms", "total_ms", "throughput_mib_s"],
+                    "properties": {
+                        "id": {"type": "integer"}, "pid": {"type": "integer"}, "from": {"type": "string"}, "to": {"type": "string"},
+                        "state": {"type": "string", "enum": ["running", "done", "failed"]}, "new_pid": {"type": "integer"},
+                        "pages_total": {"type": "integer"}, "pages_sent": {"type": "integer"}, "zero_pages": {"type": "integer"},
+                        "bytes_sent": {"type": "integer"}, "frozen_ms": {"type": "integer"}, "total_ms": {"type": "integer"},
+                        "throughput_mib_s": {"type": "number"}, "error": {"type": "string"}}}
             }
         },
         "security": [{"bearer": []}],
@@ -281,6 +373,16 @@ pub fn openapi() -> serde_json::Value {
                 "responses": with(errors(&[("400", ""), ("404", ""), ("502", "")]), "200", ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Process"}})))}},
             "/v1/shutdown": {"post": {"summary": "power the guest off and end this node's daemon",
                 "responses": with(errors(&[]), "202", json!({"description": "shutting down"}))}},
+            "/v1/migrations": {
+                "get": {"summary": "this node's migrations (as the source), oldest first",
+                    "responses": with(errors(&[]), "200", ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/MigrationJob"}})))},
+                "post": {"summary": "move a process to another node; 409 with the reason when it cannot move (it is left running)",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MigrationRequest"}}}},
+                    "responses": with(errors(&[("400", ""), ("404", ""), ("409", ""), ("502", "")]), "201", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))}},
+            "/v1/migrations/{id}": {"get": {"summary": "one migration, live", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
+                "responses": with(errors(&[("404", "")]), "200", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))}},
+            "/v1/peer/migrations": {"post": {"summary": "peers only (cluster client certificate): a source node's page stream; the connection switches to the ferry-migration/1 protocol",
+                "responses": {"101": {"description": "switching to the migration stream"}, "403": error.clone()}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
                 "responses": {"200": {"description": "the OpenAPI document"}}}}
         }
@@ -343,6 +445,9 @@ mod tests {
             "/v1/nodes/{name}/processes",
             "/v1/shutdown",
             "/v1/openapi.json",
+            "/v1/migrations",
+            "/v1/migrations/{id}",
+            "/v1/peer/migrations",
         ] {
             assert!(paths.contains_key(p), "{p} missing");
         }

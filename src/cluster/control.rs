@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ferry_net::pki::{self, ClusterCa};
 use ferry_net::tls;
 
-use super::api::{NodeState, NodeStatus};
+use super::api::{JobState, MigrationJob, MigrationRequest, NodeState, NodeStatus, Process};
 use super::client::ApiClient;
 use super::config::{self, ClusterConfig, NodeConfig};
 use super::daemon::{self, bridge_name};
@@ -79,6 +79,12 @@ pub enum ControlError {
     },
     #[error("the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    CantMove(String),
+    #[error("{message}")]
+    Refused { status: u16, message: String },
+    #[error(transparent)]
+    Api(#[from] super::client::ClientError),
 }
 
 impl ControlError {
@@ -89,6 +95,7 @@ impl ControlError {
             ControlError::Config(_)
                 | ControlError::Changed { .. }
                 | ControlError::NoSuchNode { .. }
+                | ControlError::Refused { .. }
                 | ControlError::Bridge(ferry_net::bridge::BridgeError::Clash { .. })
         )
     }
@@ -238,6 +245,141 @@ impl Cluster {
             load: None,
         }
     }
+}
+
+impl Cluster {
+    fn node_named(&self, name: &str) -> Result<&NodeConfig, ControlError> {
+        self.config
+            .node(name)
+            .ok_or_else(|| ControlError::NoSuchNode {
+                name: name.to_string(),
+                file: self.config.source.display().to_string(),
+                names: self
+                    .config
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Every node's processes (kernel threads left out), in the file's node order; a node
+    /// that does not answer is left out with a note on stderr.
+    pub fn processes(&self) -> Result<Vec<(String, Process)>, ControlError> {
+        let clients: Vec<_> = self
+            .config
+            .nodes
+            .iter()
+            .map(|n| self.client(n).map(|c| (n.name.clone(), c)))
+            .collect::<Result<_, _>>()?;
+        let rt = runtime()?;
+        let results = rt.block_on(async {
+            let tasks: Vec<_> = clients
+                .into_iter()
+                .map(|(name, c)| {
+                    tokio::spawn(
+                        async move { (name, c.get::<Vec<Process>>("/v1/processes").await) },
+                    )
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                if let Ok(r) = t.await {
+                    out.push(r);
+                }
+            }
+            out
+        });
+        let mut all = Vec::new();
+        for (name, r) in results {
+            match r {
+                Ok(list) => all.extend(list.into_iter().map(|p| (name.clone(), p))),
+                Err(e) => eprintln!("ferry: {name}: {e}"),
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Moves process `pid` of node `node` to node `to` through `node`'s API, calling `progress`
+/// with the job while it runs; returns the finished job (done or failed).
+pub fn migrate(
+    cluster: &Cluster,
+    node: &str,
+    pid: u32,
+    to: &str,
+    progress: &mut dyn FnMut(&MigrationJob),
+) -> Result<MigrationJob, ControlError> {
+    let source = cluster.node_named(node)?;
+    cluster.node_named(to)?;
+    let client = cluster.client(source)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let request = MigrationRequest {
+            pid,
+            node: None,
+            to: to.to_string(),
+        };
+        let (status, body) = client
+            .clone()
+            .with_timeout(Duration::from_secs(60))
+            .post_json("/v1/migrations", &request)
+            .await?;
+        let message = || {
+            serde_json::from_slice::<super::api::ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned())
+        };
+        let mut job: MigrationJob = match status {
+            201 => serde_json::from_slice(&body).map_err(|e| ControlError::Io {
+                what: "reading the migration job".into(),
+                source: std::io::Error::other(e),
+            })?,
+            409 => return Err(ControlError::CantMove(message())),
+            s if s < 500 => {
+                return Err(ControlError::Refused {
+                    status: s,
+                    message: message(),
+                })
+            }
+            s => {
+                return Err(ControlError::Io {
+                    what: format!("node {node} answered {s}"),
+                    source: std::io::Error::other(message()),
+                })
+            }
+        };
+        let path = format!("/v1/migrations/{}", job.id);
+        while job.state == JobState::Running {
+            progress(&job);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            job = client.get(&path).await?;
+        }
+        progress(&job);
+        Ok(job)
+    })
+}
+
+/// The table `ferry ps` prints.
+pub fn ps_table(processes: &[(String, Process)]) -> String {
+    let mut out = format!(
+        "{:<10} {:>7} {:<10} {:>5} {:>8} {:>9}  COMMAND\n",
+        "NODE", "PID", "HOME", "MOVES", "CPU", "RSS"
+    );
+    for (node, p) in processes {
+        out.push_str(&format!(
+            "{:<10} {:>7} {:<10} {:>5} {:>7.1}s {:>6} KiB  {}\n",
+            node,
+            p.pid,
+            p.home.as_deref().unwrap_or(node),
+            p.moves,
+            p.cpu_seconds,
+            p.rss_kib,
+            p.command
+        ));
+    }
+    out
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ControlError> {

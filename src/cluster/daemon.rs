@@ -31,10 +31,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use vm_memory::GuestMemoryMmap;
 
 use super::api::{self, ApiError, Load, NodeState, NodeStatus, Process, Route};
 use super::client::ApiClient;
 use super::config::{self, ClusterConfig, NodeConfig};
+use super::migrate::Jobs;
 use super::state::ClusterDir;
 use crate::run::{self, ConsoleSink, ConsoleTail, GuestNet};
 
@@ -97,7 +99,7 @@ pub struct DaemonOptions {
 }
 
 /// Prints a line to the daemon's log (its stderr) with the time.
-fn log(msg: impl std::fmt::Display) {
+pub(super) fn log(msg: impl std::fmt::Display) {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -124,8 +126,8 @@ struct Status {
 
 /// One node: shared by the guest's threads and the API.
 pub struct Node {
-    cluster: ClusterConfig,
-    me: NodeConfig,
+    pub(super) cluster: ClusterConfig,
+    pub(super) me: NodeConfig,
     opts: DaemonOptions,
     dir: ClusterDir,
     token: String,
@@ -133,11 +135,14 @@ pub struct Node {
     status: Mutex<Status>,
     agent: Mutex<Option<AgentConnection<VsockStream>>>,
     exit: Mutex<Option<Arc<ExitRequest>>>,
+    /// The running guest's vsock CID and memory (for migrations), while it runs.
+    pub(super) guest: Mutex<Option<(u32, GuestMemoryMmap)>>,
+    pub(super) jobs: Jobs,
     stopping: AtomicBool,
     shutdown: tokio::sync::Notify,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -196,6 +201,8 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             peer_tls,
             agent: Mutex::new(None),
             exit: Mutex::new(None),
+            guest: Mutex::new(None),
+            jobs: Jobs::default(),
             stopping: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
         });
@@ -272,12 +279,16 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, node: Arc<Node>, po
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
                 .await;
         });
     }
 }
 
-fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+pub(super) fn json_response(
+    status: StatusCode,
+    body: &impl serde::Serialize,
+) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
@@ -288,7 +299,7 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<F
     resp
 }
 
-fn error_response(status: u16, message: impl Into<String>) -> Response<Full<Bytes>> {
+pub(super) fn error_response(status: u16, message: impl Into<String>) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = json_response(
         status,
@@ -373,6 +384,13 @@ impl Node {
                 )
             }
             Route::OpenApi => json_response(StatusCode::OK, &api::openapi()),
+            Route::Migrations => json_response(StatusCode::OK, &self.jobs.list()),
+            Route::Migration(id) => match self.jobs.get(id) {
+                Some(job) => json_response(StatusCode::OK, &job),
+                None => error_response(404, format!("node {} has no migration {id}", self.me.name)),
+            },
+            Route::StartMigration => self.start_migration_request(req).await,
+            Route::PeerMigration => self.peer_migration_request(req, peer),
         }
     }
 
@@ -431,6 +449,8 @@ impl Node {
                     p.cmdline.join(" ")
                 },
                 kernel_thread: p.kernel_thread,
+                home: self.jobs.origin(p.pid).map(|o| o.home),
+                moves: self.jobs.origin(p.pid).map(|o| o.moves).unwrap_or(0),
             })
             .collect())
     }
@@ -453,7 +473,7 @@ impl Node {
         }
     }
 
-    fn peer_client(&self, n: &NodeConfig) -> ApiClient {
+    pub(super) fn peer_client(&self, n: &NodeConfig) -> ApiClient {
         ApiClient::new(
             format!("{}:{}", n.host, n.peer_port),
             &n.name,
@@ -622,6 +642,7 @@ impl Node {
         let running = vm.start().map_err(|e| e.to_string())?;
         let exit = running.exit_request();
         *lock(&self.exit) = Some(exit.clone());
+        *lock(&self.guest) = Some((cid as u32, running.machine().memory.clone()));
         if self.stopping.load(Ordering::SeqCst) {
             exit.request(VmExit::Stopped);
         }
@@ -641,6 +662,7 @@ impl Node {
         };
         let reason = running.wait();
         *lock(&self.exit) = None;
+        *lock(&self.guest) = None;
         let _ = watcher.join();
         *lock(&self.agent) = None;
         Ok((reason, tail))

@@ -9,4 +9,5 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod migrate;
 pub mod state;
