@@ -253,6 +253,9 @@ pub struct Stats {
     pub setup: Duration,
     /// Page stream throughput: frame bytes since `Ready` over time since `Ready`, in MiB/s.
     pub throughput_mib_s: f64,
+    /// At the source, once the job is done: what the destination said with its `Ack` (e.g. the
+    /// process's pid there); empty otherwise.
+    pub note: String,
 }
 
 impl Stats {
@@ -441,8 +444,9 @@ where
                 after: timeouts.resume,
             })?;
     match answer {
-        Ok(Message::Ack(Ack { ok: true, .. })) => {
+        Ok(Message::Ack(Ack { ok: true, message })) => {
             clock.update(&mut stats);
+            stats.note = message;
             Ok(stats)
         }
         Ok(Message::Ack(Ack { ok: false, message })) => Err(MigrationError::Destination(message)),
@@ -824,11 +828,20 @@ where
     /// thaws its copy and reports `message`). Returns the job's statistics once the answer is
     /// on its way.
     pub async fn finish(self, resumed: Result<(), String>) -> Result<Stats, MigrationError> {
+        self.finish_with_note(resumed.map(|()| String::new())).await
+    }
+
+    /// [`Landed::finish`] with a note for the source on success (it arrives in the source's
+    /// [`Stats::note`]), e.g. the process's pid here.
+    pub async fn finish_with_note(
+        self,
+        resumed: Result<String, String>,
+    ) -> Result<Stats, MigrationError> {
         const ANSWERING: &str = "telling the source the outcome (Ack)";
         let ack = Message::Ack(match resumed {
-            Ok(()) => Ack {
+            Ok(note) => Ack {
                 ok: true,
-                message: String::new(),
+                message: bounded_text(&note),
             },
             Err(message) => Ack {
                 ok: false,

@@ -291,7 +291,10 @@ impl Node {
                     (Ok(stats), _) => {
                         apply_stats(j, stats);
                         j.state = JobState::Done;
-                        j.new_pid = Some(pid);
+                        j.new_pid = stats
+                            .note
+                            .strip_prefix("pid ")
+                            .and_then(|p| p.parse().ok());
                         if let Err(e) = released {
                             j.error = Some(format!(
                                 "the process runs on {}, but the frozen original could not be removed: {e}",
@@ -364,7 +367,7 @@ impl Node {
             |s| jobs.update(id, |j| apply_stats(j, s)),
         )
         .await
-        .map_err(|e| format!("moving the pages to {}: {e}", dest.name))
+        .map_err(|e| format!("moving the pages to {}: {}", dest.name, e.chain()))
     }
 
     /// `POST /v1/peer/migrations`: answers 101 and lands the process on the upgraded stream.
@@ -430,7 +433,7 @@ impl Node {
     {
         let incoming = ferry_migration::receive(stream, &Timeouts::default())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.chain())?;
         let image = match decode_image(incoming.image()) {
             Ok(i) => i,
             Err(e) => {
@@ -500,15 +503,21 @@ impl Node {
             Ok(l) => l,
             Err(e) => {
                 let _ = cmd_tx.send(false);
-                return Err(format!("landing the pages: {e}"));
+                return Err(format!("landing the pages: {}", e.chain()));
             }
         };
         let _ = cmd_tx.send(true);
         let resumed = done_rx
             .await
             .unwrap_or_else(|_| Err("the landing thread ended".into()));
-        let ok = resumed.as_ref().map(|_| ()).map_err(|e| e.clone());
-        let stats = landed.finish(ok).await.map_err(|e| e.to_string())?;
+        let outcome = resumed
+            .as_ref()
+            .map(|pid| format!("pid {pid}"))
+            .map_err(|e| e.clone());
+        let stats = landed
+            .finish_with_note(outcome)
+            .await
+            .map_err(|e| e.chain())?;
         let pid = resumed?;
         log(format!(
             "process {pid} ({comm}) arrived from {from}: {} pages, {} zero",
