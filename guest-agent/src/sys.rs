@@ -278,19 +278,6 @@ pub fn wait_status(pid: u32) -> io::Result<i32> {
     }
 }
 
-/// waitpid(pid, __WALL | WNOHANG): the raw status if the child has something to report.
-pub fn try_wait_status(pid: u32) -> io::Result<Option<i32>> {
-    let pid = pid_arg(pid)?;
-    let mut status = 0;
-    // SAFETY: `status` is a valid, writable int that outlives the call.
-    let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
-    match rc {
-        -1 => Err(io::Error::last_os_error()),
-        0 => Ok(None),
-        _ => Ok(Some(status)),
-    }
-}
-
 /// Creates a child process that asks to be traced by the calling thread (PTRACE_TRACEME),
 /// starts a session of its own, drops the alternate signal stack, closes every descriptor
 /// and stops itself with SIGSTOP; the caller then waits for that stop and drives the child

@@ -24,11 +24,26 @@ pub type Regs = libc::user_regs_struct;
 /// The `syscall` instruction.
 pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 
+/// Signals that mean the injected code itself faulted.
+const FAULTS: [i32; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+];
+
 /// Bytes of a raw `struct user_regs_struct` (27 registers of 8 bytes).
 pub const REGS_LEN: usize = 27 * 8;
 
 /// `NT_X86_XSTATE`, the regset of the FPU/SSE/AVX state in XSAVE layout.
 pub const NT_X86_XSTATE: u32 = 0x202;
+
+/// `NT_PRFPREG`, the regset of the FPU/SSE state in FXSAVE layout, on CPUs without XSAVE.
+pub const NT_PRFPREG: u32 = 2;
+
+/// The size of an FXSAVE area: XSAVE areas are always larger.
+pub const FXSAVE_LEN: usize = 512;
 
 /// The kernel's internal "restart me" return values, which user space only ever sees in the
 /// `rax` of a process stopped inside a system call.
@@ -119,6 +134,19 @@ pub enum InjectError {
         /// The errno it returned.
         #[source]
         source: io::Error,
+    },
+    /// The tracee faulted instead of running the injected system call (e.g. the `syscall`
+    /// instruction's page is gone).
+    #[error(
+        "process {pid} got signal {signal} at {rip:#x} instead of running an injected system call"
+    )]
+    Fault {
+        /// The tracee.
+        pid: u32,
+        /// The signal (SIGSEGV, SIGBUS, ...).
+        signal: i32,
+        /// Where it was.
+        rip: u64,
     },
     /// More scratch memory was asked for than the scratch area holds.
     #[error("{need} bytes asked of a {have}-byte scratch area in process {pid}")]
@@ -396,17 +424,30 @@ impl Tracee {
             .map_err(|source| ptrace_err("SETREGS", self.pid, source))
     }
 
-    /// Reads the xstate (FPU/SSE/AVX, NT_X86_XSTATE) area.
+    /// Reads the xstate (FPU/SSE/AVX, NT_X86_XSTATE) area; on a CPU without XSAVE, the
+    /// 512-byte FXSAVE area (NT_PRFPREG), as the source's dump does.
     pub fn xstate(&self) -> Result<Vec<u8>, InjectError> {
         let mut buf = vec![0u8; 64 * 1024];
-        let n = sys::ptrace_getregset(self.pid, NT_X86_XSTATE, &mut buf)
-            .map_err(|source| ptrace_err("GETREGSET NT_X86_XSTATE", self.pid, source))?;
+        let n = match sys::ptrace_getregset(self.pid, NT_X86_XSTATE, &mut buf) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                sys::ptrace_getregset(self.pid, NT_PRFPREG, &mut buf)
+                    .map_err(|source| ptrace_err("GETREGSET NT_PRFPREG", self.pid, source))?
+            }
+            other => {
+                other.map_err(|source| ptrace_err("GETREGSET NT_X86_XSTATE", self.pid, source))?
+            }
+        };
         buf.truncate(n);
         Ok(buf)
     }
 
-    /// Sets the xstate area (which must have the size this kernel and CPU use).
+    /// Sets the xstate area (which must have the size this kernel and CPU use): an FXSAVE
+    /// area ([`FXSAVE_LEN`] bytes) through NT_PRFPREG, anything else through NT_X86_XSTATE.
     pub fn set_xstate(&self, xstate: &[u8]) -> Result<(), InjectError> {
+        if xstate.len() == FXSAVE_LEN {
+            return sys::ptrace_setregset(self.pid, NT_PRFPREG, xstate)
+                .map_err(|source| ptrace_err("SETREGSET NT_PRFPREG", self.pid, source));
+        }
         sys::ptrace_setregset(self.pid, NT_X86_XSTATE, xstate)
             .map_err(|source| ptrace_err("SETREGSET NT_X86_XSTATE", self.pid, source))
     }
@@ -423,6 +464,7 @@ impl Tracee {
     /// PTRACE_SYSCALL until the next syscall stop, holding back signals on the way.
     fn run_to_syscall_stop(&mut self) -> Result<(), InjectError> {
         let pid = self.pid;
+        let mut stops = 0u32;
         loop {
             sys::ptrace_resume(pid, Resume::Syscall, 0)
                 .map_err(|source| ptrace_err("SYSCALL", pid, source))?;
@@ -436,9 +478,22 @@ impl Tracee {
                 return Ok(());
             }
             // An event stop (status >> 16 != 0, e.g. a group stop under PTRACE_SEIZE) just
-            // goes on; a signal-delivery stop's signal is held back.
+            // goes on; a signal-delivery stop's signal is held back, unless it is a fault of
+            // the injected code itself, which would only come again.
             if status >> 16 == 0 {
+                if FAULTS.contains(&sig) {
+                    let rip = sys::ptrace_getregs(pid).map(|r| r.rip).unwrap_or(0);
+                    return Err(InjectError::Fault {
+                        pid,
+                        signal: sig,
+                        rip,
+                    });
+                }
                 self.pending_signals.push(sig);
+            }
+            stops += 1;
+            if stops > 10_000 {
+                return Err(InjectError::Gone { pid, status });
             }
         }
     }

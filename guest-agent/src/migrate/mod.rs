@@ -4,3 +4,4 @@
 pub mod dump;
 pub mod image;
 pub mod inject;
+pub mod restore;

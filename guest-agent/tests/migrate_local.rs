@@ -1,0 +1,346 @@
+//! A process migration on this machine, without VMs: a Python workload is frozen
+//! (`migrate::dump::freeze`), rebuilt (`migrate::restore::build`), its pages copied from the
+//! frozen source into the skeleton through `/proc/PID/mem` (on the host a test cannot write
+//! guest frames; the frames are still asked for and checked), and resumed; the source is
+//! killed. The new process must go on counting where the old one stopped, appending to the
+//! same file, with its 64 MiB buffer's checksum unchanged.
+//!
+//! Needs root (ptrace of a process with a changed layout, pagemap frame numbers, clone3 with
+//! a pid, PR_SET_MM_MAP) and python3: skipped with a printed reason otherwise.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_guest_agent::migrate::dump;
+use ferry_guest_agent::migrate::image::{MappingKind, PageRef, ProcessImage, PAGE_SIZE};
+use ferry_guest_agent::migrate::restore;
+
+/// The workload: a 64 MiB buffer of seeded random bytes, and every 100 ms a line
+/// `n acc crc` appended to the file in argv[1]: a counter, a running value over the counter
+/// (kept in Python objects) and the buffer's CRC-32.
+/// Descriptors leaked into the test (e.g. a jobserver pipe) are closed first: the dump refuses
+/// pipes beyond fds 0-2.
+const WORKLOAD: &str = r#"
+import os, random, sys, time, zlib
+os.closerange(3, 65536)
+random.seed(7)
+buf = bytearray(random.randbytes(64 << 20))
+out = open(sys.argv[1], "a", buffering=1)
+n, acc = 0, 1
+while True:
+    n += 1
+    acc = (acc * 31 + n) % 1000000007
+    out.write("%d %d %d\n" % (n, acc, zlib.crc32(buf)))
+    time.sleep(0.1)
+"#;
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
+        .unwrap_or(false)
+}
+
+fn python3() -> Option<PathBuf> {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// One line of the workload's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Line {
+    n: u64,
+    acc: u64,
+    crc: u64,
+}
+
+fn read_lines(path: &Path) -> Vec<Line> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ').map(|x| x.parse::<u64>().ok());
+            Some(Line {
+                n: f.next()??,
+                acc: f.next()??,
+                crc: f.next()??,
+            })
+        })
+        .collect()
+}
+
+fn wait_for_lines(path: &Path, at_least: usize, timeout: Duration) -> Vec<Line> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lines = read_lines(path);
+        if lines.len() >= at_least || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills (and reaps) what the test started, however it ends.
+struct Cleanup {
+    source: Option<Child>,
+    moved: Option<u32>,
+    dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.source.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(pid) = self.moved.take() {
+            kill_and_reap(pid);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn kill_and_reap(pid: u32) {
+    let pid = pid as libc::pid_t;
+    // SAFETY: kill(2) of a positive pid the test created; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let mut status = 0;
+    // SAFETY: `status` is a valid, writable int; the pid is this process's child.
+    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+}
+
+/// The pages whose contents the destination must receive: every private anonymous one
+/// (pagemap says so), and every present page of a writable private mapping.
+fn pages_to_copy(image: &ProcessImage, pages: &[PageRef]) -> Vec<u64> {
+    pages
+        .iter()
+        .filter(|p| {
+            image.mappings.iter().any(|m| {
+                m.start <= p.vaddr
+                    && p.vaddr < m.end
+                    && !m.shared
+                    && !matches!(
+                        m.kind,
+                        MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+                    )
+                    && (p.anon || m.prot & 2 != 0)
+            })
+        })
+        .map(|p| p.vaddr)
+        .collect()
+}
+
+/// Copies `vaddrs` from one process's memory to the other's, in contiguous runs.
+fn copy_pages(from: u32, to: u32, vaddrs: &[u64]) -> u64 {
+    let src = File::open(format!("/proc/{from}/mem")).expect("source memory");
+    let dst = OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{to}/mem"))
+        .expect("skeleton memory");
+    let mut sorted = vaddrs.to_vec();
+    sorted.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for v in sorted {
+        match runs.last_mut() {
+            Some(r) if r.1 == v && r.1 - r.0 < 8 << 20 => r.1 += PAGE_SIZE,
+            _ => runs.push((v, v + PAGE_SIZE)),
+        }
+    }
+    let mut copied = 0;
+    let mut buf = Vec::new();
+    for (s, e) in runs {
+        buf.resize((e - s) as usize, 0);
+        src.read_exact_at(&mut buf, s)
+            .unwrap_or_else(|e2| panic!("reading source pages {s:#x}-{e:#x}: {e2}"));
+        dst.write_all_at(&buf, s)
+            .unwrap_or_else(|e2| panic!("writing skeleton pages {s:#x}-{e:#x}: {e2}"));
+        copied += e - s;
+    }
+    copied
+}
+
+#[test]
+fn a_python_workload_moves_and_keeps_counting() {
+    if !is_root() {
+        eprintln!("skipped: needs root (ptrace, pagemap frames, PR_SET_MM_MAP)");
+        return;
+    }
+    let Some(python) = python3() else {
+        eprintln!("skipped: no python3 in /usr/bin or /usr/local/bin");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ferry-migrate-local-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("counter.txt");
+    let mut cleanup = Cleanup {
+        source: None,
+        moved: None,
+        dir: dir.clone(),
+    };
+    let child = Command::new(&python)
+        .arg("-c")
+        .arg(WORKLOAD)
+        .arg(&out)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting python3");
+    let source_pid = child.id();
+    cleanup.source = Some(child);
+    let before = wait_for_lines(&out, 5, Duration::from_secs(30));
+    assert!(
+        before.len() >= 5,
+        "the workload wrote {} lines in 30 s",
+        before.len()
+    );
+
+    // Freeze, rebuild, copy, resume.
+    let t0 = Instant::now();
+    let frozen = dump::freeze(source_pid).expect("freezing the workload");
+    let image = frozen.image();
+    let source_comm = image.comm.clone();
+    let source_cmdline = fs::read(format!("/proc/{source_pid}/cmdline")).unwrap();
+    let source_maps = maps_of(source_pid);
+    let source_status = fs::read_to_string(format!("/proc/{source_pid}/status")).unwrap();
+    let source_exe = fs::read_link(format!("/proc/{source_pid}/exe")).unwrap();
+    let last_before = *read_lines(&out).last().unwrap();
+    let mut skeleton = restore::build(image).expect("building the skeleton");
+    let built = t0.elapsed();
+    let new_pid = skeleton.pid();
+    assert_ne!(new_pid, source_pid);
+    let vaddrs = pages_to_copy(image, frozen.pages());
+    assert!(
+        vaddrs.len() as u64 >= (64 << 20) / PAGE_SIZE,
+        "only {} pages to copy: the 64 MiB buffer is not among them",
+        vaddrs.len()
+    );
+    let frames = skeleton.frames(&vaddrs).expect("frames of the skeleton");
+    assert_eq!(frames.len(), vaddrs.len());
+    assert!(frames.iter().all(|&f| f != 0), "a zero frame number");
+    let distinct: HashSet<u64> = frames.iter().copied().collect();
+    assert_eq!(distinct.len(), frames.len(), "two pages share a frame");
+    let copied = copy_pages(source_pid, new_pid, &vaddrs);
+    for w in skeleton.warnings() {
+        eprintln!("restore warning: {w}");
+    }
+    let resumed = skeleton.resume().expect("resuming the skeleton");
+    cleanup.moved = Some(resumed);
+    assert_eq!(resumed, new_pid);
+    frozen.kill().expect("killing the source");
+    if let Some(mut c) = cleanup.source.take() {
+        c.wait().expect("reaping the source");
+    }
+    eprintln!(
+        "moved pid {source_pid} to {new_pid}: built in {built:?}, {} MiB in {} pages copied, \
+         resumed {:?} after the freeze",
+        copied >> 20,
+        vaddrs.len(),
+        t0.elapsed()
+    );
+
+    // The old process is gone, the new one goes on where it stopped.
+    assert!(
+        !Path::new(&format!("/proc/{source_pid}")).exists(),
+        "the source process {source_pid} is still there"
+    );
+    let want = last_before.n as usize + 10;
+    let lines = wait_for_lines(&out, want, Duration::from_secs(20));
+    let after: Vec<Line> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.n > last_before.n)
+        .collect();
+    assert!(
+        after.len() >= 10,
+        "only {} lines after the move (last before: {last_before:?})",
+        after.len()
+    );
+    let mut prev = last_before;
+    for l in &after {
+        assert_eq!(l.n, prev.n + 1, "counter jumped after {prev:?}: {l:?}");
+        assert_eq!(
+            l.acc,
+            (prev.acc * 31 + l.n) % 1_000_000_007,
+            "running value broken at {l:?}"
+        );
+        assert_eq!(l.crc, last_before.crc, "buffer checksum changed at {l:?}");
+        prev = *l;
+    }
+    let status = fs::read_to_string(format!("/proc/{new_pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("State:\t") && !l.contains("zombie")),
+        "the new process is not running:\n{status}"
+    );
+    for field in ["SigBlk:", "SigIgn:", "SigCgt:", "Uid:", "Gid:", "Groups:"] {
+        assert_eq!(
+            status_field(&status, field),
+            status_field(&source_status, field),
+            "{field} differs"
+        );
+    }
+    assert_eq!(maps_of(new_pid), source_maps, "the mappings differ");
+    assert_eq!(
+        fs::read_link(format!("/proc/{new_pid}/exe")).unwrap(),
+        source_exe
+    );
+    assert_eq!(fs::read_link(format!("/proc/{new_pid}/cwd")).unwrap(), dir);
+    assert_eq!(fs::read_link(format!("/proc/{new_pid}/fd/3")).unwrap(), out);
+    let comm = fs::read_to_string(format!("/proc/{new_pid}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), source_comm);
+    let cmdline = fs::read(format!("/proc/{new_pid}/cmdline")).unwrap();
+    assert_eq!(
+        cmdline, source_cmdline,
+        "the command line (read from its memory) differs"
+    );
+}
+
+/// The `/proc/PID/maps` lines without device and inode, as `start-end perms offset name`,
+/// neighbours that only the kernel's merging (or not) of areas tells apart joined: same
+/// permissions and name, and for files, contiguous offsets.
+fn maps_of(pid: u32) -> Vec<String> {
+    let mut areas: Vec<(u64, u64, String, u64, String)> = Vec::new();
+    for line in fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+    {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (s, e) = f[0].split_once('-').unwrap();
+        let (s, e) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+        );
+        let offset = u64::from_str_radix(f[2], 16).unwrap();
+        let name = f.get(5).copied().unwrap_or("").to_string();
+        if let Some(prev) = areas.last_mut() {
+            let file = name.starts_with('/');
+            if prev.1 == s
+                && prev.2 == f[1]
+                && prev.4 == name
+                && (!file || prev.3 + (prev.1 - prev.0) == offset)
+            {
+                prev.1 = e;
+                continue;
+            }
+        }
+        areas.push((s, e, f[1].to_string(), offset, name));
+    }
+    areas
+        .into_iter()
+        .map(|(s, e, perms, offset, name)| format!("{s:x}-{e:x} {perms} {offset:x} {name}"))
+        .collect()
+}
+
+fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(str::trim)
+}
