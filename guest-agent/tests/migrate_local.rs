@@ -344,3 +344,135 @@ fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(field))
         .map(str::trim)
 }
+
+/// The destination's usual case: the source is gone before the rebuild, so its pid is free
+/// and the process keeps it (clone3 with set_tid). The image says `nobody`, so the
+/// credentials are switched at resume (the workload itself runs as root: freezing another
+/// user's process needs CAP_SYS_RESOURCE for prlimit, which some sandboxes' root lacks). And
+/// first, a file mapping whose file is missing here fails the rebuild with an error naming it.
+#[test]
+fn a_nobody_workload_keeps_its_pid_when_it_is_free() {
+    use std::os::unix::fs::PermissionsExt;
+
+    if !is_root() {
+        eprintln!("skipped: needs root (ptrace, pagemap frames, PR_SET_MM_MAP, clone3 set_tid)");
+        return;
+    }
+    let Some(python) = python3() else {
+        eprintln!("skipped: no python3 in /usr/bin or /usr/local/bin");
+        return;
+    };
+    const NOBODY: u32 = 65534;
+    let dir = std::env::temp_dir().join(format!("ferry-migrate-samepid-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = dir.join("counter.txt");
+    let mut cleanup = Cleanup {
+        source: None,
+        moved: None,
+        dir: dir.clone(),
+    };
+    let child = Command::new(&python)
+        .arg("-c")
+        .arg(WORKLOAD)
+        .arg(&out)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting python3");
+    let source_pid = child.id();
+    cleanup.source = Some(child);
+    let before = wait_for_lines(&out, 5, Duration::from_secs(30));
+    assert!(
+        before.len() >= 5,
+        "the workload wrote {} lines",
+        before.len()
+    );
+
+    let frozen = dump::freeze(source_pid).expect("freezing the workload");
+    let mut image = frozen.image().clone();
+    image.creds.uid = [NOBODY; 3];
+    image.creds.gid = [NOBODY; 3];
+    image.creds.groups = vec![NOBODY];
+
+    // A library missing on "this node".
+    let mut broken = image.clone();
+    let lib = broken
+        .mappings
+        .iter_mut()
+        .find(|m| m.kind == MappingKind::File)
+        .expect("a file mapping");
+    lib.path = Some("/nonexistent/ferry/libgone.so".into());
+    match restore::build(&broken) {
+        Err(restore::RestoreError::MissingFile { path, .. }) => {
+            assert_eq!(path, "/nonexistent/ferry/libgone.so")
+        }
+        other => panic!("expected MissingFile, got {other:?}"),
+    }
+
+    // Keep the pages, then let the source go: its pid is free again.
+    let vaddrs = pages_to_copy(&image, frozen.pages());
+    let src = File::open(format!("/proc/{source_pid}/mem")).unwrap();
+    let mut contents = vec![0u8; vaddrs.len() * PAGE_SIZE as usize];
+    for (chunk, &v) in contents.chunks_exact_mut(PAGE_SIZE as usize).zip(&vaddrs) {
+        src.read_exact_at(chunk, v).unwrap();
+    }
+    drop(src);
+    let last_before = *read_lines(&out).last().unwrap();
+    frozen.kill().expect("killing the source");
+    cleanup.source.take().unwrap().wait().unwrap();
+
+    let mut skeleton = restore::build(&image).expect("building the skeleton");
+    assert_eq!(
+        skeleton.pid(),
+        source_pid,
+        "the free source pid was not reused"
+    );
+    let frames = skeleton.frames(&vaddrs).expect("frames of the skeleton");
+    assert!(frames.iter().all(|&f| f != 0));
+    let dst = OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{}/mem", skeleton.pid()))
+        .unwrap();
+    for (chunk, &v) in contents.chunks_exact(PAGE_SIZE as usize).zip(&vaddrs) {
+        dst.write_all_at(chunk, v).unwrap();
+    }
+    drop(dst);
+    let pid = skeleton.resume().expect("resuming");
+    cleanup.moved = Some(pid);
+
+    let lines = wait_for_lines(&out, last_before.n as usize + 5, Duration::from_secs(20));
+    let after: Vec<Line> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.n > last_before.n)
+        .collect();
+    assert!(
+        after.len() >= 5,
+        "only {} lines after the move",
+        after.len()
+    );
+    let mut prev = last_before;
+    for l in &after {
+        assert_eq!(l.n, prev.n + 1, "counter jumped after {prev:?}: {l:?}");
+        assert_eq!(l.crc, last_before.crc, "buffer checksum changed at {l:?}");
+        prev = *l;
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(
+        status_field(&status, "Uid:"),
+        Some("65534\t65534\t65534\t65534")
+    );
+    assert_eq!(
+        status_field(&status, "Gid:"),
+        Some("65534\t65534\t65534\t65534")
+    );
+    assert_eq!(status_field(&status, "Groups:"), Some("65534"));
+    assert_eq!(status_field(&status, "CapEff:"), Some("0000000000000000"));
+    // Still dumpable, as the source was: its /proc files belong to it, not to root.
+    use std::os::unix::fs::MetadataExt;
+    let owner = fs::metadata(format!("/proc/{pid}/mem")).unwrap().uid();
+    assert_eq!(owner, NOBODY);
+}
