@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::client::Stream;
 use crate::migrate::dump::{self, DumpError, Frozen};
 use crate::migrate::image::PageRef;
+use crate::migrate::restore::{self, Skeleton};
 use crate::procfs;
 use crate::protocol::{
     Decoder, ExecRequest, Hello, Message, MessageType, ProtocolError, PAGE_FRAMES_BATCH,
@@ -279,20 +280,89 @@ impl Agent {
                     ),
                 }
             }
-            Message::Rebuild(_)
-            | Message::WantFrames(_)
-            | Message::Resume { .. }
-            | Message::Abort { .. } => {
-                let request = msg.message_type();
-                send(
-                    writer,
-                    &Message::RequestFailed {
-                        request: request as u8,
-                        message: "ferry-agent: this agent cannot rebuild migrated processes yet"
-                            .into(),
-                    },
-                )
+            Message::Rebuild(image) => {
+                // One skeleton per connection at a time: the next Rebuild replaces (aborts) an
+                // unfinished one.
+                if let Some(old) = session.skeleton.take() {
+                    old.abort();
+                }
+                match restore::build(&image) {
+                    Ok(skeleton) => {
+                        let pid = skeleton.pid();
+                        for w in skeleton.warnings() {
+                            log(format_args!("rebuilding pid {}: {w}", image.pid));
+                        }
+                        session.skeleton = Some(skeleton);
+                        send(writer, &Message::Rebuilt { pid })
+                    }
+                    Err(e) => send(
+                        writer,
+                        &migration_failed(MessageType::Rebuild, image.pid, &e.to_string()),
+                    ),
+                }
             }
+            Message::WantFrames(vaddrs) => {
+                let Some(skeleton) = session.skeleton.as_mut() else {
+                    return send(
+                        writer,
+                        &Message::RequestFailed {
+                            request: MessageType::WantFrames as u8,
+                            message: "ferry-agent: no process is being rebuilt on this connection"
+                                .into(),
+                        },
+                    );
+                };
+                match skeleton.frames(&vaddrs) {
+                    Ok(pfns) => {
+                        let refs: Vec<PageRef> = vaddrs
+                            .iter()
+                            .zip(pfns)
+                            .map(|(&vaddr, pfn)| PageRef {
+                                vaddr,
+                                pfn,
+                                anon: true,
+                            })
+                            .collect();
+                        send_pages(writer, &refs)
+                    }
+                    Err(e) => {
+                        let pid = skeleton.pid();
+                        send(
+                            writer,
+                            &migration_failed(MessageType::WantFrames, pid, &e.to_string()),
+                        )
+                    }
+                }
+            }
+            Message::Resume { pid } => match session.skeleton.take() {
+                Some(skeleton) if skeleton.pid() == pid => match skeleton.resume() {
+                    Ok(pid) => send(writer, &Message::Resumed { pid }),
+                    Err(e) => send(
+                        writer,
+                        &migration_failed(MessageType::Resume, pid, &e.to_string()),
+                    ),
+                },
+                other => {
+                    session.skeleton = other;
+                    send(
+                        writer,
+                        &migration_failed(MessageType::Resume, pid, "is not being rebuilt here"),
+                    )
+                }
+            },
+            Message::Abort { pid } => match session.skeleton.take() {
+                Some(skeleton) if skeleton.pid() == pid => {
+                    skeleton.abort();
+                    send(writer, &Message::Released { pid })
+                }
+                other => {
+                    session.skeleton = other;
+                    send(
+                        writer,
+                        &migration_failed(MessageType::Abort, pid, "is not being rebuilt here"),
+                    )
+                }
+            },
             other @ (Message::Hello(_)
             | Message::Stdout(_)
             | Message::Stderr(_)
@@ -373,6 +443,7 @@ impl Agent {
             done,
             stdin,
             frozen: Default::default(),
+            skeleton: None,
         })
     }
 
@@ -485,6 +556,8 @@ struct Session {
     done: Arc<AtomicBool>,
     stdin: Option<SyncSender<Vec<u8>>>,
     frozen: std::collections::HashMap<u32, Frozen>,
+    /// The process being rebuilt here (destination side), aborted if the connection ends.
+    skeleton: Option<Skeleton>,
 }
 
 impl Session {
@@ -496,6 +569,13 @@ impl Session {
     /// nested host stops its VM), then SIGKILL if it is still there after a grace period.
     fn end(&mut self) {
         const GRACE: Duration = Duration::from_secs(3);
+        if let Some(skeleton) = self.skeleton.take() {
+            log(format_args!(
+                "aborting the rebuild of pid {}: its connection ended",
+                skeleton.pid()
+            ));
+            skeleton.abort();
+        }
         for (pid, frozen) in self.frozen.drain() {
             log(format_args!("thawing pid {pid}: its connection ended"));
             if let Err(e) = frozen.thaw() {

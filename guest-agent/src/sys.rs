@@ -534,8 +534,19 @@ pub fn ptrace_set_regs(pid: u32, regs: &UserRegs) -> io::Result<()> {
     .map(drop)
 }
 
-/// PTRACE_GETREGSET NT_X86_XSTATE: the FPU/SSE/AVX area, as long as the kernel makes it.
+/// The FPU/SSE/AVX state: PTRACE_GETREGSET NT_X86_XSTATE, as long as the kernel makes it; on
+/// a CPU without XSAVE (the kernel answers ENODEV), the 512-byte FXSAVE area (NT_PRFPREG).
 pub fn ptrace_get_xstate(pid: u32) -> io::Result<Vec<u8>> {
+    match ptrace_get_regset_vec(pid, NT_X86_XSTATE) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => ptrace_get_regset_vec(pid, NT_PRFPREG),
+        other => other,
+    }
+}
+
+/// `NT_PRFPREG`, the regset of the FPU/SSE state in FXSAVE layout (512 bytes).
+pub const NT_PRFPREG: libc::c_long = 2;
+
+fn ptrace_get_regset_vec(pid: u32, note: libc::c_long) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; XSTATE_MAX];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -548,7 +559,7 @@ pub fn ptrace_get_xstate(pid: u32) -> io::Result<Vec<u8>> {
         ptrace(
             PTRACE_GETREGSET,
             pid,
-            NT_X86_XSTATE as usize as *mut libc::c_void,
+            note as usize as *mut libc::c_void,
             (&mut iov as *mut libc::iovec).cast(),
         )
     }?;

@@ -117,7 +117,7 @@ fn freeze_reads_the_image_and_thaw_lets_it_go_on() {
     assert!(image.mappings.iter().any(|m| m.kind == MappingKind::Vdso));
     assert!(image.mm.brk >= image.mm.start_brk);
     assert!(image.mm.start_code < image.mm.end_code);
-    assert!(image.mm.auxv.len() >= 4 && image.mm.auxv.len() % 2 == 0);
+    assert!(image.mm.auxv.len() >= 4 && image.mm.auxv.len().is_multiple_of(2));
     // Python's SIGINT handler and our SIGUSR1 one are in C's table as Python's handler; SIGPIPE
     // is ignored.
     let usr1 = image.sigactions.iter().find(|s| s.signo == 10).unwrap();
