@@ -379,7 +379,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(err) => {
-            eprintln!("ferry: error: {err:#}");
+            eprintln!("ferry: error: {}", render_error(&err));
             let usage = err
                 .downcast_ref::<RunError>()
                 .is_some_and(RunError::is_usage)
@@ -390,6 +390,23 @@ fn main() -> ExitCode {
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: some messages already quote their
+/// cause, and it is not repeated.
+fn render_error(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// An error in what the user asked for (exit status 2).
@@ -736,18 +753,27 @@ fn cmd_migrate(process: &str, to: &str, file: &Path) -> anyhow::Result<i32> {
         .into());
     };
     let cluster = control::Cluster::load(file)?;
+    // On a terminal, one line kept up to date; elsewhere, a line every few seconds.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = std::time::Instant::now();
     let outcome = cluster::control::migrate(&cluster, node, pid, to, &mut |job| {
-        let pct = if job.pages_total > 0 {
-            job.pages_sent * 100 / job.pages_total
-        } else {
-            0
-        };
-        eprint!(
-            "\rferry: moving {node}:{pid} to {to}: {}/{} pages ({pct}%), {:.0} MiB/s   ",
+        let pct = (job.pages_sent * 100)
+            .checked_div(job.pages_total)
+            .unwrap_or(0);
+        let line = format!(
+            "ferry: moving {node}:{pid} to {to}: {}/{} pages ({pct}%), {:.0} MiB/s",
             job.pages_sent, job.pages_total, job.throughput_mib_s
         );
+        if tty {
+            eprint!("\r{line}   ");
+        } else if last_line.elapsed() >= Duration::from_secs(3) {
+            eprintln!("{line}");
+            last_line = std::time::Instant::now();
+        }
     });
-    eprintln!();
+    if tty {
+        eprintln!();
+    }
     let job = outcome?;
     match job.state {
         cluster::api::JobState::Done => {
