@@ -336,7 +336,19 @@ impl Agent {
             }
             Message::Resume { pid } => match session.skeleton.take() {
                 Some(skeleton) if skeleton.pid() == pid => match skeleton.resume() {
-                    Ok(pid) => send(writer, &Message::Resumed { pid }),
+                    Ok(pid) => {
+                        // The agent is its parent now: it reaps it when it ends.
+                        let _ = std::thread::Builder::new()
+                            .name(format!("reap-{pid}"))
+                            .spawn(move || {
+                                if let Ok(status) = sys::wait_exit(pid) {
+                                    log(format_args!(
+                                        "migrated-in pid {pid} ended (wait status {status:#x})"
+                                    ));
+                                }
+                            });
+                        send(writer, &Message::Resumed { pid })
+                    }
                     Err(e) => send(
                         writer,
                         &migration_failed(MessageType::Resume, pid, &e.to_string()),
