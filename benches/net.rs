@@ -25,16 +25,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_guest_agent::vsock::VsockStream;
-use ferry_guest_agent::{AgentConnection, ExecRequest};
+use ferry_guest_agent::ExecRequest;
 
 mod common;
-use common::median;
+use common::{boot_qemu, connect, median, QemuGuest, QemuVm};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const MEM_MIB: u64 = 512;
 const VCPUS: u32 = 2;
-const AGENT_PORT: u32 = 1024;
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 const BRIDGE: &str = "fbench0";
 /// Guests A and B of ferry, then of QEMU.
@@ -315,7 +313,25 @@ fn boot_pair(
             attempt += 1;
             let ready = match vmm {
                 Vmm::Ferry => boot_ferry(inputs, disk, &cmdline, addrs[i], cleanup),
-                Vmm::Qemu => boot_qemu(inputs, disk, &cmdline, addrs[i], i, bridge, cleanup),
+                Vmm::Qemu => boot_qemu(
+                    &QemuGuest {
+                        bzimage: &inputs.bzimage,
+                        initrd: &inputs.initrd,
+                        disk,
+                        cmdline: &cmdline,
+                        addr: addrs[i],
+                        vcpus: VCPUS,
+                        mem_mib: MEM_MIB,
+                        index: i,
+                        bench: "net",
+                        limit: BOOT_LIMIT,
+                    },
+                    bridge,
+                )
+                .map(|(vm, rx)| {
+                    cleanup.qemu.push(vm);
+                    rx
+                }),
             }
             .and_then(|rx| {
                 rx.recv_timeout(BOOT_LIMIT)
@@ -397,115 +413,6 @@ fn boot_ferry(
         }
     });
     Ok(rx)
-}
-
-/// QEMU microvm with the same kernel, initramfs, disk and command line, a TAP on the bench's
-/// bridge (vhost-net) and vhost-vsock; the receiver gets its CID once its agent answers.
-fn boot_qemu(
-    inputs: &Inputs,
-    disk: &Path,
-    cmdline: &str,
-    addr: &str,
-    index: usize,
-    bridge: &ferry_net::Bridge,
-    cleanup: &mut Cleanup,
-) -> Result<mpsc::Receiver<Result<u32>>> {
-    let cidr = ferry_net::Ipv4Cidr::parse_guest(addr)?;
-    let tap = format!("fbq{}-{index}", std::process::id() % 100_000);
-    ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
-    cleanup.taps.push(tap.clone());
-    bridge.attach(&tap)?;
-    let cid = 3_000_000 + (std::process::id() % 1_000_000) * 2 + index as u32;
-    let mac = cidr
-        .mac()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
-    let console = std::env::temp_dir().join(format!("ferry-bench-net-qemu-{index}.log"));
-    let stderr_log = std::env::temp_dir().join(format!("ferry-bench-net-qemu-{index}.err"));
-    let stderr_file = std::fs::File::create(&stderr_log)
-        .with_context(|| format!("create {}", stderr_log.display()))?;
-    let cmdline = format!(
-        "{cmdline} ferry.ip={cidr} ferry.gw={}",
-        bridge.gateway().addr
-    );
-    let child: Child = Command::new("qemu-system-x86_64")
-        // acpi=off as in the boot bench: microvm's DSDT describes no UART. Without ACPI, QEMU
-        // adds its virtio-mmio devices to the kernel command line.
-        .args(["-M", "microvm,isa-serial=on,rtc=off,acpi=on"])
-        .args(["-enable-kvm", "-cpu", "host"])
-        .args(["-smp", &VCPUS.to_string(), "-m", &format!("{MEM_MIB}M")])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .args(["-chardev", "null,id=agent", "-device"])
-        .arg("isa-serial,chardev=agent,iobase=0x2f8,irq=3")
-        .arg("-kernel")
-        .arg(&inputs.bzimage)
-        .arg("-initrd")
-        .arg(&inputs.initrd)
-        .args(["-append", &cmdline])
-        .arg("-drive")
-        .arg(format!("file={},if=none,id=d0,format=raw", disk.display()))
-        .args(["-device", "virtio-blk-device,drive=d0"])
-        .arg("-netdev")
-        .arg(format!(
-            "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=on"
-        ))
-        .arg("-device")
-        .arg(format!("virtio-net-device,netdev=n0,mac={mac}"))
-        .arg("-device")
-        .arg(format!("vhost-vsock-device,guest-cid={cid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr_file)
-        .spawn()
-        .context("start qemu-system-x86_64 (ferry host start installs it)")?;
-    cleanup.qemu.push(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = connect(cid, BOOT_LIMIT).map(|_| cid).map_err(|e| {
-            anyhow!(
-                "{e:#}; QEMU: {}; console: {}",
-                std::fs::read_to_string(&stderr_log)
-                    .unwrap_or_default()
-                    .trim(),
-                ferry::nested::console_tail(&console, 8).replace('\n', " | ")
-            )
-        });
-        let _ = tx.send(r);
-    });
-    Ok(rx)
-}
-
-/// The agent of guest `cid`, retrying until it answers or `limit` passes.
-fn connect(cid: u32, limit: Duration) -> Result<AgentConnection<VsockStream>> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let attempt = VsockStream::connect(cid, AGENT_PORT)
-            .map_err(anyhow::Error::from)
-            .and_then(|s| {
-                Ok(AgentConnection::handshake(
-                    s,
-                    left.min(Duration::from_secs(10)),
-                )?)
-            });
-        match attempt {
-            Ok(c) => return Ok(c),
-            Err(e) if left.is_zero() => {
-                return Err(e.context(format!("no agent on vsock CID {cid} within {limit:?}")))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 /// Median Ping/Pong round trip on the agent's vsock connection, microseconds.
@@ -707,28 +614,13 @@ fn receiver_mbps(code: i32, out: &[u8], err: &[u8]) -> Result<f64> {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("run ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Everything the measurement started, stopped even when it fails: ferry runs get SIGTERM (a
 /// clean stop), QEMU is killed, the TAPs and the bench's bridge are deleted.
 #[derive(Default)]
 struct Cleanup {
     ferry: Vec<Child>,
-    qemu: Vec<Child>,
-    taps: Vec<String>,
+    /// Each killed, and its TAP deleted, when dropped.
+    qemu: Vec<QemuVm>,
     bridge: bool,
 }
 
@@ -741,15 +633,7 @@ impl Cleanup {
                     stop_ferry(child);
                 }
             }
-            Vmm::Qemu => {
-                if let Some(mut child) = self.qemu.pop() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                if let Some(tap) = self.taps.pop() {
-                    let _ = ip(&["link", "del", "dev", &tap]);
-                }
-            }
+            Vmm::Qemu => drop(self.qemu.pop()),
         }
     }
 
@@ -757,13 +641,7 @@ impl Cleanup {
         for child in self.ferry.drain(..) {
             stop_ferry(child);
         }
-        for mut child in self.qemu.drain(..) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for tap in self.taps.drain(..) {
-            let _ = ip(&["link", "del", "dev", &tap]);
-        }
+        self.qemu.clear();
     }
 }
 
