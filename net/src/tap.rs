@@ -21,6 +21,8 @@ pub enum TapError {
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -100,4 +102,39 @@ impl Tap {
     pub fn into_file(self) -> File {
         self.file
     }
+}
+
+/// TUNSETOFFLOAD: the offloads (`TUN_F_*` flags) that the reader of the TAP `tap` takes
+/// (vhost-net, on behalf of the guest's driver).
+pub fn set_offload(tap: &impl AsRawFd, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flags) and touches
+    // no memory of ours; the kernel checks the descriptor is a TUN/TAP device.
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// TUNSETVNETHDRSZ: the size of the virtio-net header in front of each frame on `tap`.
+pub fn set_vnet_hdr_len(tap: &impl AsRawFd, len: libc::c_int) -> io::Result<()> {
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which `len` is, alive for the
+    // whole call.
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETVNETHDRSZ, &len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// TUNGETVNETHDRSZ: the size of the virtio-net header in front of each frame on `tap`.
+pub fn vnet_hdr_len(tap: &impl AsRawFd) -> io::Result<libc::c_int> {
+    let mut len: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int through the pointer, which `len` is, alive for the
+    // whole call.
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), TUNGETVNETHDRSZ, &mut len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(len)
 }

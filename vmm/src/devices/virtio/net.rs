@@ -12,12 +12,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use ::vhost::net::VhostNet as _;
 use ::vhost::vhost_kern::net::Net;
 use ::vhost::VhostBackend;
+use ferry_net::tap::{set_offload as set_tap_offload, set_vnet_hdr_len as set_tap_vnet_hdr_len};
 
 use super::{
     device_type, features, vhost, ActiveQueue, Interrupt, VirtioDevice, VirtioError, Worker,
@@ -128,34 +128,6 @@ pub fn vnet_hdr_len(acked: u64) -> i32 {
 /// Every TUNSETOFFLOAD flag a guest may ask for.
 const ALL_TAP_OFFLOADS: u32 =
     libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN | libc::TUN_F_UFO;
-
-/// TUNSETOFFLOAD: the offloads (`TUN_F_*`) the reader of `tap` takes.
-pub fn set_tap_offload(tap: &File, flags: u32) -> io::Result<()> {
-    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flags) and touches
-    // no memory of ours; the kernel checks the descriptor is a TUN/TAP device.
-    let rc = unsafe {
-        libc::ioctl(
-            tap.as_raw_fd(),
-            libc::TUNSETOFFLOAD,
-            libc::c_ulong::from(flags),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// TUNSETVNETHDRSZ: the size of the virtio-net header in front of each frame on `tap`.
-pub fn set_tap_vnet_hdr_len(tap: &File, len: i32) -> io::Result<()> {
-    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which `len` is, alive for the
-    // whole call.
-    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETVNETHDRSZ, &len) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// The largest set of TUNSETOFFLOAD flags `tap` takes (all of them, or without UFO, which
 /// kernels 4.14 to 4.19 refused, or checksums only, or none), left off afterwards: nothing
@@ -463,35 +435,15 @@ mod tests {
     }
 
     /// A TAP with a virtio-net header, made in a network namespace of its own (on a thread of
-    /// its own, so the host's network is never touched), as `ferry_net::Tap` makes it.
+    /// its own, so the host's network is never touched), as ferry makes them.
     fn with_tap<T: Send + 'static>(f: impl FnOnce(File) -> T + Send + 'static) -> Option<T> {
         std::thread::spawn(move || {
             // SAFETY: unshare(2) only changes this thread's namespaces; no memory is involved.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return None; // not root: nothing to test on
             }
-            let tun = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .ok()?;
-            #[repr(C)]
-            struct IfReq {
-                name: [u8; libc::IFNAMSIZ],
-                flags: libc::c_short,
-                _pad: [u8; 22],
-            }
-            let mut req = IfReq {
-                name: [0; libc::IFNAMSIZ],
-                flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-                _pad: [0; 22],
-            };
-            req.name[..8].copy_from_slice(b"ftest%d\0");
-            // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq` lays out
-            // (name, flags, padding to the union's size); it lives for the whole call.
-            let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-            assert_eq!(rc, 0, "TUNSETIFF: {}", io::Error::last_os_error());
-            Some(f(tun))
+            let tap = ferry_net::Tap::create("ftest%d").expect("a TAP in a fresh namespace");
+            Some(f(tap.into_file()))
         })
         .join()
         .expect("the namespace thread does not panic")
@@ -504,10 +456,7 @@ mod tests {
             assert_eq!(probe_tap_offloads(&tap), ALL_TAP_OFFLOADS);
             let acked = offered_features(VHOST_6_1, ALL_TAP_OFFLOADS);
             set_tap_vnet_hdr_len(&tap, vnet_hdr_len(acked)).unwrap();
-            let mut len: libc::c_int = 0;
-            // SAFETY: TUNGETVNETHDRSZ writes one int, which `len` is, alive for the call.
-            let rc = unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut len) };
-            assert_eq!((rc, len), (0, 12));
+            assert_eq!(ferry_net::tap::vnet_hdr_len(&tap).unwrap(), 12);
             for acked in [acked, nf::GUEST_CSUM, 0, nf::GUEST_TSO6 | nf::GUEST_ECN] {
                 set_tap_offload(&tap, tap_offloads(acked)).unwrap();
             }
