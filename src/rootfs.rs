@@ -1099,6 +1099,7 @@ pub fn install_authorized_key(disk: &Path, pubkey: &str) -> Result<(), RootfsErr
         return Err(bad());
     }
     const PATH: &str = "/root/.ssh/authorized_keys";
+    replay_journal(disk)?;
     let existing = debugfs_cat(disk, PATH)?.unwrap_or_default();
     if existing.lines().any(|l| l.trim() == key) {
         return Ok(());
@@ -1117,6 +1118,34 @@ pub fn install_authorized_key(disk: &Path, pubkey: &str) -> Result<(), RootfsErr
         &[("/root/.ssh", 0o700)],
         &[(local, PATH.to_string(), 0o600)],
     )
+}
+
+/// Brings the ext4 image to a clean state before it is changed offline: a guest that was
+/// stopped hard (its VMM killed) leaves a journal to replay, and debugfs neither replays it nor
+/// writes reliably past it. `e2fsck -p` replays it and fixes what is safe to fix; exit status 1
+/// (errors fixed) is fine, 4 and above is not.
+fn replay_journal(image: &Path) -> Result<(), RootfsError> {
+    let out = tool("e2fsck")
+        .arg("-p")
+        .arg(image)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| RootfsError::Spawn {
+            command: "e2fsck".into(),
+            source,
+        })?;
+    match out.status.code() {
+        Some(0..=3) => Ok(()),
+        _ => Err(RootfsError::Tool {
+            command: format!("e2fsck -p {}", image.display()),
+            status: out.status.to_string(),
+            stderr: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }),
+    }
 }
 
 /// The contents of `path` in the ext4 image, None if it has no such file.

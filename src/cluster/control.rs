@@ -323,7 +323,7 @@ pub fn migrate(
         };
         let (status, body) = client
             .clone()
-            .with_timeout(Duration::from_secs(60))
+            .with_timeout(Duration::from_secs(180))
             .post_json("/v1/migrations", &request)
             .await?;
         let message = || {
@@ -351,10 +351,25 @@ pub fn migrate(
             }
         };
         let path = format!("/v1/migrations/{}", job.id);
+        // A busy node may answer slowly while it moves pages: only a minute of silence ends
+        // the wait (the job goes on regardless; `GET /v1/migrations` shows how it ended).
+        let mut silent_since: Option<Instant> = None;
         while job.state == JobState::Running {
             progress(&job);
             tokio::time::sleep(Duration::from_millis(200)).await;
-            job = client.get(&path).await?;
+            match client.get(&path).await {
+                Ok(j) => {
+                    job = j;
+                    silent_since = None;
+                }
+                Err(e) if e.is_unreachable() => {
+                    let since = *silent_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(60) {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         progress(&job);
         Ok(job)

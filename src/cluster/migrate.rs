@@ -276,7 +276,13 @@ impl Node {
         let origin = self.jobs.origin(pid);
         let node = self.clone();
         let id = job.id;
-        tokio::spawn(async move {
+        // Streaming keeps a CPU busy (reading guest memory, checksums, encryption): it runs on
+        // a thread and runtime of its own, so the API stays responsive meanwhile.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| (500, format!("starting the migration's runtime: {e}")))?;
+        let stream_job = async move {
             let result = node.send_process(id, &image, &copy, &dest, origin).await;
             let moved = result.is_ok();
             let _ = cmd_tx.send(moved);
@@ -326,7 +332,11 @@ impl Node {
                 )),
                 None => {}
             }
-        });
+        };
+        std::thread::Builder::new()
+            .name(format!("send-{id}"))
+            .spawn(move || runtime.block_on(stream_job))
+            .map_err(|e| (500, format!("starting the migration's thread: {e}")))?;
         Ok(job)
     }
 
