@@ -690,21 +690,7 @@ fn resolve_node(node: &str, file: &Path) -> anyhow::Result<String> {
         return Ok(node.to_string());
     }
     let cluster = control::Cluster::load(file)?;
-    match cluster.config.node(node) {
-        Some(n) => Ok(n.address.addr.to_string()),
-        None => Err(ControlError::NoSuchNode {
-            name: node.to_string(),
-            file: file.display().to_string(),
-            names: cluster
-                .config
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-        .into()),
-    }
+    Ok(cluster.node_named(node)?.address.addr.to_string())
 }
 
 fn cmd_up(file: &Path, quiet: bool) -> anyhow::Result<i32> {

@@ -1023,12 +1023,7 @@ fn cluster_up_ssh_api_status_and_down(s: &Suite) -> CaseResult {
 
     // A node whose VMM dies shows as down, to `status` and to the other nodes; `up` brings
     // it back and leaves the others as they are.
-    let kill = "pkill -KILL -f '[f]erry.* daemon run .*--node node-3 '";
-    let out = if s.nested {
-        ferry(&["host", "exec", "--", "sh", "-c", kill], b"", QUICK_LIMIT)?
-    } else {
-        ferry_free_sh(kill)?
-    };
+    let out = kill_daemon(s, "node-3")?;
     check(out.code() == 0, "node-3's daemon is killed", &out)?;
     let out = ferry(&["status", file], b"", QUICK_LIMIT)?;
     check(
@@ -1077,6 +1072,318 @@ fn cluster_up_ssh_api_status_and_down(s: &Suite) -> CaseResult {
         "the node's disk stays after `ferry down`",
         &out,
     )
+}
+
+/// The migration workload: fills 256 MiB with a pattern (its checksum kept from the start),
+/// then counts, appending the count to /root/progress twice a second. SIGUSR1 makes it write
+/// `CRC_NOW CRC_AT_START COUNT` to /root/sum.
+const WORKLOAD: &str = r#"import signal, time, zlib
+N = 256 << 20
+buf = bytearray(N)
+page = bytes(range(256)) * 16
+for i in range(0, N, 4096):
+    buf[i:i + 4096] = page
+    buf[i] = (i >> 12) & 0xff
+start = zlib.crc32(buf)
+count = 0
+def report(sig, frame):
+    with open('/root/sum', 'w') as s:
+        s.write('%d %d %d\n' % (zlib.crc32(buf), start, count))
+signal.signal(signal.SIGUSR1, report)
+progress = open('/root/progress', 'a', buffering=1)
+while True:
+    count += 1
+    progress.write('%d\n' % count)
+    time.sleep(0.5)
+"#;
+
+/// Starts the workload on `node`, detached from ssh; its pid.
+fn start_workload(file: &str, node: &str) -> Result<u32, String> {
+    let out = ferry(
+        &[
+            "ssh",
+            node,
+            "--file",
+            file,
+            "--",
+            "sh",
+            "-c",
+            "cat > /root/w.py",
+        ],
+        WORKLOAD.as_bytes(),
+        QUICK_LIMIT,
+    )?;
+    check(out.code() == 0, "the workload is copied to the node", &out)?;
+    let out = ferry(
+        &[
+            "ssh", node, "--file", file, "--", "sh", "-c",
+            "rm -f /root/progress /root/sum; touch /root/progress; setsid python3 /root/w.py </dev/null >/root/w.out 2>&1 & echo $!",
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    out.stdout
+        .trim()
+        .parse()
+        .map_err(|_| format!("no pid from starting the workload\n{}", out.explain()))
+}
+
+/// The last count `node`'s /root/progress holds.
+fn last_count(file: &str, node: &str) -> Result<u64, String> {
+    let out = ferry(
+        &[
+            "ssh",
+            node,
+            "--file",
+            file,
+            "--",
+            "tail",
+            "-n",
+            "1",
+            "/root/progress",
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    out.stdout
+        .trim()
+        .parse()
+        .map_err(|_| format!("no count in {node}'s /root/progress\n{}", out.explain()))
+}
+
+/// Asks the workload `pid` on `node` for its checksums: (now, at start, count).
+fn workload_sums(file: &str, node: &str, pid: u32) -> Result<(u64, u64, u64), String> {
+    let script = format!(
+        "rm -f /root/sum; kill -USR1 {pid} && for i in $(seq 1 600); do [ -s /root/sum ] && break; sleep 0.1; done; cat /root/sum"
+    );
+    let out = ferry(
+        &["ssh", node, "--file", file, "--", "sh", "-c", &script],
+        b"",
+        BOOT_LIMIT,
+    )?;
+    let v: Vec<u64> = out
+        .stdout
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match v.as_slice() {
+        [now, start, count] => Ok((*now, *start, *count)),
+        _ => Err(format!(
+            "the workload on {node} gave no checksums\n{}",
+            out.explain()
+        )),
+    }
+}
+
+/// Whether process `pid` runs on `node` with `word` in its command line.
+fn runs_with(file: &str, node: &str, pid: u32, word: &str) -> Result<bool, String> {
+    let out = ferry(
+        &[
+            "ssh",
+            node,
+            "--file",
+            file,
+            "--",
+            "cat",
+            &format!("/proc/{pid}/cmdline"),
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    Ok(out.code() == 0 && out.stdout.contains(word))
+}
+
+/// Kills node `node`'s daemon with SIGKILL, where the cluster's VMMs run: its VMM and guest die
+/// with it.
+fn kill_daemon(s: &Suite, node: &str) -> Result<Outcome, String> {
+    let kill = format!("pkill -KILL -f '[f]erry.* daemon run .*--node {node} '");
+    if s.nested {
+        ferry(&["host", "exec", "--", "sh", "-c", &kill], b"", QUICK_LIMIT)
+    } else {
+        ferry_free_sh(&kill)
+    }
+}
+
+fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
+    let file = local_cluster_file();
+    let file = file.as_str();
+    let out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
+    check(out.code() == 0, "`ferry up` brings the cluster up", &out)?;
+    // A clean start on every node (an earlier attempt may have left its workload running).
+    for node in ["node-1", "node-2", "node-3"] {
+        ferry(
+            &[
+                "ssh",
+                node,
+                "--file",
+                file,
+                "--",
+                "sh",
+                "-c",
+                "pkill -f '[w][.]py|[s]ocket.socket'; rm -f /root/progress; touch /root/progress",
+            ],
+            b"",
+            QUICK_LIMIT,
+        )?;
+    }
+    let pid = start_workload(file, "node-1")?;
+    // Filled and counting.
+    let deadline = Instant::now() + BOOT_LIMIT;
+    while last_count(file, "node-1").unwrap_or(0) < 3 {
+        if Instant::now() > deadline {
+            return Err("the workload never started counting on node-1".into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (_, start_sum, _) = workload_sums(file, "node-1", pid)?;
+
+    let mut here = "node-1";
+    let mut pid_here = pid;
+    for there in ["node-2", "node-1"] {
+        let before = last_count(file, here)?;
+        let out = ferry(
+            &[
+                "migrate",
+                &format!("{here}:{pid_here}"),
+                there,
+                "--file",
+                file,
+            ],
+            b"",
+            BOOT_LIMIT,
+        )?;
+        check(
+            out.code() == 0,
+            &format!("`ferry migrate` moves it {here} -> {there}"),
+            &out,
+        )?;
+        check(
+            out.stdout.contains("moved process") && out.stdout.contains("frozen"),
+            "the summary says what moved and how long it was frozen",
+            &out,
+        )?;
+        let new_pid: u32 = out
+            .stdout
+            .split("(pid ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("no new pid in the summary\n{}", out.explain()))?;
+        // It counts on at the destination, from where it was: no restart.
+        std::thread::sleep(Duration::from_secs(3));
+        let after = last_count(file, there)?;
+        if after <= before {
+            return Err(format!(
+                "after moving {here} -> {there} the count is {after}, it was {before} before: it does not run on"
+            ));
+        }
+        let (now_sum, start_again, count) = workload_sums(file, there, new_pid)?;
+        if now_sum != start_sum || start_again != start_sum || count < before {
+            return Err(format!(
+                "after moving {here} -> {there}: checksum {now_sum} (at start {start_sum}, it remembers {start_again}), count {count} (was {before})"
+            ));
+        }
+        if runs_with(file, here, pid_here, "w.py")? {
+            return Err(format!(
+                "the workload still runs on {here} as pid {pid_here}"
+            ));
+        }
+        here = there;
+        pid_here = new_pid;
+    }
+
+    // Killing the destination's VMM in the middle of a move leaves the process running at the
+    // source.
+    let before = last_count(file, here)?;
+    let mut mover = Command::new(FERRY)
+        .args([
+            "migrate",
+            &format!("{here}:{pid_here}"),
+            "node-3",
+            "--file",
+            file,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let token = cluster_token(file)?;
+    let deadline = Instant::now() + BOOT_LIMIT;
+    loop {
+        let (_, body) = api_get(file, here, "/v1/migrations", Some(token.clone()), None)?;
+        let jobs: Vec<ferry::cluster::api::MigrationJob> =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if jobs.iter().any(|j| j.to == "node-3" && j.pages_sent > 0) {
+            break;
+        }
+        if Instant::now() > deadline || matches!(mover.try_wait(), Ok(Some(_))) {
+            let _ = mover.kill();
+            return Err(format!("the move to node-3 never got under way: {body}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = kill_daemon(s, "node-3")?;
+    check(out.code() == 0, "node-3's daemon is killed mid-move", &out)?;
+    let out = wait_with_limit(mover, BOOT_LIMIT)?;
+    check(
+        out.code() == 1 && out.stderr.contains("did not move"),
+        "the move fails and says so",
+        &out,
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after = last_count(file, here)?;
+    if after <= before || !runs_with(file, here, pid_here, "w.py")? {
+        return Err(format!(
+            "the workload must run on at {here} after the failed move (count {before} -> {after})"
+        ));
+    }
+    let out = ferry(&["up", file], b"", BOOT_LIMIT)?;
+    check(out.code() == 0, "`ferry up` brings node-3 back", &out)?;
+
+    // What cannot move says why before anything happens, and runs on.
+    let out = ferry(
+        &["ssh", "node-1", "--file", file, "--", "sh", "-c",
+          "setsid python3 -c 'import socket, time; s = socket.socket(); time.sleep(900)' </dev/null >/dev/null 2>&1 & echo $!"],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    let sock_pid: u32 = out.stdout.trim().parse().map_err(|_| out.explain())?;
+    std::thread::sleep(Duration::from_secs(2));
+    let out = ferry(
+        &[
+            "migrate",
+            &format!("node-1:{sock_pid}"),
+            "node-2",
+            "--file",
+            file,
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(
+        out.code() != 0 && out.stderr.contains("cannot move") && out.stderr.contains("socket"),
+        "a process with a socket is refused with the reason",
+        &out,
+    )?;
+    if !runs_with(file, "node-1", sock_pid, "python3")? {
+        return Err("the refused process no longer runs on node-1".into());
+    }
+    let _ = ferry(
+        &[
+            "ssh",
+            "node-1",
+            "--file",
+            file,
+            "--",
+            "kill",
+            &sock_pid.to_string(),
+            &pid_here.to_string(),
+        ],
+        b"",
+        QUICK_LIMIT,
+    );
+    Ok(())
 }
 
 fn bad_cluster_files_exit_2_with_their_place_and_start_nothing(s: &Suite) -> CaseResult {
@@ -1190,6 +1497,10 @@ const CASES: &[Case] = &[
     (
         "cluster_up_ssh_api_status_and_down",
         cluster_up_ssh_api_status_and_down,
+    ),
+    (
+        "a_process_moves_between_nodes_and_keeps_its_state",
+        a_process_moves_between_nodes_and_keeps_its_state,
     ),
 ];
 

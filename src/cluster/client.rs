@@ -136,14 +136,7 @@ impl ApiClient {
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Request(format!("{method} {path}: {e}")))?;
         let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.http(e))?
-            .to_bytes();
-        Ok((status, body))
+        self.read(resp).await
     }
 
     /// `POST path` with a JSON body; the status and the body, whatever the status.
@@ -164,14 +157,7 @@ impl ApiClient {
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| ClientError::Request(format!("POST {path}: {e}")))?;
             let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| self.http(e))?
-                .to_bytes();
-            Ok((status, body))
+            self.read(resp).await
         };
         self.limited(fut).await
     }
@@ -193,13 +179,7 @@ impl ApiClient {
                 .map_err(|e| ClientError::Request(format!("POST {path}: {e}")))?;
             let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
             if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-                let status = resp.status().as_u16();
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| self.http(e))?
-                    .to_bytes();
+                let (status, body) = self.read(resp).await?;
                 return Err(self.status_error(status, &body));
             }
             let upgraded = hyper::upgrade::on(resp).await.map_err(|e| self.http(e))?;
@@ -219,6 +199,21 @@ impl ApiClient {
                 limit: self.timeout,
             }),
         }
+    }
+
+    /// A response's status and whole body.
+    async fn read(
+        &self,
+        resp: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.http(e))?
+            .to_bytes();
+        Ok((status, body))
     }
 
     fn http(&self, source: hyper::Error) -> ClientError {

@@ -248,7 +248,8 @@ impl Cluster {
 }
 
 impl Cluster {
-    fn node_named(&self, name: &str) -> Result<&NodeConfig, ControlError> {
+    /// Node `name` of the file, or an error listing the nodes it has.
+    pub fn node_named(&self, name: &str) -> Result<&NodeConfig, ControlError> {
         self.config
             .node(name)
             .ok_or_else(|| ControlError::NoSuchNode {
