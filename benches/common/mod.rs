@@ -26,23 +26,25 @@ pub fn measure<K>(
     inner_args: Vec<String>,
     prepare: impl FnOnce(&NestedHost, &mut [String]) -> Result<K>,
 ) -> ! {
-    std::process::exit(measure_status(bench, inner_args, prepare))
+    let code = measure_status(inner_args, prepare);
+    std::process::exit(
+        code.unwrap_or_else(|e| panic!("{bench}: run the measurement in the nested host: {e:#}")),
+    );
 }
 
-/// [`measure`], returning the measurement's exit status instead of exiting: for a bench that
-/// runs several measurements.
+/// [`measure`], returning the measurement's exit status instead of exiting (or why it could
+/// not run in the nested host): for a bench that runs several measurements.
 pub fn measure_status<K>(
-    bench: &str,
     mut inner_args: Vec<String>,
     prepare: impl FnOnce(&NestedHost, &mut [String]) -> Result<K>,
-) -> i32 {
+) -> Result<i32> {
     let Some(reason) = ferry::nested::local_kvm_problem() else {
         eprintln!("bench: measuring on this machine's KVM");
         let status = Command::new(&inner_args[0])
             .args(&inner_args[1..])
             .status()
             .expect("run the measurement");
-        return status.code().unwrap_or(1);
+        return Ok(status.code().unwrap_or(1));
     };
     eprintln!("bench: {reason}\nbench: measuring both VMMs inside the nested host");
     let (host, started) = match NestedHost::running().expect("nested host state") {
@@ -73,7 +75,7 @@ pub fn measure_status<K>(
         // Another ferry may have started using the host meanwhile: leave it to them then.
         let _ = host.stop_if_unused();
     }
-    code.unwrap_or_else(|e| panic!("{bench}: run the measurement in the nested host: {e:#}"))
+    code
 }
 
 /// The median of `v` (the upper one of an even count); `v` is not empty.
