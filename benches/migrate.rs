@@ -204,9 +204,13 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
     std::fs::write(&file, CLUSTER_FILE)?;
     let f = file.to_string_lossy().into_owned();
     eprintln!("bench: ferry up {f}");
+    // Its table goes with the progress, on stderr: stdout holds the figures only.
     let status = Command::new(FERRY)
         .args(["up", &f])
         .stdin(Stdio::null())
+        .stdout(Stdio::from(
+            std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned()?,
+        ))
         .status()?;
     let cluster = Cluster::load(&file)?;
     let bench = Bench { file, cluster };
@@ -228,8 +232,9 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
     }
 
     let mut lines = Vec::new();
+    let mut gone: Option<String> = None;
     for &mib in sizes {
-        if let Some(why) = does_not_fit(mib, host_mib) {
+        if let Some(why) = does_not_fit(mib, host_mib).or(gone.clone()) {
             eprintln!("bench: {mib} MiB skipped: {why}");
             lines.push(format!(
                 "migrate total ferry/criu ratio=not-measured mib={mib} (skipped: {why})"
@@ -242,6 +247,15 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
         let (mut ferry_moves, mut criu_moves) = (Vec::new(), Vec::new());
         let mut errors: BTreeMap<&str, String> = BTreeMap::new();
         for round in 1..=rounds {
+            if !errors.is_empty() {
+                gone = cluster_down(&bench);
+                if let Some(why) = &gone {
+                    eprintln!("bench: {why}: no more rounds");
+                    errors.entry("ferry").or_insert_with(|| why.clone());
+                    errors.entry("criu").or_insert_with(|| why.clone());
+                    break;
+                }
+            }
             match ferry_round(&bench, mib) {
                 Ok(m) => {
                     eprintln!(
@@ -338,6 +352,22 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
         println!("{l}");
     }
     Ok(())
+}
+
+/// Why the cluster can no longer be measured, if its nodes are not all ready.
+fn cluster_down(b: &Bench) -> Option<String> {
+    match run_ferry(&["status", &b.file.to_string_lossy()], b"", QUICK) {
+        Ok((true, _, _)) => None,
+        Ok((false, out, err)) => Some(format!(
+            "the cluster's nodes went down mid-bench ({})",
+            out.lines()
+                .chain(err.lines())
+                .filter(|l| l.contains(" down") || l.contains("no daemon"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        Err(e) => Some(format!("`ferry status` failed: {e:#}")),
+    }
 }
 
 fn first_line(s: &str) -> &str {
@@ -584,6 +614,7 @@ fn runs_on_at_b(b: &Bench, before: u64) -> Result<()> {
 fn ferry_round(b: &Bench, mib: u64) -> Result<Move> {
     let (pid, _) = start_workload(b, mib)?;
     let before = last_count(b, NODE_A)?;
+    let asked = Instant::now();
     let job = control::migrate(&b.cluster, NODE_A, pid, NODE_B, &mut |_| {}).map_err(|e| {
         anyhow!(
             "ferry migrate {NODE_A}:{pid} {NODE_B}: {e}{}",
@@ -597,6 +628,13 @@ fn ferry_round(b: &Bench, mib: u64) -> Result<Move> {
             daemon_logs(b)
         );
     }
+    eprintln!(
+        "bench: {mib} MiB ferry: {} pages ({} zero), page stream {:.1} MiB/s, {} ms as `ferry migrate` saw it",
+        job.pages_sent,
+        job.zero_pages,
+        job.throughput_mib_s,
+        asked.elapsed().as_millis()
+    );
     runs_on_at_b(b, before)?;
     Ok(Move {
         freeze_ms: job.frozen_ms as f64,
@@ -651,6 +689,13 @@ fn criu_round(b: &Bench, mib: u64) -> Result<Move> {
     if t.len() != 5 {
         bail!("no times from CRIU's move: {out}");
     }
+    eprintln!(
+        "bench: {mib} MiB criu: page server {:.0} ms, dump {:.0} ms, images copied {:.0} ms, restore {:.0} ms",
+        (t[1] - t[0]) / 1e6,
+        (t[2] - t[1]) / 1e6,
+        (t[3] - t[2]) / 1e6,
+        (t[4] - t[3]) / 1e6
+    );
     runs_on_at_b(b, before)?;
     Ok(Move {
         freeze_ms: (t[4] - t[1]) / 1e6,
