@@ -881,7 +881,7 @@ fn cmd_host(action: HostAction) -> anyhow::Result<i32> {
             eprintln!("ferry: nested host running ({})", h.describe());
             Ok(0)
         }
-        HostAction::Stop => match nested::NestedHost::running()? {
+        HostAction::Stop => match nested::NestedHost::recorded()? {
             Some(h) => {
                 let clusters = h.kept_by();
                 if !clusters.is_empty() {

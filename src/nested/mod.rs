@@ -85,6 +85,14 @@ pub enum NestedError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the nested host (QEMU pid {pid}) does not answer ({cause}); it runs cluster {clusters}, so it is left alone: it may be busy (wait and retry), or `ferry host stop` restarts it and `ferry up` brings the cluster back"
+    )]
+    Unresponsive {
+        pid: i32,
+        clusters: String,
+        cause: String,
+    },
     #[error("QEMU's monitor would not forward 127.0.0.1:{port} into the nested host: {reply}; another program may hold that port: change the port in the cluster file")]
     Forward { port: u16, reply: String },
 }
@@ -471,6 +479,21 @@ impl NestedHost {
         Self::running_locked()
     }
 
+    /// The host whose QEMU is running, whether or not its agent answers (for stopping a hung
+    /// host).
+    pub fn recorded() -> Result<Option<Self>, NestedError> {
+        let _lock = FileLock::host()?;
+        let path = state_file();
+        let Some(state) = HostState::load(&path)? else {
+            return Ok(None);
+        };
+        if !state::qemu_alive(state.pid) {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        Ok(Some(Self { state, child: None }))
+    }
+
     fn running_locked() -> Result<Option<Self>, NestedError> {
         let path = state_file();
         let Some(state) = HostState::load(&path)? else {
@@ -482,7 +505,22 @@ impl NestedHost {
             let _ = std::fs::remove_file(&path);
             return Ok(None);
         }
-        match host.connect(PROBE_TIMEOUT) {
+        // A host under heavy load (several guests on emulated CPUs) can be slow to answer for
+        // a while: it gets a second, longer chance, and one that runs a cluster is never
+        // stopped behind the user's back.
+        let first = match host.connect(PROBE_TIMEOUT) {
+            Ok(_) => return Ok(Some(host)),
+            Err(e) => e,
+        };
+        let clusters = host.kept_by();
+        if !clusters.is_empty() {
+            return Err(NestedError::Unresponsive {
+                pid: host.state.pid,
+                clusters: clusters.join(", "),
+                cause: error_chain(&first),
+            });
+        }
+        match host.connect(PROBE_TIMEOUT * 2) {
             Ok(_) => Ok(Some(host)),
             Err(e) => {
                 eprintln!(
