@@ -135,8 +135,27 @@ struct Teardown {
     dir: PathBuf,
     /// The largest cluster file: it names every node.
     file: PathBuf,
+    /// The nested host the bench started last, if it did.
     host: Option<NestedHost>,
-    started: bool,
+}
+
+impl Teardown {
+    /// Where `ferry up` runs its nodes in the nested host, makes sure one is running, so that
+    /// no timed round includes its boot: the one running, or one the bench starts (another
+    /// ferry may stop a shared host at any time).
+    fn warm_host(&mut self) {
+        if ferry::nested::local_kvm_problem().is_none() {
+            return;
+        }
+        match NestedHost::running() {
+            Ok(Some(_)) => {}
+            Ok(None) => match NestedHost::start(&ferry::nested::HostOptions::default()) {
+                Ok(h) => self.host = Some(h),
+                Err(e) => eprintln!("bench: start the nested host: {e}"),
+            },
+            Err(e) => eprintln!("bench: nested host state: {e}"),
+        }
+    }
 }
 
 impl Drop for Teardown {
@@ -146,9 +165,11 @@ impl Drop for Teardown {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Some(host) = self.host.take() {
-            if self.started {
-                // Another ferry may have started using the host meanwhile: leave it to them then.
-                let _ = host.stop_if_unused();
+            // Only if it is still the one the bench started, and nobody else uses it now.
+            if let Ok(Some(now)) = NestedHost::running() {
+                if now.pid() == host.pid() {
+                    let _ = host.stop_if_unused();
+                }
             }
         }
     }
@@ -170,28 +191,15 @@ fn outer(rounds: usize) {
     let largest = files.last().unwrap().clone();
 
     // Both VMMs are measured on a warm nested host where one is needed.
-    let (host, started) = match ferry::nested::local_kvm_problem() {
-        None => (None, false),
-        Some(reason) => {
-            eprintln!("bench: {reason}\nbench: both VMMs run inside the nested host");
-            match NestedHost::running().expect("nested host state") {
-                Some(h) => (Some(h), false),
-                None => (
-                    Some(
-                        NestedHost::start(&ferry::nested::HostOptions::default())
-                            .expect("start the nested host"),
-                    ),
-                    true,
-                ),
-            }
-        }
-    };
-    let _teardown = Teardown {
+    if let Some(reason) = ferry::nested::local_kvm_problem() {
+        eprintln!("bench: {reason}\nbench: both VMMs run inside the nested host");
+    }
+    let mut teardown = Teardown {
         dir: dir.clone(),
         file: largest.clone(),
-        host,
-        started,
+        host: None,
     };
+    teardown.warm_host();
 
     // Nothing of the cluster may run; then one untimed `up` makes its certificates and disks.
     ferry_cmd(&["down", "-q"], &largest, &dir).unwrap_or_else(|e| panic!("ferry down: {e:#}"));
@@ -210,7 +218,9 @@ fn outer(rounds: usize) {
         let (mut f, mut q) = (Figures::default(), Figures::default());
         for round in 1..=rounds {
             // Alternate, so drift in the host affects both VMMs alike.
+            teardown.warm_host();
             let a = f.record(round, up_round(file, &dir));
+            teardown.warm_host();
             let b = q.record(round, qemu_round(n, &image, &disks[..n]));
             println!("up round={round} nodes={n} ferry_ms={a} qemu_ms={b}");
         }
@@ -503,11 +513,26 @@ fn boot_all(
             }
             Ok(t0.elapsed().as_secs_f64() * 1000.0)
         })();
-        for vm in vms {
-            if !vm.power_off(Duration::from_secs(30)) {
-                eprintln!("bench: qemu: a guest did not power off; killed it");
+        // All at once: the guest's kernel syncs before it powers off, and QEMU's microvm
+        // does not always exit then, so each gets 10 s before it is killed.
+        let asked: Vec<Result<()>> = vms.iter().map(|vm| vm.power_off()).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !vms.iter_mut().all(|vm| vm.exited()) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (i, (vm, asked)) in vms.iter_mut().zip(asked).enumerate() {
+            match asked {
+                Err(e) => eprintln!("bench: qemu: {}: power-off: {e:#}", node_name(i)),
+                Ok(()) if !vm.exited() => {
+                    eprintln!(
+                        "bench: qemu: {} still up 10 s after its power-off",
+                        node_name(i)
+                    )
+                }
+                Ok(()) => {}
             }
         }
+        drop(vms);
         match (r, first_error) {
             (Ok(ms), first) => return Ok(Timed { ms, retried: first }),
             (Err(e), None) => {
