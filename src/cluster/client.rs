@@ -50,11 +50,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Nothing answered at the address (or it answered too slowly).
+    /// No answer came: nothing listens at the address, the connection broke before an
+    /// answer (TLS or HTTP), or the answer was too slow.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::Timeout { .. }
+            ClientError::Connect { .. }
+                | ClientError::Tls { .. }
+                | ClientError::Http { .. }
+                | ClientError::Timeout { .. }
         )
     }
 

@@ -222,7 +222,7 @@ impl Cluster {
                     s
                 }
                 Ok(Err(e)) if e.is_unreachable() => {
-                    self.down(n, format!("no daemon answers at {}", self.api_addr(n)))
+                    self.down(n, format!("{NO_ANSWER} {} ({e})", self.api_addr(n)))
                 }
                 Ok(Err(e)) => self.down(n, e.to_string()),
                 Err(e) => self.down(n, e.to_string()),
@@ -411,6 +411,13 @@ fn progress(quiet: bool, msg: impl std::fmt::Display) {
     }
 }
 
+/// How [`Cluster::statuses`] starts the detail of a node whose daemon gave no answer.
+const NO_ANSWER: &str = "no daemon answers at";
+
+/// How long `up` waits for a daemon that stopped answering (or never did) before it gives up
+/// on it: a daemon under load may miss a few polls.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
 /// `ferry up FILE`: see the module's documentation. Returns every node's status at the end.
 pub fn up(file: &Path, quiet: bool) -> Result<Vec<NodeStatus>, ControlError> {
     let cluster = Cluster::load(file)?;
@@ -572,8 +579,20 @@ fn wait_ready(
     let limit = daemon::BOOT_TIMEOUT + Duration::from_secs(30);
     let mut reported: Vec<String> = Vec::new();
     let mut last_line = Instant::now();
+    // When each node's daemon last answered (or the start).
+    let mut answered: std::collections::HashMap<String, Instant> =
+        nodes.iter().map(|n| (n.name.clone(), started)).collect();
     loop {
         let statuses = cluster.statuses()?;
+        for s in &statuses {
+            let silent = s
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with(NO_ANSWER));
+            if !silent {
+                answered.insert(s.name.clone(), Instant::now());
+            }
+        }
         let waiting: Vec<&NodeStatus> = statuses
             .iter()
             .filter(|s| nodes.iter().any(|n| n.name == s.name))
@@ -595,15 +614,16 @@ fn wait_ready(
                     );
                     reported.push(s.name.clone());
                 }
-                NodeState::Down
-                    if started.elapsed() > Duration::from_secs(15)
-                        || !s
-                            .detail
-                            .as_deref()
-                            .unwrap_or("")
-                            .starts_with("no daemon answers") =>
-                {
-                    failed.push(*s)
+                // The daemon says its guest is down, or it has not answered for a while.
+                NodeState::Down => {
+                    let silent = s
+                        .detail
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with(NO_ANSWER));
+                    let since = answered.get(&s.name).copied().unwrap_or(started);
+                    if !silent || since.elapsed() > SILENCE_LIMIT {
+                        failed.push(*s)
+                    }
                 }
                 _ => {}
             }
