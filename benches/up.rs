@@ -398,7 +398,11 @@ fn qemu_once(
             .with_context(|| format!("root disk {} (made by ferry up)", d.display()))?;
         args.push(d.to_string_lossy().into_owned());
     }
-    let code = common::measure_status(args, |host, args| {
+    // Two attempts of n boots and their power-offs, and some slack: a QEMU whose vCPU thread
+    // hung in the nested host's KVM once kept the measurement waiting for it forever.
+    let per_attempt = (QEMU_LIMIT + Duration::from_secs(10)) * n as u32 + Duration::from_secs(30);
+    let limit = per_attempt * 2 + Duration::from_secs(60);
+    let code = common::measure_status(args, Some(limit), |host, args| {
         let mut shared = Vec::new();
         for a in args.iter_mut().skip(6) {
             let file = host.share_writable(Path::new(a.as_str()))?;

@@ -26,16 +26,18 @@ pub fn measure<K>(
     inner_args: Vec<String>,
     prepare: impl FnOnce(&NestedHost, &mut [String]) -> Result<K>,
 ) -> ! {
-    let code = measure_status(inner_args, prepare);
+    let code = measure_status(inner_args, None, prepare);
     std::process::exit(
         code.unwrap_or_else(|e| panic!("{bench}: run the measurement in the nested host: {e:#}")),
     );
 }
 
 /// [`measure`], returning the measurement's exit status instead of exiting (or why it could
-/// not run in the nested host): for a bench that runs several measurements.
+/// not run in the nested host): for a bench that runs several measurements. In the nested
+/// host, a measurement still running after `timeout` is ended and is an error.
 pub fn measure_status<K>(
     mut inner_args: Vec<String>,
+    timeout: Option<Duration>,
     prepare: impl FnOnce(&NestedHost, &mut [String]) -> Result<K>,
 ) -> Result<i32> {
     let Some(reason) = ferry::nested::local_kvm_problem() else {
@@ -69,7 +71,7 @@ pub fn measure_status<K>(
         let exe = std::path::PathBuf::from(&inner_args[0]);
         inner_args[0] = host.stage_executable(&exe)?.to_string_lossy().into_owned();
         let _keep = prepare(&host, &mut inner_args)?;
-        Ok(host.exec(&inner_args, Path::new("/"), &env, false)?)
+        Ok(host.exec_timeout(&inner_args, Path::new("/"), &env, false, timeout)?)
     })();
     if started {
         // Another ferry may have started using the host meanwhile: leave it to them then.
