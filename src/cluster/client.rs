@@ -109,23 +109,10 @@ impl ApiClient {
         self
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// `GET path`, decoded as JSON.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let (status, body) = self.call("GET", path).await?;
         self.decode(status, &body)
-    }
-
-    /// `POST path` with no body; the status on success.
-    pub async fn post(&self, path: &str) -> Result<u16, ClientError> {
-        let (status, body) = self.call("POST", path).await?;
-        if status >= 300 {
-            return Err(self.status_error(status, &body));
-        }
-        Ok(status)
     }
 
     /// One request; the status and the body, whatever the status.

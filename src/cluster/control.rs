@@ -101,6 +101,20 @@ impl ControlError {
     }
 }
 
+/// Node `name` of `cfg`, or an error naming the file and listing the nodes it has.
+fn node_of<'c>(cfg: &'c ClusterConfig, name: &str) -> Result<&'c NodeConfig, ControlError> {
+    cfg.node(name).ok_or_else(|| ControlError::NoSuchNode {
+        name: name.to_string(),
+        file: cfg.source.display().to_string(),
+        names: cfg
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
     let what = what.into();
     move |source| ControlError::Io { what, source }
@@ -170,13 +184,21 @@ impl Cluster {
 
     /// A client of node `n`'s API with the cluster's token.
     pub fn client(&self, n: &NodeConfig) -> Result<ApiClient, ControlError> {
+        Ok(self.clients(std::slice::from_ref(n))?.remove(0))
+    }
+
+    /// Clients of these nodes' APIs, the CA and the token read once for all of them.
+    fn clients(&self, nodes: &[NodeConfig]) -> Result<Vec<ApiClient>, ControlError> {
         let tls_dir = self.dir.tls_dir(&self.config);
         let tls = tls::client_config(pki::load_roots(&tls_dir)?, None)?;
         let token = self.dir.read_token()?;
-        ApiClient::new(self.api_addr(n), &n.name, tls, Some(token)).map_err(|e| ControlError::Io {
-            what: format!("node {}", n.name),
-            source: std::io::Error::other(e.to_string()),
-        })
+        nodes
+            .iter()
+            .map(|n| {
+                ApiClient::new(self.api_addr(n), &n.name, tls.clone(), Some(token.clone()))
+                    .map_err(ControlError::from)
+            })
+            .collect()
     }
 
     /// Every node's status, asked of each node's own API at once; a node that does not
@@ -191,14 +213,10 @@ impl Cluster {
                 .collect());
         }
         let clients: Vec<_> = self
-            .config
-            .nodes
-            .iter()
-            .map(|n| {
-                self.client(n)
-                    .map(|c| c.with_timeout(Duration::from_secs(5)))
-            })
-            .collect::<Result<_, _>>()?;
+            .clients(&self.config.nodes)?
+            .into_iter()
+            .map(|c| c.with_timeout(Duration::from_secs(5)))
+            .collect();
         let rt = runtime()?;
         let results = rt.block_on(async {
             let tasks: Vec<_> = clients
@@ -250,19 +268,7 @@ impl Cluster {
 impl Cluster {
     /// Node `name` of the file, or an error listing the nodes it has.
     pub fn node_named(&self, name: &str) -> Result<&NodeConfig, ControlError> {
-        self.config
-            .node(name)
-            .ok_or_else(|| ControlError::NoSuchNode {
-                name: name.to_string(),
-                file: self.config.source.display().to_string(),
-                names: self
-                    .config
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        node_of(&self.config, name)
     }
 
     /// Every node's processes (kernel threads left out), in the file's node order; a node
@@ -272,8 +278,9 @@ impl Cluster {
             .config
             .nodes
             .iter()
-            .map(|n| self.client(n).map(|c| (n.name.clone(), c)))
-            .collect::<Result<_, _>>()?;
+            .map(|n| n.name.clone())
+            .zip(self.clients(&self.config.nodes)?)
+            .collect();
         let rt = runtime()?;
         let results = rt.block_on(async {
             let tasks: Vec<_> = clients
@@ -830,16 +837,7 @@ pub fn spawn(opts: &SpawnOptions) -> Result<(), ControlError> {
     });
     let mut children = Vec::new();
     for name in &opts.nodes {
-        let n = cfg.node(name).ok_or_else(|| ControlError::NoSuchNode {
-            name: name.clone(),
-            file: dir.config_copy().display().to_string(),
-            names: cfg
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+        let n = node_of(&cfg, name)?;
         stop_daemon(&dir, name);
         let node_dir = dir.node_dir(name);
         std::fs::create_dir_all(&node_dir)

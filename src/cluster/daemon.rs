@@ -435,22 +435,25 @@ impl Node {
         Ok(list
             .into_iter()
             .filter(|p| all || !p.kernel_thread)
-            .map(|p| Process {
-                pid: p.pid,
-                ppid: p.ppid,
-                uid: p.uid,
-                state: char::from(p.state).to_string(),
-                threads: p.threads,
-                rss_kib: p.rss_kib,
-                cpu_seconds: p.cpu_ticks as f64 / ticks,
-                command: if p.cmdline.is_empty() {
-                    format!("[{}]", p.comm)
-                } else {
-                    p.cmdline.join(" ")
-                },
-                kernel_thread: p.kernel_thread,
-                home: self.jobs.origin(p.pid).map(|o| o.home),
-                moves: self.jobs.origin(p.pid).map(|o| o.moves).unwrap_or(0),
+            .map(|p| {
+                let origin = self.jobs.origin(p.pid);
+                Process {
+                    pid: p.pid,
+                    ppid: p.ppid,
+                    uid: p.uid,
+                    state: char::from(p.state).to_string(),
+                    threads: p.threads,
+                    rss_kib: p.rss_kib,
+                    cpu_seconds: p.cpu_ticks as f64 / ticks,
+                    command: if p.cmdline.is_empty() {
+                        format!("[{}]", p.comm)
+                    } else {
+                        p.cmdline.join(" ")
+                    },
+                    kernel_thread: p.kernel_thread,
+                    moves: origin.as_ref().map_or(0, |o| o.moves),
+                    home: origin.map(|o| o.home),
+                }
             })
             .collect())
     }

@@ -31,10 +31,6 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "no cluster `{0}` has been brought up on this machine (its state directory is missing); run `ferry up` first"
-    )]
-    NotUp(String),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
@@ -77,16 +73,6 @@ impl ClusterDir {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         ClusterDir { root, name }
-    }
-
-    /// The directory of a cluster that `up` made, or [`StateError::NotUp`].
-    pub fn existing(cache: &Path, name: &str) -> Result<Self, StateError> {
-        let dir = Self::new(cache, name)?;
-        if dir.config_copy().is_file() {
-            Ok(dir)
-        } else {
-            Err(StateError::NotUp(name.to_string()))
-        }
     }
 
     pub fn root(&self) -> &Path {

@@ -138,6 +138,26 @@ pub struct MmLayout {
     pub auxv: Vec<u64>,
 }
 
+impl MmLayout {
+    /// The eleven addresses in the order of the encoding and of the kernel's
+    /// `struct prctl_mm_map`: code, data, brk, stack, arguments, environment.
+    pub fn addresses(&self) -> [u64; 11] {
+        [
+            self.start_code,
+            self.end_code,
+            self.start_data,
+            self.end_data,
+            self.start_brk,
+            self.brk,
+            self.start_stack,
+            self.arg_start,
+            self.arg_end,
+            self.env_start,
+            self.env_end,
+        ]
+    }
+}
+
 /// One mapping of `/proc/PID/maps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapping {
@@ -302,19 +322,7 @@ impl ProcessImage {
             p.u64(r.max);
         });
         let mm = &self.mm;
-        for v in [
-            mm.start_code,
-            mm.end_code,
-            mm.start_data,
-            mm.end_data,
-            mm.start_brk,
-            mm.brk,
-            mm.start_stack,
-            mm.arg_start,
-            mm.arg_end,
-            mm.env_start,
-            mm.env_end,
-        ] {
+        for v in mm.addresses() {
             p.u64(v);
         }
         p.list(&mm.auxv, |p, v| p.u64(*v));

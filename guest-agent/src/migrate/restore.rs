@@ -821,20 +821,7 @@ impl Skeleton {
             scratch + PRCTL_MM_MAP_LEN as u64
         };
         let mut buf = Vec::with_capacity(PRCTL_MM_MAP_LEN + mm.auxv.len() * 8);
-        for v in [
-            mm.start_code,
-            mm.end_code,
-            mm.start_data,
-            mm.end_data,
-            mm.start_brk,
-            mm.brk,
-            mm.start_stack,
-            mm.arg_start,
-            mm.arg_end,
-            mm.env_start,
-            mm.env_end,
-            auxv_addr,
-        ] {
+        for v in mm.addresses().into_iter().chain([auxv_addr]) {
             buf.extend_from_slice(&v.to_le_bytes());
         }
         buf.extend_from_slice(&((mm.auxv.len() * 8) as u32).to_le_bytes());
