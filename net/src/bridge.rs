@@ -55,7 +55,12 @@ impl Bridge {
         let gateway = network.gateway();
         check_clash(name, &network)?;
         if ip(&["link", "show", "dev", name]).is_err() {
-            ip(&["link", "add", "name", name, "type", "bridge"])?;
+            // Another ferry starting a guest at the same moment may create it first.
+            if let Err(e) = ip(&["link", "add", "name", name, "type", "bridge"]) {
+                if ip(&["link", "show", "dev", name]).is_err() {
+                    return Err(e);
+                }
+            }
         }
         ip(&["addr", "replace", &gateway.to_string(), "dev", name])?;
         ip(&["link", "set", "dev", name, "up"])?;

@@ -56,6 +56,23 @@ fn a_tap_plugged_into_a_bridge_that_carries_the_gateway_address() {
 }
 
 #[test]
+fn guests_starting_at_once_share_one_bridge() {
+    in_netns(|| {
+        let net: Ipv4Cidr = "10.77.5.2/24".parse().unwrap();
+        // Threads inherit the namespace of the thread that spawns them.
+        let racers: Vec<_> = (0..6)
+            .map(|_| std::thread::spawn(move || Bridge::ensure("ferrytest2", net)))
+            .collect();
+        for r in racers {
+            let bridge = r.join().unwrap();
+            assert!(bridge.is_ok(), "{:?}", bridge.err());
+        }
+        let addrs = ip_out(&["-o", "-4", "addr", "show", "dev", "ferrytest2"]);
+        assert_eq!(addrs.matches("10.77.5.1/24").count(), 1, "{addrs}");
+    });
+}
+
+#[test]
 fn a_network_that_clashes_with_an_existing_address_is_refused() {
     in_netns(|| {
         let status = Command::new("ip")
