@@ -960,15 +960,18 @@ pub fn node_disk(base: &RootImage, node_dir: &Path) -> Result<PathBuf, RootfsErr
         let made_from = std::fs::read_to_string(&source).unwrap_or_default();
         if made_from.trim() != base.key {
             progress(format_args!(
-                "{} was made from root image {}, not the current {}; purge the node to start \
-                 over from the current one",
+                "{} was made from root image {}, not the current {}; it is kept with its files \
+                 (the agent is always the current one). To start over from the current image: \
+                 `ferry down --purge` for a cluster's nodes, or remove {} for a `ferry run \
+                 --node` one",
                 dest.display(),
                 if made_from.trim().is_empty() {
                     "?"
                 } else {
                     made_from.trim()
                 },
-                base.key
+                base.key,
+                node_dir.display()
             ));
         }
         return Ok(dest);

@@ -383,24 +383,32 @@ fn sigterm_stops_the_guest_and_leaves_nothing_running(s: &Suite) -> CaseResult {
             .args(["-f", "ferry run .*sleep 600"])
             .output()
             .map_err(|e| e.to_string())?;
+        // pgrep: 0 when something matches, 1 when nothing does.
         let nested = if s.nested {
-            ferry(
+            Some(ferry(
                 &["host", "exec", "--", "pgrep", "-f", "ferry run .*sleep 600"],
                 b"",
                 QUICK_LIMIT,
-            )?
-            .code()
+            )?)
         } else {
-            1
+            None
         };
-        if !here.status.success() && nested == 1 {
+        let nested_code = nested.as_ref().map_or(1, Outcome::code);
+        if !here.status.success() && nested_code == 1 {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "a VMM of the stopped run is still running (here: {}, nested host: {})",
+                "a VMM of the stopped run may still be running: pgrep here: exit {} ({}); \
+                 in the nested host: {}",
+                here.status.code().unwrap_or(-1),
                 String::from_utf8_lossy(&here.stdout).trim(),
-                if nested == 0 { "yes" } else { "no" }
+                nested.map_or("-".into(), |o| format!(
+                    "exit {} ({} {})",
+                    o.code(),
+                    o.stdout.trim(),
+                    o.stderr.trim()
+                ))
             ));
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -1504,6 +1512,56 @@ const CASES: &[Case] = &[
     ),
 ];
 
+/// Where the nested host's console (its kernel's messages) stood when a case began, to show
+/// what the kernel said during a failed one: soft lockups, RCU stalls, KVM errors.
+struct HostConsole(Option<(PathBuf, u64)>);
+
+impl HostConsole {
+    fn mark(suite: &Suite) -> Self {
+        let path = ferry::nested::state_dir().join("console.log");
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        Self(suite.nested.then_some((path, len)))
+    }
+
+    /// The last lines the console gained since the mark, as a block to append to a failure.
+    fn news(&self) -> String {
+        let Some((path, from)) = &self.0 else {
+            return String::new();
+        };
+        let text = std::fs::read(path).unwrap_or_default();
+        // A restarted host starts a new console log.
+        let start = if (*from as usize) <= text.len() {
+            *from as usize
+        } else {
+            0
+        };
+        let news = String::from_utf8_lossy(&text[start..]);
+        let lines: Vec<&str> = news.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(25)..];
+        if tail.is_empty() {
+            return "\nnested host console: nothing new".into();
+        }
+        format!("\nnested host console, last lines:\n{}", tail.join("\n"))
+    }
+}
+
+/// Before a case's second attempt: if the nested host does not run a trivial command within a
+/// minute, it is stopped and started again, so one wedged host fails one case, not the rest.
+fn restart_host_if_unresponsive() {
+    match ferry(&["host", "exec", "--", "true"], b"", QUICK_LIMIT) {
+        Ok(out) if out.code() == 0 => {}
+        answer => {
+            let why = match answer {
+                Ok(out) => format!("exit {}: {}", out.code(), out.stderr.trim()),
+                Err(e) => e,
+            };
+            println!("e2e: the nested host does not run `true` ({why}); restarting it");
+            let _ = Command::new(FERRY).args(["host", "stop"]).status();
+            let _ = Command::new(FERRY).args(["host", "start"]).status();
+        }
+    }
+}
+
 /// Stops the shared nested host when the suite ends, however it ends.
 struct NestedHostGuard(bool);
 
@@ -1588,13 +1646,18 @@ fn main() {
     for (name, case) in &selected {
         let t = Instant::now();
         println!("test {name} ...");
+        let console = HostConsole::mark(&suite);
         let mut result = case(&suite);
         if let Err(why) = &result {
             println!(
-                "test {name} ... failed on its first attempt ({:.1} s), trying once more:\n{why}",
-                t.elapsed().as_secs_f64()
+                "test {name} ... failed on its first attempt ({:.1} s), trying once more:\n{why}{}",
+                t.elapsed().as_secs_f64(),
+                console.news()
             );
             second_attempts.push(*name);
+            if suite.nested {
+                restart_host_if_unresponsive();
+            }
             result = case(&suite);
         }
         match result {
@@ -1604,8 +1667,9 @@ fn main() {
             }
             Err(why) => {
                 println!(
-                    "test {name} ... FAILED ({:.1} s)\n{why}",
-                    t.elapsed().as_secs_f64()
+                    "test {name} ... FAILED ({:.1} s)\n{why}{}",
+                    t.elapsed().as_secs_f64(),
+                    console.news()
                 );
                 failed.push(*name);
             }
