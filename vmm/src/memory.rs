@@ -1,6 +1,9 @@
 //! Guest memory: anonymous host mappings (vm-memory) registered with KVM as memory slots, split
 //! around the 32-bit MMIO hole, with optional dirty-page logging.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -28,6 +31,8 @@ pub enum MemoryError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("the dirty log is already in use (one pre-copy migration per node at a time)")]
+    DirtyLogBusy,
 }
 
 /// The guest-physical RAM ranges for `size` bytes of memory: below the MMIO hole first, the rest
@@ -49,7 +54,8 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Mmap { size, source })
 }
 
-/// Registers every region of `mem` with KVM, slot `i` for region `i`.
+/// Registers every region of `mem` with KVM, slot `i` for region `i`; called again with the
+/// same memory, it switches dirty logging on or off.
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
@@ -96,6 +102,77 @@ pub fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<GuestAddress>
         }
     }
     Ok(pages)
+}
+
+/// KVM's dirty-page log of a VM's memory, switched on only while someone needs it (a pre-copy
+/// migration): logging write-protects guest memory and splits huge mappings, a cost a guest
+/// should not pay all the time. Clones share the VM; at most one [`DirtyTracking`] is live.
+#[derive(Clone)]
+pub struct DirtyLog {
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    busy: Arc<Mutex<bool>>,
+}
+
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLog").finish_non_exhaustive()
+    }
+}
+
+impl DirtyLog {
+    /// The log of the VM `vm` whose RAM is `memory` (registered by [`register`]).
+    pub fn new(vm: Arc<VmFd>, memory: GuestMemoryMmap) -> Self {
+        Self {
+            vm,
+            memory,
+            busy: Arc::new(Mutex::new(false)),
+        }
+    }
+
+    /// Starts logging guest writes: every page written from now on shows in
+    /// [`DirtyTracking::take`]. Logging stops when the tracking is dropped.
+    pub fn start(&self) -> Result<DirtyTracking, MemoryError> {
+        {
+            let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            if *busy {
+                return Err(MemoryError::DirtyLogBusy);
+            }
+            *busy = true;
+        }
+        if let Err(e) = register(&self.vm, &self.memory, true) {
+            let _ = register(&self.vm, &self.memory, false);
+            *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+            return Err(e);
+        }
+        Ok(DirtyTracking { log: self.clone() })
+    }
+}
+
+/// Dirty logging switched on; dropping it switches logging off.
+#[derive(Debug)]
+pub struct DirtyTracking {
+    log: DirtyLog,
+}
+
+impl DirtyTracking {
+    /// The guest frames (guest-physical address / 4096) written since logging started or since
+    /// the last call.
+    pub fn take(&self) -> Result<HashSet<u64>, MemoryError> {
+        Ok(dirty_pages(&self.log.vm, &self.log.memory)?
+            .into_iter()
+            .map(|a| a.0 / 4096)
+            .collect())
+    }
+}
+
+impl Drop for DirtyTracking {
+    fn drop(&mut self) {
+        // Only the flags change; the regions stay as they are. A failure leaves logging on,
+        // which costs speed, not correctness.
+        let _ = register(&self.log.vm, &self.log.memory, false);
+        *self.log.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
 }
 
 #[cfg(test)]

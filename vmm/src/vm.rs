@@ -70,23 +70,25 @@ pub const MAX_VCPUS: u8 = 64;
 /// guests and the tests' tiny hand-made guests are built on.
 pub struct Machine {
     pub kvm: Kvm,
-    pub fd: VmFd,
+    pub fd: Arc<VmFd>,
     pub memory: GuestMemoryMmap,
     pub mem_size: u64,
     pub pio: Bus,
     pub mmio: Bus,
     pub exit: Arc<ExitRequest>,
+    dirty_log: memory::DirtyLog,
 }
 
 impl Machine {
     /// Opens KVM, creates a VM and gives it `mem_size` bytes of RAM.
     pub fn new(mem_size: u64, log_dirty: bool) -> Result<Self, VmError> {
         let kvm_sys = Kvm::new().map_err(VmError::OpenKvm)?;
-        let fd = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        let fd = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         let memory = memory::create(mem_size)?;
         memory::register(&fd, &memory, log_dirty)?;
         Ok(Self {
             kvm: kvm_sys,
+            dirty_log: memory::DirtyLog::new(fd.clone(), memory.clone()),
             fd,
             memory,
             mem_size,
@@ -142,6 +144,11 @@ impl Machine {
             .insert(transport.clone(), slot.base, slot.len)
             .map_err(|e| VmError::Device(e.to_string()))?;
         Ok(transport)
+    }
+
+    /// A handle on KVM's dirty log of this machine's RAM, to switch it on while the VM runs.
+    pub fn dirty_log(&self) -> memory::DirtyLog {
+        self.dirty_log.clone()
     }
 
     /// Guest-physical addresses of the pages written since the last call (needs `log_dirty`).

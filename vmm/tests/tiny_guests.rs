@@ -11,6 +11,7 @@ use ferry_vmm::devices::power::AcpiSleep;
 use ferry_vmm::devices::serial::SerialPort;
 use ferry_vmm::devices::{BusDevice, VmExit};
 use ferry_vmm::layout::{ports, ZERO_PAGE_START};
+use ferry_vmm::memory::MemoryError;
 use ferry_vmm::vcpu::{Step, Vcpu};
 use ferry_vmm::Machine;
 use vm_memory::{Bytes, GuestAddress};
@@ -141,6 +142,43 @@ fn long_mode_boot_state_mmio_and_dirty_log() {
     assert!(!dirty.contains(&GuestAddress(0x20000)), "0x20000 untouched");
     // The log is cleared by reading it.
     assert!(!m.dirty_pages().unwrap().contains(&GuestAddress(0x10000)));
+}
+
+#[test]
+fn dirty_log_switched_on_while_the_vm_exists() {
+    // A VM made without logging (as every node's is); a migration switches it on and off.
+    let mut m = machine(false);
+    let com2 = serial(&mut m, ports::COM2);
+    // mov rbx, 0x10000; mov byte [rbx], 1; (0x11000, 0x15000 too); out 'O' to COM2; hlt
+    let code = [
+        0x48, 0xc7, 0xc3, 0x00, 0x00, 0x01, 0x00, 0xc6, 0x03, 0x01, 0x48, 0xc7, 0xc3, 0x00, 0x10,
+        0x01, 0x00, 0xc6, 0x03, 0x01, 0x48, 0xc7, 0xc3, 0x00, 0x50, 0x01, 0x00, 0xc6, 0x03, 0x01,
+        0x66, 0xba, 0xf8, 0x02, 0xb0, 0x4f, 0xee, 0xf4,
+    ];
+    let mut vcpu = long_mode_vcpu(&m, &code);
+    let log = m.dirty_log();
+    assert!(m.dirty_pages().is_err(), "no log before it is switched on");
+    let tracking = log.start().unwrap();
+    assert!(
+        matches!(log.start(), Err(MemoryError::DirtyLogBusy)),
+        "one tracker at a time"
+    );
+    assert!(tracking.take().unwrap().is_empty(), "nothing written yet");
+    run_to_halt(&mut vcpu);
+    assert_eq!(com2.0.lock().unwrap().as_slice(), b"O");
+    let dirty = tracking.take().unwrap();
+    for pfn in [0x10, 0x11, 0x15] {
+        assert!(dirty.contains(&pfn), "frame {pfn:#x} written: {dirty:?}");
+    }
+    assert!(!dirty.contains(&0x12), "frame 0x12 untouched");
+    assert!(
+        tracking.take().unwrap().is_empty(),
+        "reading clears the log"
+    );
+    drop(tracking);
+    assert!(m.dirty_pages().is_err(), "switched off again");
+    let again = log.start().expect("a new tracker once the first is gone");
+    assert!(again.take().unwrap().is_empty());
 }
 
 #[test]
