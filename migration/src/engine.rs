@@ -19,10 +19,15 @@
 //! landed.finish(Ok(())).await?;                               // Ack
 //! ```
 //!
+//! Pre-copy: before [`send`], the source may call [`precopy`] for rounds of pages while the
+//! process still runs, then [`send_after_precopy`] once it is frozen; pages whose held copy is
+//! still good travel as markers. [`receive`] holds pre-copied pages until their marker comes.
+//!
 //! Both sides bound every wait ([`Timeouts`]): a dropped or silent connection is an error on
 //! both sides, never a hang. A side that fails tells its peer why with [`Message::Abort`] (or,
 //! after Done, [`Message::Ack`] with `ok: false`) when the connection still carries it.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -31,7 +36,7 @@ use tokio::time::timeout;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::checksum::{is_zero_page, Checksum};
+use crate::checksum::{is_zero_page, page_digest, Checksum};
 use crate::protocol::{
     bounded_text, Ack, BatchWriter, Done, FrameHeader, Hello, Message, MessageType, PageBatchView,
     PageKind, ProtocolError, HEADER_LEN, MAX_BATCH_PAGES, MAX_IMAGE, MAX_JOB_PAGES, MAX_PAGE_LIST,
@@ -188,6 +193,15 @@ pub enum MigrationError {
         /// Zero pages that arrived.
         landed_zero: u64,
     },
+    /// The source marked a page as held from pre-copy, and no copy of it is held here.
+    #[error(
+        "the source says page {vaddr:#x} was pre-copied, but no copy of it arrived; the two \
+         nodes disagree on the protocol (run the same ferry build on both)"
+    )]
+    NotHeld {
+        /// The page's virtual address.
+        vaddr: u64,
+    },
     /// The pages that arrived do not hash to the source's checksum.
     #[error(
         "the pages that arrived have checksum {got:#018x}, the source sent {expected:#018x}; \
@@ -243,6 +257,11 @@ pub struct Stats {
     pub pages: u64,
     /// Of `pages`, the zero pages (sent as markers, no data).
     pub zero_pages: u64,
+    /// Of `pages`, those the destination already held from pre-copy (sent as markers).
+    pub held_pages: u64,
+    /// At the destination: pages that arrived in pre-copy rounds (a page sent in several
+    /// rounds counts each time).
+    pub precopy_pages: u64,
     /// Bytes of frames from source to destination so far, headers included: written by the
     /// source, read by the destination.
     pub bytes: u64,
@@ -259,9 +278,9 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Pages that travelled with their data.
+    /// Pages of the final stream that travelled with their data.
     pub fn data_pages(&self) -> u64 {
-        self.pages - self.zero_pages
+        self.pages - self.zero_pages - self.held_pages
     }
 
     /// Pages still to move.
@@ -311,6 +330,112 @@ static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 /// The most a best-effort farewell (`Abort`, or an answer after a failed write) may take.
 const FAREWELL: Duration = Duration::from_secs(2);
 
+/// What the destination holds from a job's pre-copy rounds, as the source knows it: for each
+/// page sent, the guest frame it was read from and its checksum digest.
+#[derive(Debug, Default, Clone)]
+pub struct Precopied {
+    pages: HashMap<u64, (u64, u64)>,
+}
+
+impl Precopied {
+    /// Nothing sent yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pages the destination holds.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether nothing was pre-copied.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Whether the page at `vaddr`, now in guest frame `pfn`, must travel (again): it was never
+    /// sent, it was sent from another frame (the guest kernel moved it), or it was forgotten
+    /// as written since.
+    pub fn stale(&self, vaddr: u64, pfn: u64) -> bool {
+        self.digest(vaddr, pfn).is_none()
+    }
+
+    /// Forgets every page read from a frame in `dirty` (KVM's dirty log: written since).
+    pub fn forget_dirty(&mut self, dirty: &HashSet<u64>) {
+        if !dirty.is_empty() {
+            self.pages.retain(|_, (pfn, _)| !dirty.contains(pfn));
+        }
+    }
+
+    fn digest(&self, vaddr: u64, pfn: u64) -> Option<u64> {
+        match self.pages.get(&vaddr) {
+            Some(&(held_pfn, digest)) if held_pfn == pfn => Some(digest),
+            _ => None,
+        }
+    }
+}
+
+/// One pre-copy round: sends the pages of `pages` (`(vaddr, pfn)` pairs, read from `source`
+/// by frame while the process runs) in [`Message::Precopy`] frames, and records each in
+/// `held`. Call it before the logged writes of the round are collected: a page written while
+/// it is read is caught by the next round (or by the final [`send_after_precopy`]) through
+/// its frame being dirty. `max_rate` (bytes per second) caps the round's pace. `progress`
+/// gets the pages and bytes sent so far after each batch. Returns the bytes written.
+pub async fn precopy<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    pages: &[(u64, u64)],
+    source: &impl PageSource,
+    held: &mut Precopied,
+    timeouts: &Timeouts,
+    max_rate: Option<u64>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64, MigrationError> {
+    const PRECOPY: &str = "pre-copying pages";
+    if let Some(&(vaddr, _)) = pages.iter().find(|(v, _)| v % PAGE_SIZE as u64 != 0) {
+        return Err(MigrationError::InvalidJob(format!(
+            "page address {vaddr:#x} is not page-aligned"
+        )));
+    }
+    let mut batch = BatchWriter::precopy();
+    let (mut sent, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    for chunk in pages.chunks(MAX_BATCH_PAGES) {
+        batch.start(chunk.len());
+        for &(vaddr, pfn) in chunk {
+            let slot = batch.page_slot();
+            source
+                .read_page(pfn, slot)
+                .map_err(|source| MigrationError::ReadPage { vaddr, pfn, source })?;
+            held.pages.insert(vaddr, (pfn, page_digest(vaddr, slot)));
+            let kind = if is_zero_page(slot) {
+                PageKind::Zero
+            } else {
+                PageKind::Data
+            };
+            batch.push(vaddr, kind);
+        }
+        let frame = batch.finish();
+        timeout(timeouts.io, stream.write_all(frame))
+            .await
+            .map_err(|_| MigrationError::Timeout {
+                during: PRECOPY,
+                after: timeouts.io,
+            })?
+            .map_err(|e| io_error(PRECOPY, e))?;
+        sent += chunk.len() as u64;
+        bytes += frame.len() as u64;
+        progress(sent, bytes);
+        if let Some(rate) = max_rate.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    flush(stream, timeouts.io, PRECOPY).await?;
+    Ok(bytes)
+}
+
 /// Moves one process's pages to the destination: sends `Hello` (`job_id`, `image`: the
 /// agent's encoded process image, opaque here) and the vaddr list, waits for `Ready`, streams
 /// the pages of `pages` (`(vaddr, pfn)` pairs, read from `source` by frame) in batches, sends
@@ -327,6 +452,30 @@ pub async fn send<S>(
     image: &[u8],
     pages: &[(u64, u64)],
     source: &impl PageSource,
+    timeouts: &Timeouts,
+    progress: impl FnMut(&Stats),
+) -> Result<Stats, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let none = Precopied::new();
+    send_after_precopy(
+        stream, job_id, image, pages, source, &none, timeouts, progress,
+    )
+    .await
+}
+
+/// [`send`] after [`precopy`] rounds: a page of `pages` that the destination holds from the
+/// frame it is in now (see [`Precopied::stale`]; forget the frames written since the last
+/// round first, with [`Precopied::forget_dirty`]) travels as a [`PageKind::Held`] marker.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_after_precopy<S>(
+    stream: &mut S,
+    job_id: u64,
+    image: &[u8],
+    pages: &[(u64, u64)],
+    source: &impl PageSource,
+    held: &Precopied,
     timeouts: &Timeouts,
     mut progress: impl FnMut(&Stats),
 ) -> Result<Stats, MigrationError>
@@ -389,7 +538,7 @@ where
     let mut batch = BatchWriter::new();
     let mut checksum = Checksum::new();
     for chunk in pages.chunks(MAX_BATCH_PAGES) {
-        if let Err(e) = fill_batch(&mut batch, chunk, source, &mut checksum, &mut stats) {
+        if let Err(e) = fill_batch(&mut batch, chunk, source, held, &mut checksum, &mut stats) {
             farewell(
                 &mut wr,
                 &Message::Abort {
@@ -476,16 +625,25 @@ fn check_job(image: &[u8], pages: &[(u64, u64)]) -> Result<(), MigrationError> {
     Ok(())
 }
 
-/// Reads the pages of `chunk` into the batch, zero pages as markers.
+/// Reads the pages of `chunk` into the batch, zero pages and pages `held` at the destination
+/// as markers.
 fn fill_batch(
     batch: &mut BatchWriter,
     chunk: &[(u64, u64)],
     source: &impl PageSource,
+    held: &Precopied,
     checksum: &mut Checksum,
     stats: &mut Stats,
 ) -> Result<(), MigrationError> {
     batch.start(chunk.len());
     for &(vaddr, pfn) in chunk {
+        if let Some(digest) = held.digest(vaddr, pfn) {
+            checksum.add_digest(digest);
+            stats.held_pages += 1;
+            stats.pages += 1;
+            batch.push(vaddr, PageKind::Held);
+            continue;
+        }
         let slot = batch.page_slot();
         source
             .read_page(pfn, slot)
@@ -525,6 +683,7 @@ fn early_answer(answer: Result<Message, MigrationError>, during: &'static str) -
 pub struct Incoming<'s, S> {
     stream: &'s mut S,
     hello: Hello,
+    held: HeldPages,
     vaddrs: Vec<u64>,
     timeouts: Timeouts,
     buf: Vec<u8>,
@@ -542,8 +701,42 @@ impl<S> std::fmt::Debug for Incoming<'_, S> {
     }
 }
 
-/// Accepts a job at the destination: reads `Hello` and the whole vaddr list (each frame
-/// within `timeouts.io`).
+/// Pages a destination holds from pre-copy rounds, by vaddr (a page sent again replaces its
+/// copy in place).
+#[derive(Debug, Default)]
+struct HeldPages {
+    /// vaddr -> the page's slot in `data`, or `None` for a zero page.
+    index: HashMap<u64, Option<usize>>,
+    data: Vec<u8>,
+}
+
+impl HeldPages {
+    fn hold(&mut self, vaddr: u64, page: Option<&[u8]>) {
+        let Some(page) = page else {
+            self.index.insert(vaddr, None);
+            return;
+        };
+        match self.index.get(&vaddr) {
+            Some(&Some(slot)) => {
+                self.data[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE].copy_from_slice(page)
+            }
+            _ => {
+                self.index.insert(vaddr, Some(self.data.len() / PAGE_SIZE));
+                self.data.extend_from_slice(page);
+            }
+        }
+    }
+
+    /// The held copy of the page at `vaddr`: `Some(None)` for a zero page.
+    fn get(&self, vaddr: u64) -> Option<Option<&[u8]>> {
+        self.index
+            .get(&vaddr)
+            .map(|slot| slot.map(|s| &self.data[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]))
+    }
+}
+
+/// Accepts a job at the destination: holds the pages of any pre-copy rounds, then reads
+/// `Hello` and the whole vaddr list (each frame within `timeouts.io`).
 pub async fn receive<'s, S>(
     stream: &'s mut S,
     timeouts: &Timeouts,
@@ -555,12 +748,36 @@ where
     let clock_start = Instant::now();
     let mut buf = Vec::new();
     let mut stats = Stats::default();
+    let mut held = HeldPages::default();
     let result = async {
-        let hello =
-            match read_counted(stream, &mut buf, &mut stats, timeouts.io, DESCRIBING).await? {
-                Message::Hello(h) => h,
-                other => return Err(unexpected_or_abort(other, DESCRIBING, "Hello")),
+        const PRECOPY: &str = "receiving pre-copied pages";
+        let hello = loop {
+            let header = timeout(timeouts.io, read_frame(stream, &mut buf, PRECOPY))
+                .await
+                .map_err(|_| MigrationError::Timeout {
+                    during: PRECOPY,
+                    after: timeouts.io,
+                })??;
+            stats.bytes += (HEADER_LEN + header.len) as u64;
+            let payload = &buf[..header.len];
+            let protocol = |source| MigrationError::Protocol {
+                during: DESCRIBING,
+                source,
             };
+            if header.message == MessageType::Precopy {
+                let batch =
+                    PageBatchView::parse_as(MessageType::Precopy, payload).map_err(protocol)?;
+                for page in batch.pages() {
+                    held.hold(page.vaddr, page.data);
+                }
+                stats.precopy_pages += batch.len() as u64;
+                continue;
+            }
+            match Message::decode(header.message, payload).map_err(protocol)? {
+                Message::Hello(h) => break h,
+                other => return Err(unexpected_or_abort(other, DESCRIBING, "Precopy or Hello")),
+            }
+        };
         // The list grows with what arrives, not with what Hello announced.
         let announced = hello.page_count as usize;
         let mut vaddrs = Vec::with_capacity(announced.min(MAX_PAGE_LIST));
@@ -598,6 +815,7 @@ where
     Ok(Incoming {
         stream,
         hello,
+        held,
         vaddrs,
         timeouts: timeouts.clone(),
         buf,
@@ -746,14 +964,22 @@ where
                         got: page.vaddr,
                     });
                 }
-                let data = match page.data {
+                let (data, held) = match (page.kind(), page.data) {
+                    (PageKind::Held, _) => match self.held.get(page.vaddr) {
+                        Some(data) => (data, true),
+                        None => return Err(MigrationError::NotHeld { vaddr: page.vaddr }),
+                    },
+                    (_, data) => (data, false),
+                };
+                stats.held_pages += u64::from(held);
+                let data = match data {
                     Some(data) => {
                         checksum.add_page(page.vaddr, data);
                         Some(data)
                     }
                     None => {
                         checksum.add_zero_page(page.vaddr);
-                        stats.zero_pages += 1;
+                        stats.zero_pages += u64::from(!held);
                         (!frames_zeroed).then_some(&ZERO_PAGE[..])
                     }
                 };

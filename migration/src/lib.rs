@@ -3,7 +3,9 @@
 //!
 //! - [`protocol`]: the frames on the wire and the order they come in, written down once.
 //! - [`engine`]: [`engine::send`] (source) and [`engine::receive`] (destination) over any
-//!   async byte stream (mutual TLS between nodes), reading and writing guest pages through
+//!   async byte stream (mutual TLS between nodes), with [`engine::precopy`] rounds before
+//!   [`engine::send_after_precopy`] for a process that runs on meanwhile; reading and writing
+//!   guest pages through
 //!   [`engine::PageSource`] and [`engine::PageSink`] (implemented for vm-memory's
 //!   `GuestMemoryMmap`).
 //! - [`checksum`]: the end-to-end checksum over a job's pages, and the zero-page test.
@@ -13,7 +15,7 @@ pub mod engine;
 pub mod protocol;
 
 pub use engine::{
-    receive, send, Incoming, Landed, MigrationError, PageError, PageSink, PageSource, Stats,
-    Timeouts,
+    precopy, receive, send, send_after_precopy, Incoming, Landed, MigrationError, PageError,
+    PageSink, PageSource, Precopied, Stats, Timeouts,
 };
 pub use protocol::PROTOCOL_VERSION;

@@ -32,6 +32,19 @@
 //!                                     <-   Ack {ok, message}
 //! ```
 //!
+//! # Pre-copy
+//!
+//! A job may begin with [`Message::Precopy`] frames, sent while the process still runs at the
+//! source: pages by vaddr, which the destination holds (a page sent again replaces the copy
+//! held). The job then goes on as above, and a page of the final stream whose held copy is
+//! still good travels as a [`PageKind::Held`] marker, with no data: the destination lands its
+//! held copy. Held pages count in `Done`'s checksum with the held data.
+//!
+//! ```text
+//! Precopy {entries, data} ...         ->   (rounds, while the process runs; held by vaddr)
+//! Hello ... as above, with PageBatch entries of kind Held for pages held and unchanged
+//! ```
+//!
 //! Pages travel in [`PageList`] order, each exactly once: the i-th page of the batches is the
 //! i-th vaddr of the list, so the destination needs no lookup table and notices a lost,
 //! repeated or reordered page at once. The source sends the vaddr list before the pages
@@ -52,7 +65,7 @@
 use std::fmt;
 
 /// The protocol version this code speaks; carried in every frame header.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// The two bytes every frame starts with ("ferry migration").
 pub const MAGIC: [u8; 2] = *b"FM";
@@ -185,6 +198,8 @@ pub enum MessageType {
     Abort = 6,
     /// [`Message::Ack`], destination to source.
     Ack = 7,
+    /// [`Message::Precopy`], source to destination.
+    Precopy = 8,
 }
 
 impl MessageType {
@@ -199,6 +214,7 @@ impl MessageType {
             5 => Done,
             6 => Abort,
             7 => Ack,
+            8 => Precopy,
             _ => return None,
         })
     }
@@ -210,7 +226,9 @@ impl MessageType {
             MessageType::Hello => 8 + 8 + 4 + MAX_IMAGE,
             MessageType::PageList => 4 + 8 * MAX_PAGE_LIST,
             MessageType::Ready => 0,
-            MessageType::PageBatch => 4 + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE_SIZE),
+            MessageType::PageBatch | MessageType::Precopy => {
+                4 + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE_SIZE)
+            }
             MessageType::Done => 8 + 8 + 8,
             MessageType::Abort => 4 + MAX_TEXT,
             MessageType::Ack => 1 + 4 + MAX_TEXT,
@@ -302,6 +320,9 @@ pub enum PageKind {
     Data = 0,
     /// The page is all zeros; no data travels.
     Zero = 1,
+    /// The destination holds the page from a [`Message::Precopy`] frame and it has not changed
+    /// since; no data travels. Only in a [`Message::PageBatch`].
+    Held = 2,
 }
 
 /// One page of a [`PageBatch`].
@@ -375,6 +396,10 @@ pub enum Message {
     PageBatch(PageBatch),
     /// Source → destination: all pages are sent.
     Done(Done),
+    /// Source → destination, before [`Message::Hello`], while the process still runs: pages
+    /// for the destination to hold until the job's stream says [`PageKind::Held`]. Encoded
+    /// as a [`PageBatch`]; entries are of kind Data or Zero, in any order.
+    Precopy(PageBatch),
     /// Either direction: the sender gives up on the job (source: before [`Message::Done`];
     /// destination: before its [`Message::Ack`]).
     ///
@@ -396,6 +421,7 @@ impl Message {
             Message::Ready => MessageType::Ready,
             Message::PageBatch(_) => MessageType::PageBatch,
             Message::Done(_) => MessageType::Done,
+            Message::Precopy(_) => MessageType::Precopy,
             Message::Abort { .. } => MessageType::Abort,
             Message::Ack(_) => MessageType::Ack,
         }
@@ -438,7 +464,15 @@ impl Message {
                 }
             }
             Message::Ready => {}
-            Message::PageBatch(b) => {
+            Message::PageBatch(b) | Message::Precopy(b) => {
+                if matches!(self, Message::Precopy(_))
+                    && b.entries.iter().any(|e| e.kind == PageKind::Held)
+                {
+                    return Err(ProtocolError::InvalidTag {
+                        message: ty,
+                        tag: PageKind::Held as u8,
+                    });
+                }
                 if b.entries.len() > MAX_BATCH_PAGES {
                     return Err(too_many("pages", b.entries.len(), MAX_BATCH_PAGES));
                 }
@@ -533,8 +567,8 @@ impl Message {
                 Message::PageList(raw.chunks_exact(8).map(le_u64).collect())
             }
             MessageType::Ready => Message::Ready,
-            MessageType::PageBatch => {
-                let view = PageBatchView::parse(r.rest())?;
+            MessageType::PageBatch | MessageType::Precopy => {
+                let view = PageBatchView::parse_as(ty, r.rest())?;
                 let mut batch = PageBatch {
                     entries: Vec::with_capacity(view.len()),
                     data: Vec::with_capacity(view.data.len()),
@@ -548,7 +582,11 @@ impl Message {
                         batch.data.extend_from_slice(d);
                     }
                 }
-                Message::PageBatch(batch)
+                if ty == MessageType::Precopy {
+                    Message::Precopy(batch)
+                } else {
+                    Message::PageBatch(batch)
+                }
             }
             MessageType::Done => Message::Done(Done {
                 pages: r.u64()?,
@@ -581,25 +619,28 @@ pub struct PageBatchView<'a> {
 pub struct PageRef<'a> {
     /// The page's virtual address.
     pub vaddr: u64,
-    /// The page's [`PAGE_SIZE`] bytes, or `None` for a zero page.
+    /// The page's [`PAGE_SIZE`] bytes for a [`PageKind::Data`] page, `None` otherwise.
     pub data: Option<&'a [u8]>,
+    kind: PageKind,
 }
 
 impl PageRef<'_> {
     /// How the page travelled.
     pub fn kind(&self) -> PageKind {
-        match self.data {
-            Some(_) => PageKind::Data,
-            None => PageKind::Zero,
-        }
+        self.kind
     }
 }
 
 impl<'a> PageBatchView<'a> {
-    /// Checks a whole batch payload: the count within [`MAX_BATCH_PAGES`], every kind byte
-    /// valid, and exactly one page of data per data entry.
+    /// Checks a whole [`Message::PageBatch`] payload: the count within [`MAX_BATCH_PAGES`],
+    /// every kind byte valid, and exactly one page of data per data entry.
     pub fn parse(payload: &'a [u8]) -> Result<Self, ProtocolError> {
-        let ty = MessageType::PageBatch;
+        Self::parse_as(MessageType::PageBatch, payload)
+    }
+
+    /// [`PageBatchView::parse`] for a frame of type `ty`: a [`Message::PageBatch`] or a
+    /// [`Message::Precopy`] (which may not hold [`PageKind::Held`] entries).
+    pub fn parse_as(ty: MessageType, payload: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader { buf: payload, ty };
         let n = r.count("pages", MAX_BATCH_PAGES)?;
         let entries = r.take(n * ENTRY_LEN)?;
@@ -608,6 +649,7 @@ impl<'a> PageBatchView<'a> {
             match e[8] {
                 0 => data_pages += 1,
                 1 => {}
+                2 if ty == MessageType::PageBatch => {}
                 tag => return Err(ProtocolError::InvalidTag { message: ty, tag }),
             }
         }
@@ -636,31 +678,52 @@ impl<'a> PageBatchView<'a> {
         let mut data = self.data.chunks_exact(PAGE_SIZE);
         self.entries.chunks_exact(ENTRY_LEN).map_while(move |e| {
             let vaddr = le_u64(&e[..8]);
-            let data = match e[8] {
-                0 => Some(data.next()?),
-                _ => None,
+            let (kind, data) = match e[8] {
+                0 => (PageKind::Data, Some(data.next()?)),
+                1 => (PageKind::Zero, None),
+                _ => (PageKind::Held, None),
             };
-            Some(PageRef { vaddr, data })
+            Some(PageRef { vaddr, data, kind })
         })
     }
 }
 
-/// Builds [`Message::PageBatch`] frames in one reusable buffer: a source reads each page
-/// straight into its place in the frame and writes the frame with one call.
-#[derive(Debug, Default)]
+/// Builds [`Message::PageBatch`] (or [`Message::Precopy`]) frames in one reusable buffer: a
+/// source reads each page straight into its place in the frame and writes the frame with one
+/// call.
+#[derive(Debug)]
 pub struct BatchWriter {
+    message: MessageType,
     buf: Vec<u8>,
     count: usize,
     pushed: usize,
     data_end: usize,
 }
 
+impl Default for BatchWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BatchWriter {
-    /// A writer whose buffer fits the largest batch.
+    /// A writer of [`Message::PageBatch`] frames whose buffer fits the largest batch.
     pub fn new() -> Self {
+        Self::of(MessageType::PageBatch)
+    }
+
+    /// A writer of [`Message::Precopy`] frames.
+    pub fn precopy() -> Self {
+        Self::of(MessageType::Precopy)
+    }
+
+    fn of(message: MessageType) -> Self {
         BatchWriter {
-            buf: Vec::with_capacity(HEADER_LEN + MessageType::PageBatch.max_payload()),
-            ..Default::default()
+            message,
+            buf: Vec::with_capacity(HEADER_LEN + message.max_payload()),
+            count: 0,
+            pushed: 0,
+            data_end: 0,
         }
     }
 
@@ -687,9 +750,11 @@ impl BatchWriter {
     }
 
     /// Records the next page: its vaddr, and whether the slot's bytes are its data. Pages past
-    /// `count` are ignored.
+    /// `count` are ignored, and so is a [`PageKind::Held`] page in a Precopy frame.
     pub fn push(&mut self, vaddr: u64, kind: PageKind) {
-        if self.pushed >= self.count {
+        if self.pushed >= self.count
+            || (kind == PageKind::Held && self.message == MessageType::Precopy)
+        {
             return;
         }
         let at = HEADER_LEN + 4 + self.pushed * ENTRY_LEN;
@@ -712,7 +777,7 @@ impl BatchWriter {
         }
         self.buf.truncate(self.data_end);
         let len = self.data_end - HEADER_LEN;
-        self.buf[..HEADER_LEN].copy_from_slice(&FrameHeader::encode(MessageType::PageBatch, len));
+        self.buf[..HEADER_LEN].copy_from_slice(&FrameHeader::encode(self.message, len));
         self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(self.count as u32).to_le_bytes());
         &self.buf
     }

@@ -202,6 +202,7 @@ fn batch_kinds(wire: &[u8]) -> (u64, u64) {
                 match e.kind {
                     PageKind::Data => data += 1,
                     PageKind::Zero => zero += 1,
+                    PageKind::Held => {}
                 }
             }
         }
@@ -685,6 +686,162 @@ async fn a_destination_refuses_a_source_that_breaks_the_rules() {
         ),
         "{e:?}"
     );
+}
+
+/// Parses the frames a source wrote: (Precopy pages, final data pages, final held markers).
+fn precopy_kinds(wire: &[u8]) -> (u64, u64, u64) {
+    let (mut pre, mut data, mut held) = (0, 0, 0);
+    let mut rest = wire;
+    while let Some((m, used)) = Message::decode_frame(rest).unwrap() {
+        match m {
+            Message::Precopy(b) => pre += b.entries.len() as u64,
+            Message::PageBatch(b) => {
+                for e in b.entries {
+                    match e.kind {
+                        PageKind::Data => data += 1,
+                        PageKind::Held => held += 1,
+                        PageKind::Zero => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        rest = &rest[used..];
+    }
+    (pre, data, held)
+}
+
+#[tokio::test]
+async fn precopied_pages_travel_again_only_when_written_or_moved() {
+    let (src_mem, dst_mem) = (source_guest(), destination_guest());
+    let job = Job::new(500, &src_mem);
+    // Where the source finds each page; the guest kernel may move one.
+    let mut pages = job.pages.clone();
+    let (a, mut b) = duplex(256 * 1024);
+    let mut a = Tap::new(a);
+    let mut want: Vec<Vec<u8>> = (0..500)
+        .map(|i| {
+            if job.zero[i] {
+                vec![0; PAGE_SIZE]
+            } else {
+                pattern(i)
+            }
+        })
+        .collect();
+    let source = async {
+        let mut held = Precopied::new();
+        let mut rounds = Vec::new();
+        // Round 1: every page, while the process runs.
+        precopy(&mut a, &pages, &src_mem, &mut held, &T, None, |p, _| {
+            rounds.push(p)
+        })
+        .await
+        .unwrap();
+        assert_eq!(held.len(), 500);
+        // Meanwhile the process wrote pages 0..50 (the dirty log has their frames), and the
+        // guest kernel moved page 100 to a frame no page of the job used.
+        let mut dirty = HashSet::new();
+        for (i, page) in want.iter_mut().enumerate().take(50) {
+            *page = pattern(i + 1000);
+            src_mem
+                .write_slice(page, GuestAddress(pages[i].1 * 4096))
+                .unwrap();
+            dirty.insert(pages[i].1);
+        }
+        let spare = (600 * 37) % 1024;
+        src_mem
+            .write_slice(&want[100], GuestAddress(spare * 4096))
+            .unwrap();
+        pages[100].1 = spare;
+        held.forget_dirty(&dirty);
+        let again: Vec<(u64, u64)> = pages
+            .iter()
+            .copied()
+            .filter(|&(v, f)| held.stale(v, f))
+            .collect();
+        assert_eq!(again.len(), 51, "the written pages and the moved one");
+        precopy(&mut a, &again, &src_mem, &mut held, &T, None, |_, _| {})
+            .await
+            .unwrap();
+        // Frozen: page 7 was written once more after the last round.
+        want[7] = pattern(2000);
+        src_mem
+            .write_slice(&want[7], GuestAddress(pages[7].1 * 4096))
+            .unwrap();
+        held.forget_dirty(&HashSet::from([pages[7].1]));
+        let stats =
+            send_after_precopy(&mut a, 7, &job.image, &pages, &src_mem, &held, &T, |_| {}).await;
+        (stats, rounds)
+    };
+    let ((sent, rounds), landed) =
+        tokio::join!(source, destination(&mut b, &job, false, &dst_mem, Ok(())));
+    let (sent, landed) = (sent.unwrap(), landed.unwrap());
+    assert_eq!(rounds, vec![256, 500]);
+    for (i, page) in want.iter().enumerate() {
+        let mut got = vec![0; PAGE_SIZE];
+        dst_mem
+            .read_slice(&mut got, GuestAddress(job.frames[i] * 4096))
+            .unwrap();
+        assert!(&got == page, "page {i} holds what the process last wrote");
+    }
+    // Final stream: only page 7 with its data; the rest as held markers.
+    assert_eq!(precopy_kinds(&a.written), (551, 1, 499));
+    assert_eq!((sent.held_pages, landed.held_pages), (499, 499));
+    assert_eq!(landed.precopy_pages, 551);
+    assert_eq!(sent.data_pages(), 1);
+    assert_eq!(landed.bytes, a.written.len() as u64);
+}
+
+#[tokio::test]
+async fn a_held_marker_for_a_page_never_precopied_is_refused() {
+    let held_batch = Message::PageBatch(PageBatch {
+        entries: vec![
+            PageEntry {
+                vaddr: 0x1000,
+                kind: PageKind::Held,
+            },
+            PageEntry {
+                vaddr: 0x2000,
+                kind: PageKind::Held,
+            },
+        ],
+        data: vec![],
+    });
+    let precopied = Message::Precopy(PageBatch {
+        entries: vec![PageEntry {
+            vaddr: 0x1000,
+            kind: PageKind::Data,
+        }],
+        data: pattern(1),
+    });
+    let (e, answers) = hostile_source(
+        vec![
+            precopied,
+            hello(2),
+            Message::PageList(vec![0x1000, 0x2000]),
+            held_batch,
+        ],
+        2,
+    )
+    .await;
+    assert!(
+        matches!(e, MigrationError::NotHeld { vaddr: 0x2000 }),
+        "{e:?}"
+    );
+    assert!(matches!(answers[1], Message::Abort { .. }), "{answers:?}");
+
+    // A source that gives up during pre-copy (a cancelled job).
+    let (e, _) = hostile_source(
+        vec![
+            Message::Precopy(PageBatch::default()),
+            Message::Abort {
+                reason: "cancelled by the user".into(),
+            },
+        ],
+        0,
+    )
+    .await;
+    assert!(matches!(e, MigrationError::PeerAborted(_)), "{e:?}");
 }
 
 #[test]

@@ -41,6 +41,20 @@ fn samples() -> Vec<Message> {
         Message::Ready,
         Message::PageBatch(batch()),
         Message::PageBatch(PageBatch::default()),
+        Message::Precopy(batch()),
+        Message::PageBatch(PageBatch {
+            entries: vec![
+                PageEntry {
+                    vaddr: 0x1000,
+                    kind: PageKind::Held,
+                },
+                PageEntry {
+                    vaddr: 0x2000,
+                    kind: PageKind::Data,
+                },
+            ],
+            data: page(3),
+        }),
         Message::Done(Done {
             pages: 3,
             zero_pages: 1,
@@ -111,7 +125,7 @@ fn batch_writer_matches_encode() {
         for e in &b.entries {
             match e.kind {
                 PageKind::Data => w.page_slot().copy_from_slice(data.next().unwrap()),
-                PageKind::Zero => w.page_slot().fill(0),
+                PageKind::Zero | PageKind::Held => w.page_slot().fill(0),
             }
             w.push(e.vaddr, e.kind);
         }
@@ -120,6 +134,27 @@ fn batch_writer_matches_encode() {
             &Message::PageBatch(b.clone()).encode().unwrap()[..]
         );
     }
+}
+
+#[test]
+fn precopy_writer_frames_precopy_and_skips_held_markers() {
+    let mut w = BatchWriter::precopy();
+    w.start(2);
+    w.page_slot().copy_from_slice(&page(5));
+    w.push(0x5000, PageKind::Data);
+    w.push(0x6000, PageKind::Held);
+    let frame = w.finish().to_vec();
+    let (m, _) = Message::decode_frame(&frame).unwrap().unwrap();
+    assert_eq!(
+        m,
+        Message::Precopy(PageBatch {
+            entries: vec![PageEntry {
+                vaddr: 0x5000,
+                kind: PageKind::Data
+            }],
+            data: page(5),
+        })
+    );
 }
 
 #[test]
@@ -316,7 +351,7 @@ fn encode_refuses_what_a_peer_would_refuse() {
 
 #[test]
 fn unknown_types_bad_magic_and_bad_version() {
-    for ty in [0u8, 8, 0x42, 0xff] {
+    for ty in [0u8, 9, 0x42, 0xff] {
         assert_eq!(
             FrameHeader::decode(&header(ty, 0)),
             Err(ProtocolError::UnknownType(ty))
@@ -349,14 +384,27 @@ fn unknown_types_bad_magic_and_bad_version() {
 #[test]
 fn invalid_tags_and_utf8() {
     let mut b = Message::PageBatch(batch()).encode().unwrap();
-    b[HEADER_LEN + 4 + 8] = 2;
+    b[HEADER_LEN + 4 + 8] = 3;
     assert_eq!(
         Message::decode_frame(&b),
         Err(ProtocolError::InvalidTag {
             message: MessageType::PageBatch,
+            tag: 3
+        })
+    );
+    // Held pages are markers of the final stream; a Precopy frame must carry its pages.
+    let mut p = Message::Precopy(batch()).encode().unwrap();
+    p[HEADER_LEN + 4 + ENTRY_LEN + 8] = PageKind::Held as u8;
+    assert_eq!(
+        Message::decode_frame(&p),
+        Err(ProtocolError::InvalidTag {
+            message: MessageType::Precopy,
             tag: 2
         })
     );
+    let mut held = batch();
+    held.entries[1].kind = PageKind::Held;
+    assert!(Message::Precopy(held).encode().is_err());
     assert_eq!(
         Message::decode(MessageType::Ack, &[2, 0, 0, 0, 0]),
         Err(ProtocolError::InvalidTag {
