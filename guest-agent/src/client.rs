@@ -308,6 +308,30 @@ impl<S: Stream> AgentConnection<S> {
         }
     }
 
+    /// Checks that running process `pid` could move and lists the frames of its present pages
+    /// without stopping it (a pre-copy round). [`ClientError::CantMove`] says why it cannot.
+    pub fn survey(&mut self, pid: u32) -> Result<Vec<PageRef>, ClientError> {
+        let first = self.request(
+            Message::Survey { pid },
+            "waiting for the process's page frames",
+            |m| match m {
+                Message::PageFrames(pages) => Some(Ok(pages)),
+                Message::PageFramesEnd { count } => Some(Err(Ok(count))),
+                Message::CantMove { reason } => Some(Err(Err(reason))),
+                _ => None,
+            },
+        )?;
+        match first {
+            Ok(pages) => self.page_frames(pages),
+            Err(Ok(0)) => Ok(Vec::new()),
+            Err(Ok(count)) => Err(ClientError::PageCount {
+                announced: count,
+                received: 0,
+            }),
+            Err(Err(reason)) => Err(ClientError::CantMove(reason)),
+        }
+    }
+
     /// Lets frozen process `pid` go on unchanged (`kill` false), or kills it.
     pub fn release(&mut self, pid: u32, kill: bool) -> Result<(), ClientError> {
         self.request(

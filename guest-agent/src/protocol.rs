@@ -40,7 +40,8 @@
 //! The types added after version 1's first release: `ListProcesses`, `Processes`, `Load`,
 //! `LoadReport`, `Unsupported`, `RequestFailed` (type bytes 13 to 18); for process migration
 //! `Freeze`, `Frozen`, `PageFrames`, `PageFramesEnd`, `CantMove`, `Recheck`, `Release`,
-//! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32).
+//! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32); for
+//! pre-copy `Survey` (33).
 //!
 //! # Migration messages
 //!
@@ -48,6 +49,8 @@
 //! `PageFrames` batches of at most [`PAGE_FRAMES_BATCH`], then `PageFramesEnd { count }` (the
 //! total); or `CantMove { reason }` (the process was not touched) or `RequestFailed`.
 //! `Recheck { pid }` is answered the same way, with only the pages whose frame changed.
+//! `Survey { pid }` checks that a running process could move and lists its present pages
+//! without stopping it (a pre-copy round): answered like `Freeze`, without the `Frozen`.
 //! `Release { pid, kill }` thaws (or kills) a frozen process: `Released { pid }`.
 //! Destination agent: `Rebuild(image)` → `Rebuilt { pid }`; `WantFrames(vaddrs)` (at most
 //! [`PAGE_FRAMES_BATCH`]) → one `PageFrames` with a frame for each address, in order;
@@ -206,6 +209,8 @@ pub enum MessageType {
     Resumed = 31,
     /// [`Message::Abort`].
     Abort = 32,
+    /// [`Message::Survey`].
+    Survey = 33,
 }
 
 impl MessageType {
@@ -245,6 +250,7 @@ impl MessageType {
             30 => Resume,
             31 => Resumed,
             32 => Abort,
+            33 => Survey,
             _ => return None,
         })
     }
@@ -501,6 +507,13 @@ pub enum Message {
         /// The frozen process.
         pid: u32,
     },
+    /// Host → source agent: check that a running process could move and list the frames of
+    /// its present pages without stopping it (one pre-copy round). Answered like `Freeze`,
+    /// without the `Frozen`: the frames may change as soon as they are read.
+    Survey {
+        /// The running process.
+        pid: u32,
+    },
     /// Host → source agent: let a frozen process go on (`kill` false), or kill it (after
     /// the destination took over). Answered with [`Message::Released`].
     Release {
@@ -572,6 +585,7 @@ impl Message {
             Message::PageFramesEnd { .. } => MessageType::PageFramesEnd,
             Message::CantMove { .. } => MessageType::CantMove,
             Message::Recheck { .. } => MessageType::Recheck,
+            Message::Survey { .. } => MessageType::Survey,
             Message::Release { .. } => MessageType::Release,
             Message::Released { .. } => MessageType::Released,
             Message::Rebuild(_) => MessageType::Rebuild,
@@ -666,6 +680,7 @@ impl Message {
             }
             Message::Freeze { pid }
             | Message::Recheck { pid }
+            | Message::Survey { pid }
             | Message::Released { pid }
             | Message::Rebuilt { pid }
             | Message::Resume { pid }
@@ -815,6 +830,7 @@ impl Message {
                 reason: r.string()?,
             },
             MessageType::Recheck => Message::Recheck { pid: r.u32()? },
+            MessageType::Survey => Message::Survey { pid: r.u32()? },
             MessageType::Release => Message::Release {
                 pid: r.u32()?,
                 kill: r.flag()?,
@@ -1144,6 +1160,7 @@ mod tests {
                 reason: "multi-threaded processes cannot move yet (2 threads)".into(),
             },
             Message::Recheck { pid: 1 },
+            Message::Survey { pid: 11 },
             Message::Release { pid: 2, kill: true },
             Message::Release {
                 pid: 2,
@@ -1595,10 +1612,10 @@ mod tests {
         assert_eq!(PROTOCOL_VERSION, 1);
         assert_eq!(MessageType::Hello as u8, 1);
         assert_eq!(MessageType::Pong as u8, 12);
-        for b in 1..=32 {
+        for b in 1..=33 {
             assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
         }
-        assert_eq!(MessageType::from_byte(33), None);
+        assert_eq!(MessageType::from_byte(34), None);
         assert_eq!(MessageType::from_byte(0), None);
     }
 
@@ -1620,7 +1637,7 @@ mod tests {
             if round % 2 == 0 && n > 8 {
                 junk[0..2].copy_from_slice(&MAGIC);
                 junk[2] = PROTOCOL_VERSION;
-                junk[3] = (rnd() % 34) as u8;
+                junk[3] = (rnd() % 35) as u8;
                 junk[4..8].copy_from_slice(&((rnd() % 48) as u32).to_le_bytes());
             }
             d.push(&junk);

@@ -264,6 +264,19 @@ impl Agent {
                     ),
                 }
             }
+            Message::Survey { pid } => match dump::survey(pid) {
+                Ok(pages) => send_pages(writer, &pages),
+                Err(DumpError::CantMove { reason, .. }) => send(
+                    writer,
+                    &Message::CantMove {
+                        reason: reason.to_string(),
+                    },
+                ),
+                Err(e) => send(
+                    writer,
+                    &migration_failed(MessageType::Survey, pid, &e.to_string()),
+                ),
+            },
             Message::Release { pid, kill } => {
                 let Some(frozen) = session.frozen.remove(&pid) else {
                     return send(

@@ -814,6 +814,23 @@ fn find_syscall_insn(pid: u32, maps: &[MapsEntry]) -> Result<u64, DumpError> {
     Err(DumpError::NoSyscallInsn(pid))
 }
 
+/// Checks everything about running process `pid` that [`freeze`] checks before touching it,
+/// and lists the frames of its present pages without stopping it: one pre-copy round. The
+/// process runs on, so the list is a snapshot; the caller learns of later writes from KVM's
+/// dirty log and of moved frames from the next survey (or the freeze's list).
+pub fn survey(pid: u32) -> Result<Vec<PageRef>, DumpError> {
+    if !PathBuf::from(format!("/proc/{pid}")).exists() {
+        return Err(DumpError::NoProcess(pid));
+    }
+    let facts = read_facts(pid)?;
+    check_process(pid, &facts, &agent_lineage(), false)?;
+    let maps = read_maps(pid)?;
+    check_maps(&maps).map_err(|r| DumpError::cant(pid, r))?;
+    check_files(&read_files(pid)?).map_err(|r| DumpError::cant(pid, r))?;
+    let mappings: Vec<Mapping> = maps.into_iter().map(|m| m.mapping).collect();
+    present_pages(pid, &mappings)
+}
+
 /// Every present page of `mappings` (except `[vvar]` and `[vsyscall]`), by address. Pages
 /// swapped out are read back in through `/proc/PID/mem` first, so none is missed.
 fn present_pages(pid: u32, mappings: &[Mapping]) -> Result<Vec<PageRef>, DumpError> {
