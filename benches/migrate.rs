@@ -617,12 +617,18 @@ fn ferry_round(b: &Bench, mib: u64) -> Result<Move> {
     let (pid, _) = start_workload(b, mib)?;
     let before = last_count(b, NODE_A)?;
     let asked = Instant::now();
-    let job = control::migrate(&b.cluster, NODE_A, pid, NODE_B, &mut |_| {}).map_err(|e| {
-        anyhow!(
-            "ferry migrate {NODE_A}:{pid} {NODE_B}: {e}{}",
-            daemon_logs(b)
-        )
-    })?;
+    // Stop-and-copy, as CRIU's dump and restore are (pre-copy is measured by the live bench).
+    let options = control::MigrateOptions {
+        mode: ferry::cluster::api::MigrationMode::Stop,
+        ..Default::default()
+    };
+    let job =
+        control::migrate(&b.cluster, NODE_A, pid, NODE_B, &options, &mut |_| {}).map_err(|e| {
+            anyhow!(
+                "ferry migrate {NODE_A}:{pid} {NODE_B}: {e}{}",
+                daemon_logs(b)
+            )
+        })?;
     if job.state != JobState::Done {
         bail!(
             "ferry migrate {NODE_A}:{pid} {NODE_B}: {}{}",

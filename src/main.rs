@@ -95,12 +95,28 @@ enum Command {
     },
     /// Move a running process to another node: `ferry migrate node-1:4242 node-2`. Shows
     /// progress while pages move and a summary at the end; a process that cannot move says
-    /// why and runs on where it was.
+    /// why and runs on where it was. `ferry migrate --cancel node-1:3` cancels job 3 of
+    /// node-1 while it is in pre-copy.
     Migrate {
         /// The process: NODE:PID.
-        process: String,
+        #[arg(required_unless_present = "cancel")]
+        process: Option<String>,
         /// The node to move it to.
-        to: String,
+        #[arg(required_unless_present = "cancel")]
+        to: Option<String>,
+        /// precopy (the default: pages stream while the process runs, then a short pause for
+        /// the rest) or stop (frozen for the whole copy).
+        #[arg(long, default_value = "precopy")]
+        mode: cluster::api::MigrationMode,
+        /// Pre-copy: the longest pause the process may see, in ms.
+        #[arg(long, default_value_t = cluster::api::DEFAULT_DOWNTIME_MS)]
+        downtime: u64,
+        /// Pre-copy: the most MiB/s to send while the process runs (default: no cap).
+        #[arg(long)]
+        bandwidth: Option<f64>,
+        /// Cancel job NODE:ID (as `ferry migrate` printed it) instead.
+        #[arg(long, value_name = "NODE:ID", conflicts_with_all = ["process", "to"])]
+        cancel: Option<String>,
         /// The cluster file.
         #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
         file: PathBuf,
@@ -370,7 +386,31 @@ fn main() -> ExitCode {
         Command::Status { file, json } => cmd_status(&file, json),
         Command::Down { file, purge, quiet } => cmd_down(&file, purge, quiet),
         Command::Daemon { action } => cmd_daemon(action),
-        Command::Migrate { process, to, file } => cmd_migrate(&process, &to, &file),
+        Command::Migrate {
+            process,
+            to,
+            mode,
+            downtime,
+            bandwidth,
+            cancel,
+            file,
+        } => match (cancel, process, to) {
+            (Some(job), _, _) => cmd_cancel_migration(&job, &file),
+            (None, Some(process), Some(to)) => cmd_migrate(
+                &process,
+                &to,
+                &cluster::control::MigrateOptions {
+                    mode,
+                    downtime_ms: Some(downtime),
+                    bandwidth_mib_s: bandwidth,
+                },
+                &file,
+            ),
+            _ => Err(
+                UsageError("name the process and the node: ferry migrate NODE:PID TO".into())
+                    .into(),
+            ),
+        },
         Command::Ps { file } => cmd_ps(&file),
         Command::Agent {
             action: AgentAction::Ping { cid, count },
@@ -728,33 +768,49 @@ fn cmd_down(file: &Path, purge: bool, quiet: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn cmd_migrate(process: &str, to: &str, file: &Path) -> anyhow::Result<i32> {
-    let Some((node, pid)) = process
-        .split_once(':')
-        .and_then(|(n, p)| Some((n, p.parse::<u32>().ok()?)))
-    else {
-        return Err(UsageError(format!(
-            "`{process}`: name the process as NODE:PID, e.g. node-1:4242"
-        ))
-        .into());
-    };
+/// `NODE:NUMBER` (a process or a job), or a usage error naming `what` and an example.
+fn node_and_number<T: std::str::FromStr>(
+    arg: &str,
+    what: &str,
+    example: &str,
+) -> anyhow::Result<(String, T)> {
+    arg.split_once(':')
+        .and_then(|(n, p)| Some((n.to_string(), p.parse::<T>().ok()?)))
+        .ok_or_else(|| {
+            UsageError(format!(
+                "`{arg}`: name the {what} as NODE:NUMBER, e.g. {example}"
+            ))
+            .into()
+        })
+}
+
+fn cmd_migrate(
+    process: &str,
+    to: &str,
+    options: &cluster::control::MigrateOptions,
+    file: &Path,
+) -> anyhow::Result<i32> {
+    use cluster::api::JobState;
+    let (node, pid) = node_and_number::<u32>(process, "process", "node-1:4242")?;
     let cluster = control::Cluster::load(file)?;
     // On a terminal, one line kept up to date; elsewhere, a line every few seconds.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut last_line = std::time::Instant::now();
-    let outcome = cluster::control::migrate(&cluster, node, pid, to, &mut |job| {
-        let pct = (job.pages_sent * 100)
-            .checked_div(job.pages_total)
-            .unwrap_or(0);
-        let line = format!(
-            "ferry: moving {node}:{pid} to {to}: {}/{} pages ({pct}%), {:.0} MiB/s",
-            job.pages_sent, job.pages_total, job.throughput_mib_s
-        );
+    let mut last_line: Option<std::time::Instant> = None;
+    let mut announced = false;
+    let outcome = cluster::control::migrate(&cluster, &node, pid, to, options, &mut |job| {
+        if !announced {
+            eprintln!(
+                "ferry: migration {node}:{} ({} mode; `ferry migrate --cancel {node}:{}` cancels it during pre-copy)",
+                job.id, job.mode, job.id
+            );
+            announced = true;
+        }
+        let line = progress_line(job, &node, pid, to);
         if tty {
             eprint!("\r{line}   ");
-        } else if last_line.elapsed() >= Duration::from_secs(3) {
+        } else if last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(3)) {
             eprintln!("{line}");
-            last_line = std::time::Instant::now();
+            last_line = Some(std::time::Instant::now());
         }
     });
     if tty {
@@ -762,14 +818,24 @@ fn cmd_migrate(process: &str, to: &str, file: &Path) -> anyhow::Result<i32> {
     }
     let job = outcome?;
     match job.state {
-        cluster::api::JobState::Done => {
+        JobState::Done => {
+            let precopy = if job.mode == cluster::api::MigrationMode::Precopy {
+                format!(
+                    " after {} pre-copy round{} ({} pages held from them)",
+                    job.round,
+                    if job.round == 1 { "" } else { "s" },
+                    job.held_pages
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "moved process {pid} from {} to {} (pid {} there): {} pages sent ({} MiB), {} zero pages as markers, frozen {} ms, total {} ms, {:.0} MiB/s",
+                "moved process {pid} from {} to {} (pid {} there){precopy}: {} MiB sent, final copy {} pages ({} zero as markers), frozen {} ms, total {} ms, {:.0} MiB/s",
                 job.from,
                 job.to,
                 job.new_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
-                job.pages_sent,
                 job.bytes_sent >> 20,
+                job.pages_sent,
                 job.zero_pages,
                 job.frozen_ms,
                 job.total_ms,
@@ -788,6 +854,45 @@ fn cmd_migrate(process: &str, to: &str, file: &Path) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// One progress line of a migration.
+fn progress_line(job: &cluster::api::MigrationJob, node: &str, pid: u32, to: &str) -> String {
+    use cluster::api::JobState;
+    let pct = (job.pages_sent * 100)
+        .checked_div(job.pages_total)
+        .unwrap_or(0);
+    let step = match job.state {
+        JobState::Precopy => format!(
+            "pre-copy round {}, {} pages written/s, {} ms frozen expected (budget {})",
+            job.round, job.dirty_pages_s, job.expected_downtime_ms, job.downtime_budget_ms
+        ),
+        _ => "frozen, final copy".into(),
+    };
+    format!(
+        "ferry: moving {node}:{pid} to {to}: {step}: {}/{} pages ({pct}%), {} MiB sent, {:.0} MiB/s",
+        job.pages_sent,
+        job.pages_total,
+        job.bytes_sent >> 20,
+        job.throughput_mib_s
+    )
+}
+
+fn cmd_cancel_migration(job: &str, file: &Path) -> anyhow::Result<i32> {
+    let (node, id) = node_and_number::<u64>(job, "job", "node-1:3")?;
+    let cluster = control::Cluster::load(file)?;
+    let job = cluster::control::cancel_migration(&cluster, &node, id)?;
+    println!(
+        "migration {node}:{id} {}: process {} runs on at {}",
+        match job.state {
+            cluster::api::JobState::Cancelled => "cancelled",
+            cluster::api::JobState::Failed => "had failed",
+            _ => "ended",
+        },
+        job.pid,
+        job.from
+    );
+    Ok(0)
 }
 
 fn cmd_ps(file: &Path) -> anyhow::Result<i32> {

@@ -1228,7 +1228,7 @@ fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
                 "--",
                 "sh",
                 "-c",
-                "pkill -f '[w][.]py|[s]ocket.socket'; rm -f /root/progress; touch /root/progress",
+                "pkill -f '[w][.]py|[b][.]py|[s]ocket.socket'; rm -f /root/progress; touch /root/progress",
             ],
             b"",
             QUICK_LIMIT,
@@ -1308,6 +1308,8 @@ fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
             "migrate",
             &format!("{here}:{pid_here}"),
             "node-3",
+            "--mode",
+            "stop",
             "--file",
             file,
         ])
@@ -1322,7 +1324,11 @@ fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
         let (_, body) = api_get(file, here, "/v1/migrations", Some(token.clone()), None)?;
         let jobs: Vec<ferry::cluster::api::MigrationJob> =
             serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
-        if jobs.iter().any(|j| j.to == "node-3" && j.pages_sent > 0) {
+        if jobs.iter().any(|j| {
+            j.to == "node-3"
+                && j.state == ferry::cluster::api::JobState::Running
+                && j.pages_sent > 0
+        }) {
             break;
         }
         if Instant::now() > deadline || matches!(mover.try_wait(), Ok(Some(_))) {
@@ -1387,6 +1393,255 @@ fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
             "kill",
             &sock_pid.to_string(),
             &pid_here.to_string(),
+        ],
+        b"",
+        QUICK_LIMIT,
+    );
+    Ok(())
+}
+
+/// The live-migration workload: 256 MiB of pages, each filled with one byte value that a
+/// small table also keeps, and a loop that keeps rewriting the first tenth of them (page and
+/// table entry together) as fast as Python goes, counting to /root/progress twice a second.
+/// SIGUSR1 (handled between two rewrites) writes `PAGES_THAT_DISAGREE PAGES COUNT` to
+/// /root/sum: a page that a migration missed a write of disagrees with the table.
+const BUSY_WORKLOAD: &str = r#"import signal, time
+N = 256 << 20
+P = N >> 12
+pages = [bytes([v]) * 4096 for v in range(256)]
+buf = bytearray(N)
+vals = [0] * P
+for i in range(P):
+    v = (i * 7) % 255 + 1
+    vals[i] = v
+    buf[i << 12:(i + 1) << 12] = pages[v]
+want = False
+def ask(sig, frame):
+    global want
+    want = True
+signal.signal(signal.SIGUSR1, ask)
+progress = open('/root/progress', 'a', buffering=1)
+hot = P // 10
+count, i, last = 0, 0, time.time()
+while True:
+    p = (i * 2654435761) % hot
+    v = vals[p] % 255 + 1
+    buf[p << 12:(p + 1) << 12] = pages[v]
+    vals[p] = v
+    i += 1
+    if want:
+        want = False
+        bad = sum(1 for q in range(P) if buf[q << 12:(q + 1) << 12] != pages[vals[q]])
+        with open('/root/sum', 'w') as s:
+            s.write('%d %d %d\n' % (bad, P, count))
+    if i % 512 == 0 and time.time() - last >= 0.5:
+        count += 1
+        progress.write('%d\n' % count)
+        last = time.time()
+"#;
+
+/// `ferry migrate ... ` of `pid` from `here` to `there` with `extra` options; the summary.
+fn migrate_cmd(
+    file: &str,
+    here: &str,
+    pid: u32,
+    there: &str,
+    extra: &[&str],
+) -> Result<Outcome, String> {
+    let process = format!("{here}:{pid}");
+    let mut args = vec!["migrate", process.as_str(), there, "--file", file];
+    args.extend_from_slice(extra);
+    ferry(&args, b"", BOOT_LIMIT)
+}
+
+/// A number that follows `before` in `text` (e.g. "frozen " in a summary).
+fn number_after(text: &str, before: &str) -> Option<u64> {
+    text.split(before)
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Checks the busy workload `pid` on `node`: it counts on past `before` and its pages agree
+/// with its table.
+fn busy_intact(file: &str, node: &str, pid: u32, before: u64, what: &str) -> CaseResult {
+    std::thread::sleep(Duration::from_secs(2));
+    let after = last_count(file, node)?;
+    if after <= before {
+        return Err(format!(
+            "{what}: the count on {node} is {after}, it was {before}: it does not run on"
+        ));
+    }
+    let (bad, pages, count) = workload_sums(file, node, pid)?;
+    if bad != 0 || pages != 65536 || count < before {
+        return Err(format!(
+            "{what}: {bad} of {pages} pages disagree with the workload's table (count {count}, was {before})"
+        ));
+    }
+    Ok(())
+}
+
+fn a_busy_process_moves_live_with_a_short_pause_and_cancels(_: &Suite) -> CaseResult {
+    let file = local_cluster_file();
+    let file = file.as_str();
+    let out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
+    check(out.code() == 0, "`ferry up` brings the cluster up", &out)?;
+    for node in ["node-1", "node-2"] {
+        ferry(
+            &[
+                "ssh",
+                node,
+                "--file",
+                file,
+                "--",
+                "sh",
+                "-c",
+                "pkill -f '[w][.]py|[b][.]py'; rm -f /root/progress; touch /root/progress",
+            ],
+            b"",
+            QUICK_LIMIT,
+        )?;
+    }
+    let out = ferry(
+        &[
+            "ssh",
+            "node-1",
+            "--file",
+            file,
+            "--",
+            "sh",
+            "-c",
+            "cat > /root/b.py",
+        ],
+        BUSY_WORKLOAD.as_bytes(),
+        QUICK_LIMIT,
+    )?;
+    check(out.code() == 0, "the workload is copied to node-1", &out)?;
+    let out = ferry(
+        &[
+            "ssh",
+            "node-1",
+            "--file",
+            file,
+            "--",
+            "sh",
+            "-c",
+            "setsid python3 /root/b.py </dev/null >/root/b.out 2>&1 & echo $!",
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    let pid: u32 = out.stdout.trim().parse().map_err(|_| out.explain())?;
+    let deadline = Instant::now() + BOOT_LIMIT;
+    while last_count(file, "node-1").unwrap_or(0) < 3 {
+        if Instant::now() > deadline {
+            return Err("the busy workload never started counting on node-1".into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // Pre-copy (the default) to node-2, then stop-and-copy back: the same process, the same
+    // memory, the two pauses compared.
+    let before = last_count(file, "node-1")?;
+    let out = migrate_cmd(file, "node-1", pid, "node-2", &[])?;
+    check(out.code() == 0, "a pre-copy move of the busy process", &out)?;
+    let rounds = number_after(&out.stdout, "after ").unwrap_or(0);
+    let held = number_after(&out.stdout, "pre-copy rounds (").unwrap_or(0);
+    let precopy_frozen = number_after(&out.stdout, "frozen ");
+    check(
+        rounds >= 2 && held > 0 && precopy_frozen.is_some(),
+        "the summary reports its pre-copy rounds, the pages held from them and the pause",
+        &out,
+    )?;
+    let pid2 = number_after(&out.stdout, "(pid ").ok_or_else(|| out.explain())? as u32;
+    busy_intact(file, "node-2", pid2, before, "after the pre-copy move")?;
+
+    let before = last_count(file, "node-2")?;
+    let out = migrate_cmd(file, "node-2", pid2, "node-1", &["--mode", "stop"])?;
+    check(out.code() == 0, "a stop-and-copy move back", &out)?;
+    let stop_frozen = number_after(&out.stdout, "frozen ").ok_or_else(|| out.explain())?;
+    let pid3 = number_after(&out.stdout, "(pid ").ok_or_else(|| out.explain())? as u32;
+    busy_intact(file, "node-1", pid3, before, "after the stop-and-copy move")?;
+    let precopy_frozen = precopy_frozen.unwrap_or(u64::MAX);
+    if precopy_frozen >= stop_frozen {
+        return Err(format!(
+            "pre-copy froze the process {precopy_frozen} ms, stop-and-copy {stop_frozen} ms: pre-copy must pause it less"
+        ));
+    }
+
+    // A move capped at 1 MiB/s is cancelled during pre-copy: the process runs on at node-1.
+    let before = last_count(file, "node-1")?;
+    let mover = Command::new(FERRY)
+        .args([
+            "migrate",
+            &format!("node-1:{pid3}"),
+            "node-2",
+            "--bandwidth",
+            "1",
+            "--file",
+            file,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let token = cluster_token(file)?;
+    let deadline = Instant::now() + BOOT_LIMIT;
+    let id = loop {
+        let (_, body) = api_get(file, "node-1", "/v1/migrations", Some(token.clone()), None)?;
+        let jobs: Vec<ferry::cluster::api::MigrationJob> =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if let Some(j) = jobs.iter().find(|j| {
+            j.pid == pid3 && j.state == ferry::cluster::api::JobState::Precopy && j.pages_sent > 0
+        }) {
+            if j.round != 1 || j.bytes_sent == 0 || j.bytes_remaining == 0 {
+                return Err(format!("the live job statistics are off: {body}"));
+            }
+            break j.id;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the capped move never got under way: {body}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = ferry(
+        &[
+            "migrate",
+            "--cancel",
+            &format!("node-1:{id}"),
+            "--file",
+            file,
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(
+        out.code() == 0 && out.stdout.contains("cancelled"),
+        "`ferry migrate --cancel` cancels the job",
+        &out,
+    )?;
+    let out = wait_with_limit(mover, QUICK_LIMIT)?;
+    check(
+        out.code() == 1 && out.stderr.contains("cancelled"),
+        "the cancelled `ferry migrate` says so",
+        &out,
+    )?;
+    busy_intact(file, "node-1", pid3, before, "after the cancel")?;
+    if runs_with(file, "node-2", pid3, "b.py")? {
+        return Err("a copy of the cancelled process runs on node-2".into());
+    }
+    let _ = ferry(
+        &[
+            "ssh",
+            "node-1",
+            "--file",
+            file,
+            "--",
+            "kill",
+            &pid3.to_string(),
         ],
         b"",
         QUICK_LIMIT,
@@ -1510,6 +1765,10 @@ const CASES: &[Case] = &[
         "a_process_moves_between_nodes_and_keeps_its_state",
         a_process_moves_between_nodes_and_keeps_its_state,
     ),
+    (
+        "a_busy_process_moves_live_with_a_short_pause_and_cancels",
+        a_busy_process_moves_live_with_a_short_pause_and_cancels,
+    ),
 ];
 
 /// Where the nested host's console (its kernel's messages) stood when a case began, to show
@@ -1537,11 +1796,27 @@ impl HostConsole {
         };
         let news = String::from_utf8_lossy(&text[start..]);
         let lines: Vec<&str> = news.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(25)..];
-        if tail.is_empty() {
+        if lines.is_empty() {
             return "\nnested host console: nothing new".into();
         }
-        format!("\nnested host console, last lines:\n{}", tail.join("\n"))
+        // A kernel report (a panic, a BUG, a soft lockup, a stall) from its first line on;
+        // otherwise the last lines.
+        let report = [
+            "Kernel panic",
+            "BUG:",
+            "Oops",
+            "watchdog:",
+            "rcu:",
+            "general protection",
+        ];
+        let shown = match lines
+            .iter()
+            .position(|l| report.iter().any(|r| l.contains(r)))
+        {
+            Some(first) => &lines[first.saturating_sub(3)..(first + 45).min(lines.len())],
+            None => &lines[lines.len().saturating_sub(25)..],
+        };
+        format!("\nnested host console:\n{}", shown.join("\n"))
     }
 }
 

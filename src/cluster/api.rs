@@ -115,25 +115,85 @@ pub struct Process {
 
 /// `POST /v1/migrations`: move process `pid` of node `node` (default: the node asked) to node
 /// `to`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationRequest {
     pub pid: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub to: String,
+    /// How the pages move; pre-copy unless said otherwise.
+    #[serde(default)]
+    pub mode: MigrationMode,
+    /// Pre-copy: the longest pause the process may see, in ms (the final copy is made once
+    /// what is left would fit in it). 300 ms unless said otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Pre-copy: the most MiB/s the rounds may send while the process runs (the final copy,
+    /// with the process frozen, goes at full speed). No cap unless said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib_s: Option<f64>,
+}
+
+/// The default downtime budget of a pre-copy migration (QEMU's and Cloud Hypervisor's).
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+
+/// How a migration moves a process's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Freeze the process, copy every page, resume it at the destination.
+    Stop,
+    /// Copy pages while the process runs, again those it wrote (KVM's dirty log) in rounds,
+    /// then freeze it for the rest.
+    #[default]
+    Precopy,
+}
+
+impl std::fmt::Display for MigrationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationMode::Stop => "stop",
+            MigrationMode::Precopy => "precopy",
+        })
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stop" => Ok(MigrationMode::Stop),
+            "precopy" => Ok(MigrationMode::Precopy),
+            "postcopy" => Err("post-copy is not available yet; use precopy or stop".into()),
+            other => Err(format!(
+                "`{other}` is not a migration mode: use precopy or stop"
+            )),
+        }
+    }
 }
 
 /// Where a migration job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
+    /// Pre-copy rounds: pages are moving while the process still runs at the source.
+    Precopy,
     /// Pages are moving; the process is frozen at the source.
     Running,
     /// The process runs at the destination; the source's copy is gone.
     Done,
     /// It did not move; it runs on at the source (the error says what failed).
     Failed,
+    /// Cancelled during pre-copy; it runs on at the source.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job is still going.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Precopy | JobState::Running)
+    }
 }
 
 /// One migration, as the source node reports it.
@@ -145,17 +205,42 @@ pub struct MigrationJob {
     pub from: String,
     pub to: String,
     pub state: JobState,
+    #[serde(default)]
+    pub mode: MigrationMode,
     /// The process's pid at the destination, once it runs there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_pid: Option<u32>,
-    /// Pages to send (present private pages), sent so far, and of those sent as zero markers.
+    /// Pre-copy round (1, 2, ...); 0 before the first and in stop mode.
+    #[serde(default)]
+    pub round: u32,
+    /// Pages of the current step: the round's pages in pre-copy, then the process's present
+    /// private pages once it is frozen; sent so far; and of those sent as zero markers.
     pub pages_total: u64,
     pub pages_sent: u64,
     pub zero_pages: u64,
-    /// Bytes of page data on the wire.
+    /// Of the final step's pages, those the destination already held from pre-copy.
+    #[serde(default)]
+    pub held_pages: u64,
+    /// Bytes on the wire so far, all rounds and the final copy.
     pub bytes_sent: u64,
-    /// From freezing the process to it running again (at the destination, or thawed).
+    /// Bytes still to send in the current step (its pages not yet sent).
+    #[serde(default)]
+    pub bytes_remaining: u64,
+    /// Pre-copy: pages of the process written per second, from KVM's dirty log.
+    #[serde(default)]
+    pub dirty_pages_s: f64,
+    /// Pre-copy: the pause the final copy would cause now, at the measured throughput.
+    #[serde(default)]
+    pub expected_downtime_ms: u64,
+    /// The budget the job keeps the pause within (pre-copy).
+    #[serde(default)]
+    pub downtime_budget_ms: u64,
+    /// The actual downtime: from freezing the process to it running again (at the
+    /// destination, or thawed); 0 until it was frozen.
     pub frozen_ms: u64,
+    /// From the request to the stream's start (freeze or survey, the connection to the peer).
+    #[serde(default)]
+    pub setup_ms: u64,
     pub total_ms: u64,
     pub throughput_mib_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +274,8 @@ pub enum Route {
     StartMigration,
     /// `GET /v1/migrations/{id}`.
     Migration(u64),
+    /// `DELETE /v1/migrations/{id}`: cancel a job in pre-copy.
+    CancelMigration(u64),
     /// `POST /v1/peer/migrations`: a source node's page stream (peers only; the connection is
     /// upgraded to the migration protocol).
     PeerMigration,
@@ -239,7 +326,8 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
         ["v1", "migrations"] if method == "POST" => (Route::StartMigration, "POST"),
         ["v1", "migrations"] => (Route::Migrations, "GET or POST"),
         ["v1", "migrations", id] => match id.parse() {
-            Ok(id) => (Route::Migration(id), "GET"),
+            Ok(id) if method == "DELETE" => (Route::CancelMigration(id), "DELETE"),
+            Ok(id) => (Route::Migration(id), "GET or DELETE"),
             Err(_) => {
                 return Err(RouteError::BadRequest(format!(
                     "`{id}` is not a migration id (a number, as POST /v1/migrations returned it)"
@@ -349,14 +437,20 @@ pub fn openapi() -> serde_json::Value {
                         "home": {"type": "string", "description": "the node it started on, if it moved"},
                         "moves": {"type": "integer"}}},
                 "MigrationRequest": {"type": "object", "required": ["pid", "to"], "additionalProperties": false,
-                    "properties": {"pid": {"type": "integer"}, "node": {"type": "string", "description": "the node that runs it (default: this one)"}, "to": {"type": "string"}}},
+                    "properties": {"pid": {"type": "integer"}, "node": {"type": "string", "description": "the node that runs it (default: this one)"}, "to": {"type": "string"},
+                        "mode": {"type": "string", "enum": ["precopy", "stop"], "default": "precopy"},
+                        "downtime_ms": {"type": "integer", "default": 300, "description": "pre-copy: the longest pause the process may see"},
+                        "bandwidth_mib_s": {"type": "number", "description": "pre-copy: the most MiB/s while the process runs"}}},
                 "MigrationJob": {"type": "object",
                     "required": ["id", "pid", "from", "to", "state", "pages_total", "pages_sent", "zero_pages", "bytes_sent", "frozen_ms", "total_ms", "throughput_mib_s"],
                     "properties": {
                         "id": {"type": "integer"}, "pid": {"type": "integer"}, "from": {"type": "string"}, "to": {"type": "string"},
-                        "state": {"type": "string", "enum": ["running", "done", "failed"]}, "new_pid": {"type": "integer"},
+                        "state": {"type": "string", "enum": ["precopy", "running", "done", "failed", "cancelled"]}, "new_pid": {"type": "integer"},
+                        "mode": {"type": "string", "enum": ["precopy", "stop"]}, "round": {"type": "integer"},
                         "pages_total": {"type": "integer"}, "pages_sent": {"type": "integer"}, "zero_pages": {"type": "integer"},
-                        "bytes_sent": {"type": "integer"}, "frozen_ms": {"type": "integer"}, "total_ms": {"type": "integer"},
+                        "held_pages": {"type": "integer"}, "bytes_sent": {"type": "integer"}, "bytes_remaining": {"type": "integer"},
+                        "dirty_pages_s": {"type": "number"}, "expected_downtime_ms": {"type": "integer"}, "downtime_budget_ms": {"type": "integer"},
+                        "frozen_ms": {"type": "integer", "description": "the actual downtime"}, "setup_ms": {"type": "integer"}, "total_ms": {"type": "integer"},
                         "throughput_mib_s": {"type": "number"}, "error": {"type": "string"}}}
             }
         },
@@ -380,8 +474,10 @@ pub fn openapi() -> serde_json::Value {
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MigrationRequest"}}}},
                     "responses": with(errors(&[("400", ""), ("404", ""), ("409", ""), ("502", "")]), "201", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))}},
             "/v1/migrations/{id}": {"get": {"summary": "one migration, live", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
-                "responses": with(errors(&[("404", "")]), "200", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))}},
-            "/v1/peer/migrations": {"post": {"summary": "peers only (cluster client certificate): a source node's page stream; the connection switches to the ferry-migration/1 protocol",
+                "responses": with(errors(&[("404", "")]), "200", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))},
+                "delete": {"summary": "cancel a migration in pre-copy (the process runs on here); 409 once the process is frozen for its final copy", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
+                "responses": with(errors(&[("404", ""), ("409", "")]), "200", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))}},
+            "/v1/peer/migrations": {"post": {"summary": "peers only (cluster client certificate): a source node's page stream; the connection switches to the ferry-migration/2 protocol",
                 "responses": {"101": {"description": "switching to the migration stream"}, "403": error.clone()}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
                 "responses": {"200": {"description": "the OpenAPI document"}}}}
@@ -422,6 +518,33 @@ mod tests {
         assert!(e.to_string().contains("all=true or all=false"), "{e}");
         let e = route("GET", "/v1/processes", Some("sort=cpu")).unwrap_err();
         assert!(e.to_string().contains("`sort`"), "{e}");
+        assert_eq!(
+            route("DELETE", "/v1/migrations/3", None),
+            Ok(Route::CancelMigration(3))
+        );
+        assert_eq!(
+            route("GET", "/v1/migrations/3", None),
+            Ok(Route::Migration(3))
+        );
+        let e = route("POST", "/v1/migrations/3", None).unwrap_err();
+        assert!(e.to_string().contains("use GET or DELETE"), "{e}");
+    }
+
+    #[test]
+    fn migration_requests_default_to_precopy_and_say_what_modes_exist() {
+        let r: MigrationRequest = serde_json::from_str(r#"{"pid": 7, "to": "node-2"}"#).unwrap();
+        assert_eq!(r.mode, MigrationMode::Precopy);
+        assert_eq!(r.downtime_ms, None);
+        let r: MigrationRequest =
+            serde_json::from_str(r#"{"pid": 7, "to": "node-2", "mode": "stop"}"#).unwrap();
+        assert_eq!(r.mode, MigrationMode::Stop);
+        let e =
+            serde_json::from_str::<MigrationRequest>(r#"{"pid": 7, "to": "n", "mode": "fast"}"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("precopy"), "{e}");
+        assert_eq!("stop".parse(), Ok(MigrationMode::Stop));
+        let e = "postcopy".parse::<MigrationMode>().unwrap_err();
+        assert!(e.contains("not available yet"), "{e}");
     }
 
     #[test]
@@ -484,6 +607,46 @@ mod tests {
         let props = &doc["components"]["schemas"]["Load"]["properties"];
         for k in load.as_object().unwrap().keys() {
             assert!(props.get(k).is_some(), "Load.{k} undocumented");
+        }
+        let job = serde_json::to_value(MigrationJob {
+            id: 1,
+            pid: 2,
+            from: "a".into(),
+            to: "b".into(),
+            state: JobState::Precopy,
+            mode: MigrationMode::Precopy,
+            new_pid: Some(3),
+            round: 1,
+            pages_total: 1,
+            pages_sent: 1,
+            zero_pages: 1,
+            held_pages: 1,
+            bytes_sent: 1,
+            bytes_remaining: 1,
+            dirty_pages_s: 1.0,
+            expected_downtime_ms: 1,
+            downtime_budget_ms: 1,
+            frozen_ms: 1,
+            setup_ms: 1,
+            total_ms: 1,
+            throughput_mib_s: 1.0,
+            error: Some("e".into()),
+        })
+        .unwrap();
+        let props = &doc["components"]["schemas"]["MigrationJob"]["properties"];
+        for k in job.as_object().unwrap().keys() {
+            assert!(props.get(k).is_some(), "MigrationJob.{k} undocumented");
+        }
+        let props = &doc["components"]["schemas"]["MigrationRequest"]["properties"];
+        for k in [
+            "pid",
+            "node",
+            "to",
+            "mode",
+            "downtime_ms",
+            "bandwidth_mib_s",
+        ] {
+            assert!(props.get(k).is_some(), "MigrationRequest.{k} undocumented");
         }
     }
 }

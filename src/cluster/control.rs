@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ferry_net::pki::{self, ClusterCa};
 use ferry_net::tls;
 
-use super::api::{JobState, MigrationJob, MigrationRequest, NodeState, NodeStatus, Process};
+use super::api::{MigrationJob, MigrationRequest, NodeState, NodeStatus, Process};
 use super::client::ApiClient;
 use super::config::{self, ClusterConfig, NodeConfig};
 use super::daemon::{self, bridge_name};
@@ -317,6 +317,7 @@ pub fn migrate(
     node: &str,
     pid: u32,
     to: &str,
+    options: &MigrateOptions,
     progress: &mut dyn FnMut(&MigrationJob),
 ) -> Result<MigrationJob, ControlError> {
     let source = cluster.node_named(node)?;
@@ -328,6 +329,9 @@ pub fn migrate(
             pid,
             node: None,
             to: to.to_string(),
+            mode: options.mode,
+            downtime_ms: options.downtime_ms,
+            bandwidth_mib_s: options.bandwidth_mib_s,
         };
         let (status, body) = client
             .clone()
@@ -362,7 +366,7 @@ pub fn migrate(
         // A busy node may answer slowly while it moves pages: only a minute of silence ends
         // the wait (the job goes on regardless; `GET /v1/migrations` shows how it ended).
         let mut silent_since: Option<Instant> = None;
-        while job.state == JobState::Running {
+        while job.state.is_active() {
             progress(&job);
             tokio::time::sleep(Duration::from_millis(200)).await;
             match client.get(&path).await {
@@ -382,6 +386,44 @@ pub fn migrate(
         progress(&job);
         Ok(job)
     })
+}
+
+/// `ferry migrate --cancel NODE:ID`: cancels job `id` of `node` (in pre-copy; the process
+/// runs on at its node) and returns it as it ended.
+pub fn cancel_migration(
+    cluster: &Cluster,
+    node: &str,
+    id: u64,
+) -> Result<MigrationJob, ControlError> {
+    let source = cluster.node_named(node)?;
+    let client = cluster.client(source)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (status, body) = client
+            .with_timeout(Duration::from_secs(90))
+            .call("DELETE", &format!("/v1/migrations/{id}"))
+            .await?;
+        match status {
+            200 => serde_json::from_slice(&body).map_err(|e| ControlError::Io {
+                what: "reading the cancelled job".into(),
+                source: std::io::Error::other(e),
+            }),
+            s => Err(ControlError::Refused {
+                status: s,
+                message: serde_json::from_slice::<super::api::ApiError>(&body)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned()),
+            }),
+        }
+    })
+}
+
+/// How `ferry migrate` moves a process: the request's options.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateOptions {
+    pub mode: super::api::MigrationMode,
+    pub downtime_ms: Option<u64>,
+    pub bandwidth_mib_s: Option<f64>,
 }
 
 /// The table `ferry ps` prints.

@@ -124,6 +124,16 @@ struct Status {
     clock_ticks: u32,
 }
 
+/// What migrations use of the running guest.
+pub(super) struct Guest {
+    /// Its agent's vsock CID.
+    pub cid: u32,
+    /// Its RAM, where pages are read and landed.
+    pub memory: GuestMemoryMmap,
+    /// KVM's dirty log of that RAM, switched on for pre-copy.
+    pub dirty: ferry_vmm::memory::DirtyLog,
+}
+
 /// One node: shared by the guest's threads and the API.
 pub struct Node {
     pub(super) cluster: ClusterConfig,
@@ -135,8 +145,8 @@ pub struct Node {
     status: Mutex<Status>,
     agent: Mutex<Option<AgentConnection<VsockStream>>>,
     exit: Mutex<Option<Arc<ExitRequest>>>,
-    /// The running guest's vsock CID and memory (for migrations), while it runs.
-    pub(super) guest: Mutex<Option<(u32, GuestMemoryMmap)>>,
+    /// The running guest, while it runs (for migrations).
+    pub(super) guest: Mutex<Option<Guest>>,
     pub(super) jobs: Jobs,
     stopping: AtomicBool,
     shutdown: tokio::sync::Notify,
@@ -390,6 +400,10 @@ impl Node {
                 None => error_response(404, format!("node {} has no migration {id}", self.me.name)),
             },
             Route::StartMigration => self.start_migration_request(req).await,
+            Route::CancelMigration(id) => match self.cancel_migration(id).await {
+                Ok(job) => json_response(StatusCode::OK, &job),
+                Err((status, message)) => error_response(status, message),
+            },
             Route::PeerMigration => self.peer_migration_request(req, peer),
         }
     }
@@ -645,7 +659,11 @@ impl Node {
         let running = vm.start().map_err(|e| e.to_string())?;
         let exit = running.exit_request();
         *lock(&self.exit) = Some(exit.clone());
-        *lock(&self.guest) = Some((cid as u32, running.machine().memory.clone()));
+        *lock(&self.guest) = Some(Guest {
+            cid: cid as u32,
+            memory: running.machine().memory.clone(),
+            dirty: running.machine().dirty_log(),
+        });
         if self.stopping.load(Ordering::SeqCst) {
             exit.request(VmExit::Stopped);
         }

@@ -11,7 +11,7 @@
 //! mappings at the same addresses, pinned) and reports its frames; the pages land in them
 //! ([`ferry_migration::Incoming::land`]); the agent restores the registers and lets it run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,20 +20,25 @@ use ferry_guest_agent::client::{AgentConnection, ClientError};
 use ferry_guest_agent::migrate::image::{PageRef, ProcessImage};
 use ferry_guest_agent::protocol::{Decoder, Message};
 use ferry_guest_agent::vsock::{self, VsockStream};
-use ferry_migration::{Stats, Timeouts};
+use ferry_migration::{Precopied, Stats, Timeouts};
+use ferry_vmm::memory::{DirtyLog, DirtyTracking};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use super::api::{JobState, MigrationJob, MigrationRequest};
+use super::api::{JobState, MigrationJob, MigrationMode, MigrationRequest, DEFAULT_DOWNTIME_MS};
+use super::config::NodeConfig;
 use super::daemon::{error_response, json_response, lock, log, Node};
 
 /// The protocol name of the upgraded peer connection.
-pub const UPGRADE_PROTOCOL: &str = "ferry-migration/1";
+pub const UPGRADE_PROTOCOL: &str = "ferry-migration/2";
 
 /// The largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
+
+/// The most pre-copy rounds before the process is frozen regardless.
+const MAX_ROUNDS: u32 = 30;
 
 /// This node's migration jobs (as the source), oldest first, and where arrived processes came
 /// from (as the destination).
@@ -41,6 +46,9 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct Jobs {
     next: AtomicU64,
     list: Mutex<Vec<MigrationJob>>,
+    /// Jobs that can still be cancelled: their wake-up, and whether a cancel was asked.
+    /// Locked after `list` when both are.
+    cancels: Mutex<HashMap<u64, (Arc<tokio::sync::Notify>, bool)>>,
     /// Processes that arrived here: pid -> (home node, its pid there, moves so far).
     arrivals: Mutex<HashMap<u32, Origin>>,
 }
@@ -66,6 +74,64 @@ impl Jobs {
         }
     }
 
+    /// The wake-up a running job waits on for a cancel.
+    fn cancellable(&self, id: u64) -> Arc<tokio::sync::Notify> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        lock(&self.cancels).insert(id, (notify.clone(), false));
+        notify
+    }
+
+    /// Asks a job in pre-copy to stop; refuses one whose process is frozen (its final copy
+    /// is on its way; stopping it then could leave the process nowhere) or that ended.
+    fn request_cancel(&self, id: u64, node: &str) -> Result<(), (u16, String)> {
+        let list = lock(&self.list);
+        let Some(job) = list.iter().find(|j| j.id == id) else {
+            return Err((404, format!("node {node} has no migration {id}")));
+        };
+        match job.state {
+            JobState::Precopy => {
+                if let Some((notify, asked)) = lock(&self.cancels).get_mut(&id) {
+                    *asked = true;
+                    notify.notify_one();
+                }
+                Ok(())
+            }
+            JobState::Running => Err((
+                409,
+                format!(
+                    "migration {id}: process {} is frozen and its final copy is on its way to {}; it can no longer be cancelled",
+                    job.pid, job.to
+                ),
+            )),
+            state => Err((
+                409,
+                format!("migration {id} has already ended ({})", state_name(state)),
+            )),
+        }
+    }
+
+    /// Whether the job may freeze its process now (no cancel was asked); if so it is marked
+    /// as running its final copy, which no cancel stops.
+    fn freezing(&self, id: u64) -> bool {
+        let mut list = lock(&self.list);
+        if lock(&self.cancels)
+            .get(&id)
+            .is_some_and(|(_, asked)| *asked)
+        {
+            return false;
+        }
+        if let Some(j) = list.iter_mut().find(|j| j.id == id) {
+            j.state = JobState::Running;
+        }
+        true
+    }
+
+    /// Records a job's end.
+    fn finish(&self, id: u64, f: impl FnOnce(&mut MigrationJob)) {
+        self.update(id, f);
+        lock(&self.cancels).remove(&id);
+    }
+
     pub fn list(&self) -> Vec<MigrationJob> {
         lock(&self.list).clone()
     }
@@ -80,11 +146,188 @@ impl Jobs {
     }
 }
 
-fn apply_stats(job: &mut MigrationJob, s: &Stats) {
+/// The final copy's progress, after `precopy_bytes` of pre-copy rounds.
+fn apply_stats(job: &mut MigrationJob, s: &Stats, precopy_bytes: u64) {
     job.pages_sent = s.pages;
     job.zero_pages = s.zero_pages;
-    job.bytes_sent = s.bytes;
-    job.throughput_mib_s = (s.throughput_mib_s * 10.0).round() / 10.0;
+    job.held_pages = s.held_pages;
+    job.bytes_sent = precopy_bytes + s.bytes;
+    job.bytes_remaining = s.remaining_pages() * 4096;
+    job.throughput_mib_s = round1(s.throughput_mib_s);
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Precopy => "precopy",
+        JobState::Running => "running",
+        JobState::Done => "done",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// The `(vaddr, frame)` of the private pages among `pages`: they carry the process's own data
+/// (file pages come from the destination's copy of the same file).
+fn private_pages(pages: &[PageRef]) -> Vec<(u64, u64)> {
+    pages
+        .iter()
+        .filter(|p| p.anon)
+        .map(|p| (p.vaddr, p.pfn))
+        .collect()
+}
+
+/// What a job knows from its request.
+struct Plan {
+    id: u64,
+    pid: u32,
+    dest: NodeConfig,
+    origin: Option<Origin>,
+    budget_ms: u64,
+    /// Pre-copy bandwidth cap, bytes per second.
+    cap: Option<u64>,
+    started: Instant,
+}
+
+/// A job's first step: the frozen process (stop mode), or its pages while it runs (pre-copy).
+enum First {
+    Frozen(Box<(ProcessImage, Vec<PageRef>)>),
+    Surveyed(Vec<PageRef>),
+}
+
+/// Why a job ended without moving the process.
+enum JobFailure {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<String> for JobFailure {
+    fn from(e: String) -> Self {
+        JobFailure::Failed(e)
+    }
+}
+
+impl From<&str> for JobFailure {
+    fn from(e: &str) -> Self {
+        JobFailure::Failed(e.to_string())
+    }
+}
+
+/// What the agent said no with.
+enum AgentFailure {
+    /// The process cannot move (openMosix's cantmove); it was not touched.
+    CantMove(String),
+    Other(String),
+}
+
+impl AgentFailure {
+    /// The reason, for a job that already started.
+    fn during_job(self) -> String {
+        match self {
+            AgentFailure::CantMove(reason) => format!("it can no longer move: {reason}"),
+            AgentFailure::Other(e) => e,
+        }
+    }
+}
+
+fn agent_failure(what: &'static str) -> impl Fn(ClientError) -> AgentFailure {
+    move |e| match e {
+        ClientError::CantMove(reason) => AgentFailure::CantMove(reason),
+        e => AgentFailure::Other(agent_error(what, &e)),
+    }
+}
+
+/// One request to a job's agent thread.
+enum AgentCall {
+    Survey(tokio::sync::oneshot::Sender<Result<Vec<PageRef>, AgentFailure>>),
+    Freeze(tokio::sync::oneshot::Sender<Result<(ProcessImage, Vec<PageRef>), AgentFailure>>),
+    /// Kill the frozen process (`true`: it runs at the destination) or thaw it.
+    Release(bool, tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
+/// A job's connection to the guest's agent, on a thread of its own: ptrace binds a frozen
+/// process to the thread that froze it, and the agent keeps it on the connection's thread.
+/// The connection is the process's lifeline: while it is open a frozen process stays frozen;
+/// if it drops (this handle dropped, the thread gone), the agent thaws it.
+struct AgentThread {
+    calls: std::sync::mpsc::Sender<AgentCall>,
+}
+
+impl AgentThread {
+    fn spawn(node: Arc<Node>, pid: u32) -> Result<Self, (u16, String)> {
+        let (calls, rx) = std::sync::mpsc::channel::<AgentCall>();
+        std::thread::Builder::new()
+            .name(format!("migrate-{pid}"))
+            .spawn(move || {
+                let mut conn = node.agent_connection();
+                for call in rx {
+                    let c = match conn.as_mut() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let e = e.clone();
+                            match call {
+                                AgentCall::Survey(r) => drop(r.send(Err(AgentFailure::Other(e)))),
+                                AgentCall::Freeze(r) => drop(r.send(Err(AgentFailure::Other(e)))),
+                                AgentCall::Release(_, r) => drop(r.send(Err(e))),
+                            }
+                            continue;
+                        }
+                    };
+                    match call {
+                        AgentCall::Survey(reply) => {
+                            let pages = c
+                                .survey(pid)
+                                .map_err(agent_failure("listing the process's pages"));
+                            let _ = reply.send(pages);
+                        }
+                        AgentCall::Freeze(reply) => {
+                            let frozen =
+                                c.freeze(pid).map_err(agent_failure("freezing the process"));
+                            let _ = reply.send(frozen);
+                        }
+                        AgentCall::Release(kill, reply) => {
+                            let released = c
+                                .release(pid, kill)
+                                .map_err(|e| agent_error("releasing the frozen process", &e));
+                            let _ = reply.send(released);
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| (500, format!("starting the migration thread: {e}")))?;
+        Ok(Self { calls })
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> AgentCall,
+    ) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.calls.send(make(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    async fn survey(&self) -> Result<Vec<PageRef>, AgentFailure> {
+        self.call(AgentCall::Survey)
+            .await
+            .unwrap_or_else(|| Err(AgentFailure::Other("the migration thread ended".into())))
+    }
+
+    async fn freeze(&self) -> Result<(ProcessImage, Vec<PageRef>), AgentFailure> {
+        self.call(AgentCall::Freeze)
+            .await
+            .unwrap_or_else(|| Err(AgentFailure::Other("the migration thread ended".into())))
+    }
+
+    async fn release(&self, kill: bool) -> Result<(), String> {
+        self.call(|r| AgentCall::Release(kill, r))
+            .await
+            .unwrap_or_else(|| Err("the migration thread ended".into()))
+    }
 }
 
 /// A message from an agent error, with what the user can do about a refusal.
@@ -97,7 +340,7 @@ impl Node {
     fn agent_connection(&self) -> Result<AgentConnection<VsockStream>, String> {
         let cid = lock(&self.guest)
             .as_ref()
-            .map(|(cid, _)| *cid)
+            .map(|g| g.cid)
             .ok_or_else(|| format!("node {}'s guest is not running", self.me.name))?;
         let stream = VsockStream::connect(cid, vsock::AGENT_PORT)
             .map_err(|e| format!("cannot reach node {}'s agent: {e}", self.me.name))?;
@@ -108,8 +351,35 @@ impl Node {
     fn memory(&self) -> Result<vm_memory::GuestMemoryMmap, String> {
         lock(&self.guest)
             .as_ref()
-            .map(|(_, m)| m.clone())
+            .map(|g| g.memory.clone())
             .ok_or_else(|| format!("node {}'s guest is not running", self.me.name))
+    }
+
+    fn dirty_log(&self) -> Result<DirtyLog, (u16, String)> {
+        lock(&self.guest)
+            .as_ref()
+            .map(|g| g.dirty.clone())
+            .ok_or_else(|| (502, format!("node {}'s guest is not running", self.me.name)))
+    }
+
+    /// `DELETE /v1/migrations/{id}`: cancels a job in pre-copy and reports it once it ended
+    /// (the process runs on here).
+    pub(super) async fn cancel_migration(&self, id: u64) -> Result<MigrationJob, (u16, String)> {
+        self.jobs.request_cancel(id, &self.me.name)?;
+        // The job stops at its next await point: within one batch or one agent request.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.jobs.get(id) {
+                Some(j) if !j.state.is_active() => return Ok(j),
+                _ if Instant::now() > deadline => {
+                    return Err((
+                        504,
+                        format!("migration {id} was asked to stop and has not yet; GET /v1/migrations/{id} shows when it does"),
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// `POST /v1/migrations`: reads the request, then moves the process (see
@@ -168,8 +438,9 @@ impl Node {
         }
     }
 
-    /// Freezes the process and starts moving it; returns the job (201) or why it cannot move
-    /// (409) or failed to start, with the process left as it was.
+    /// Starts moving a process: freezes it (stop mode) or checks that it can move and lists
+    /// its pages (pre-copy), then streams on a thread of its own. Returns the job (201), or
+    /// why it cannot move (409) or could not start, with the process left as it was.
     async fn start_migration(
         self: &Arc<Self>,
         request: MigrationRequest,
@@ -193,164 +464,201 @@ impl Node {
                 ),
             ));
         };
-        let node = self.clone();
-        let started = Instant::now();
-        // The agent's connection is the process's lifeline: while it is open the process stays
-        // frozen; if it drops, the agent thaws it. It lives on one thread (ptrace answers the
-        // thread that froze the process, and the agent keeps it on the connection's thread).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<bool>();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
-        std::thread::Builder::new()
-            .name(format!("migrate-{pid}"))
-            .spawn(move || {
-                let frozen = node
-                    .agent_connection()
-                    .and_then(|mut conn| match conn.freeze(pid) {
-                        Ok((image, pages)) => Ok((conn, image, pages)),
-                        Err(ClientError::CantMove(reason)) => Err(format!("cantmove:{reason}")),
-                        Err(e) => Err(agent_error(&format!("freezing process {pid}"), &e)),
-                    });
-                let mut conn = match frozen {
-                    Ok((conn, image, pages)) => {
-                        let _ = tx.send(Ok((image, pages)));
-                        conn
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                // Kill (it runs at the destination) or thaw (it did not move).
-                let kill = cmd_rx.recv().unwrap_or(false);
-                let _ = done_tx.send(
-                    conn.release(pid, kill)
-                        .map_err(|e| agent_error("releasing the frozen process", &e)),
-                );
-            })
-            .map_err(|e| (500, format!("starting the migration thread: {e}")))?;
-        let (image, pages): (ProcessImage, Vec<PageRef>) = match rx.await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                return Err(match e.strip_prefix("cantmove:") {
-                    Some(reason) => (
-                        409,
-                        format!("process {pid} on {} cannot move: {reason}", self.me.name),
-                    ),
-                    None => (502, e),
-                })
+        let cap = match request.bandwidth_mib_s {
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                return Err((
+                    400,
+                    format!("bandwidth_mib_s is {c}: give a positive number of MiB/s, or leave it out for no cap"),
+                ))
             }
-            Err(_) => return Err((500, "the migration thread ended early".into())),
+            c => c.map(|c| (c * 1024.0 * 1024.0) as u64),
         };
-        // Private pages carry the process's own data; file pages come from the destination's
-        // copy of the same file.
-        let copy: Vec<(u64, u64)> = pages
-            .iter()
-            .filter(|p| p.anon)
-            .map(|p| (p.vaddr, p.pfn))
-            .collect();
+        let budget_ms = request.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS);
+        let started = Instant::now();
+        let agent = AgentThread::spawn(self.clone(), pid)?;
+        let refused = |f: AgentFailure| match f {
+            AgentFailure::CantMove(reason) => (
+                409,
+                format!("process {pid} on {} cannot move: {reason}", self.me.name),
+            ),
+            AgentFailure::Other(e) => (502, e),
+        };
+        let (first, tracking) = match request.mode {
+            MigrationMode::Stop => (
+                First::Frozen(Box::new(agent.freeze().await.map_err(refused)?)),
+                None,
+            ),
+            MigrationMode::Precopy => {
+                let pages = agent.survey().await.map_err(refused)?;
+                // Logging starts before any page is read: a write after a page was read
+                // always shows in the log.
+                let tracking = self
+                    .dirty_log()?
+                    .start()
+                    .map_err(|e| (409, format!("node {}: {e}", self.me.name)))?;
+                (First::Surveyed(pages), Some(tracking))
+            }
+        };
         let job = self.jobs.create(MigrationJob {
             id: 0,
             pid,
             from: self.me.name.clone(),
             to: dest.name.clone(),
-            state: JobState::Running,
+            state: match first {
+                First::Frozen(_) => JobState::Running,
+                First::Surveyed(_) => JobState::Precopy,
+            },
+            mode: request.mode,
             new_pid: None,
-            pages_total: copy.len() as u64,
+            round: 0,
+            pages_total: 0,
             pages_sent: 0,
             zero_pages: 0,
+            held_pages: 0,
             bytes_sent: 0,
+            bytes_remaining: 0,
+            dirty_pages_s: 0.0,
+            expected_downtime_ms: 0,
+            downtime_budget_ms: match request.mode {
+                MigrationMode::Stop => 0,
+                MigrationMode::Precopy => budget_ms,
+            },
             frozen_ms: 0,
+            setup_ms: 0,
             total_ms: 0,
             throughput_mib_s: 0.0,
             error: None,
         });
-        log(format!(
-            "migration {}: process {pid} ({}) frozen, {} private pages of {} present to {}",
-            job.id,
-            image.comm,
-            copy.len(),
-            pages.len(),
-            dest.name
-        ));
-        let origin = self.jobs.origin(pid);
+        match &first {
+            First::Frozen(frozen) => log(format!(
+                "migration {}: process {pid} ({}) frozen, {} private pages of {} present, to {}",
+                job.id,
+                frozen.0.comm,
+                private_pages(&frozen.1).len(),
+                frozen.1.len(),
+                dest.name
+            )),
+            First::Surveyed(pages) => log(format!(
+                "migration {}: process {pid} pre-copy to {}: {} private pages of {} present, downtime budget {budget_ms} ms",
+                job.id,
+                dest.name,
+                private_pages(pages).len(),
+                pages.len()
+            )),
+        }
+        let cancel = self.jobs.cancellable(job.id);
         let node = self.clone();
         let id = job.id;
+        let plan = Plan {
+            id,
+            pid,
+            dest,
+            origin: self.jobs.origin(pid),
+            budget_ms,
+            cap,
+            started,
+        };
         // Streaming keeps a CPU busy (reading guest memory, checksums, encryption): it runs on
         // a thread and runtime of its own, so the API stays responsive meanwhile.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| (500, format!("starting the migration's runtime: {e}")))?;
-        let stream_job = async move {
-            let result = node.send_process(id, &image, &copy, &dest, origin).await;
-            let moved = result.is_ok();
-            let _ = cmd_tx.send(moved);
-            let released = done_rx
-                .await
-                .unwrap_or_else(|_| Err("the migration thread ended".into()));
-            let frozen_ms = started.elapsed().as_millis() as u64;
-            node.jobs.update(id, |j| {
-                j.frozen_ms = frozen_ms;
-                j.total_ms = frozen_ms;
-                match (&result, &released) {
-                    (Ok(stats), _) => {
-                        apply_stats(j, stats);
-                        j.state = JobState::Done;
-                        j.new_pid = stats
-                            .note
-                            .strip_prefix("pid ")
-                            .and_then(|p| p.parse().ok());
-                        if let Err(e) = released {
-                            j.error = Some(format!(
-                                "the process runs on {}, but the frozen original could not be removed: {e}",
-                                j.to
-                            ));
-                        }
-                    }
-                    (Err(e), Ok(())) => {
-                        j.state = JobState::Failed;
-                        j.error = Some(format!("{e}; the process runs on at {}", j.from));
-                    }
-                    (Err(e), Err(r)) => {
-                        j.state = JobState::Failed;
-                        j.error = Some(format!("{e}; thawing it failed too: {r}"));
-                    }
-                }
-            });
-            if moved {
-                lock(&node.jobs.arrivals).remove(&pid);
-            }
-            match node.jobs.get(id) {
-                Some(j) if j.state == JobState::Done => log(format!(
-                    "migration {id}: process {pid} runs on {} ({} pages, {} zero, {} ms frozen)",
-                    j.to, j.pages_sent, j.zero_pages, j.frozen_ms
-                )),
-                Some(j) => log(format!(
-                    "migration {id}: failed: {}",
-                    j.error.unwrap_or_default()
-                )),
-                None => {}
-            }
-        };
         std::thread::Builder::new()
             .name(format!("send-{id}"))
-            .spawn(move || runtime.block_on(stream_job))
+            .spawn(move || runtime.block_on(node.run_job(plan, agent, first, tracking, cancel)))
             .map_err(|e| (500, format!("starting the migration's thread: {e}")))?;
         Ok(job)
     }
 
-    /// Streams the image and pages to `dest` over its peer port; Ok once it runs there.
-    async fn send_process(
-        self: &Arc<Self>,
-        id: u64,
-        image: &ProcessImage,
-        pages: &[(u64, u64)],
-        dest: &super::config::NodeConfig,
-        origin: Option<Origin>,
-    ) -> Result<Stats, String> {
-        let image_bytes = Message::Frozen(image.clone()).encode();
-        let origin = origin.unwrap_or(Origin {
+    /// A job from its first step to its end: pre-copy rounds (when it has a survey), the
+    /// freeze, the final copy, and the release of the frozen original (killed once the
+    /// destination runs the process, thawed otherwise). Records the outcome in the job.
+    async fn run_job(
+        self: Arc<Self>,
+        plan: Plan,
+        agent: AgentThread,
+        first: First,
+        tracking: Option<DirtyTracking>,
+        cancel: Arc<tokio::sync::Notify>,
+    ) {
+        let id = plan.id;
+        let mut frozen_at = matches!(first, First::Frozen(_)).then_some(plan.started);
+        let result = self
+            .stream_job(&plan, &agent, first, tracking, &cancel, &mut frozen_at)
+            .await;
+        let moved = result.is_ok();
+        // Only a frozen process has anything to release.
+        let released = match frozen_at {
+            Some(_) => agent.release(moved).await,
+            None => Ok(()),
+        };
+        let now = Instant::now();
+        self.jobs.finish(id, |j| {
+            j.total_ms = (now - plan.started).as_millis() as u64;
+            j.frozen_ms = frozen_at.map_or(0, |t| (now - t).as_millis() as u64);
+            j.bytes_remaining = 0;
+            match (&result, &released) {
+                (Ok(stats), _) => {
+                    j.state = JobState::Done;
+                    j.new_pid = stats
+                        .note
+                        .strip_prefix("pid ")
+                        .and_then(|p| p.parse().ok());
+                    if let Err(e) = released {
+                        j.error = Some(format!(
+                            "the process runs on {}, but the frozen original could not be removed: {e}",
+                            j.to
+                        ));
+                    }
+                }
+                (Err(JobFailure::Cancelled), _) => {
+                    j.state = JobState::Cancelled;
+                    j.error = Some(format!("cancelled; the process runs on at {}", j.from));
+                }
+                (Err(JobFailure::Failed(e)), Ok(())) => {
+                    j.state = JobState::Failed;
+                    j.error = Some(format!("{e}; the process runs on at {}", j.from));
+                }
+                (Err(JobFailure::Failed(e)), Err(r)) => {
+                    j.state = JobState::Failed;
+                    j.error = Some(format!("{e}; thawing it failed too: {r}"));
+                }
+            }
+        });
+        if moved {
+            lock(&self.jobs.arrivals).remove(&plan.pid);
+        }
+        match self.jobs.get(id) {
+            Some(j) if j.state == JobState::Done => log(format!(
+                "migration {id}: process {} runs on {} ({} pages in the final copy, {} held from pre-copy, {} zero; {} rounds; frozen {} ms, total {} ms)",
+                plan.pid, j.to, j.pages_sent, j.held_pages, j.zero_pages, j.round, j.frozen_ms, j.total_ms
+            )),
+            Some(j) => log(format!(
+                "migration {id}: {}: {}",
+                match j.state {
+                    JobState::Cancelled => "cancelled",
+                    _ => "failed",
+                },
+                j.error.unwrap_or_default()
+            )),
+            None => {}
+        }
+    }
+
+    /// The stream of one job: Ok once the destination runs the process. `frozen_at` is set
+    /// when the process is frozen.
+    async fn stream_job(
+        &self,
+        plan: &Plan,
+        agent: &AgentThread,
+        first: First,
+        tracking: Option<DirtyTracking>,
+        cancel: &tokio::sync::Notify,
+        frozen_at: &mut Option<Instant>,
+    ) -> Result<Stats, JobFailure> {
+        let dest = &plan.dest;
+        let origin = plan.origin.clone().unwrap_or(Origin {
             home: self.me.name.clone(),
             moves: 0,
         });
@@ -366,18 +674,168 @@ impl Node {
             .await
             .map_err(|e| format!("opening the migration stream to {}: {e}", dest.name))?;
         let memory = self.memory()?;
+        let setup_ms = plan.started.elapsed().as_millis() as u64;
+        self.jobs.update(plan.id, |j| j.setup_ms = setup_ms);
+        let mut held = Precopied::new();
+        let mut precopy_bytes = 0;
+        let (image, pages) = match first {
+            First::Frozen(frozen) => *frozen,
+            First::Surveyed(pages) => {
+                let tracking = tracking.ok_or("pre-copy without the dirty log")?;
+                let rounds = self.precopy_rounds(
+                    plan,
+                    agent,
+                    &mut stream,
+                    &memory,
+                    &tracking,
+                    &mut held,
+                    pages,
+                );
+                // Cancelling drops the rounds (and with them the stream): nothing was frozen,
+                // and the destination, which built nothing yet, sees the stream close.
+                precopy_bytes = tokio::select! {
+                    r = rounds => r?,
+                    () = cancel.notified() => return Err(JobFailure::Cancelled),
+                };
+                if !self.jobs.freezing(plan.id) {
+                    return Err(JobFailure::Cancelled);
+                }
+                let asked = Instant::now();
+                let frozen = agent.freeze().await.map_err(AgentFailure::during_job)?;
+                *frozen_at = Some(asked);
+                // Pages written since the last round travel again.
+                let dirty = tracking
+                    .take()
+                    .map_err(|e| format!("reading KVM's dirty log: {e}"))?;
+                held.forget_dirty(&dirty);
+                frozen
+            }
+        };
+        let copy = private_pages(&pages);
+        let id = plan.id;
+        let total = copy.len() as u64;
+        self.jobs.update(id, |j| {
+            j.pages_total = total;
+            j.pages_sent = 0;
+            j.bytes_remaining = total * 4096;
+        });
+        let image_bytes = Message::Frozen(image).encode();
         let jobs = &self.jobs;
-        ferry_migration::send(
+        ferry_migration::send_after_precopy(
             &mut stream,
             id,
             &image_bytes,
-            pages,
+            &copy,
             &memory,
+            &held,
             &Timeouts::default(),
-            |s| jobs.update(id, |j| apply_stats(j, s)),
+            |s| jobs.update(id, |j| apply_stats(j, s, precopy_bytes)),
         )
         .await
-        .map_err(|e| format!("moving the pages to {}: {}", dest.name, e.chain()))
+        .inspect(|s| jobs.update(id, |j| apply_stats(j, s, precopy_bytes)))
+        .map_err(|e| {
+            JobFailure::Failed(format!("moving the pages to {}: {}", dest.name, e.chain()))
+        })
+    }
+
+    /// Pre-copy rounds while the process runs: every private page, then again those written
+    /// (KVM's dirty log) or moved by the guest kernel since they were sent, until what is left
+    /// would fit in the downtime budget at the measured throughput, or the rounds stop
+    /// shrinking it, or [`MAX_ROUNDS`] passed. Returns the bytes sent.
+    #[allow(clippy::too_many_arguments)]
+    async fn precopy_rounds<S: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        plan: &Plan,
+        agent: &AgentThread,
+        stream: &mut S,
+        memory: &vm_memory::GuestMemoryMmap,
+        tracking: &DirtyTracking,
+        held: &mut Precopied,
+        surveyed: Vec<PageRef>,
+    ) -> Result<u64, JobFailure> {
+        let id = plan.id;
+        let mut to_send = private_pages(&surveyed);
+        let mut bytes_total = 0u64;
+        let mut stalled = 0;
+        for round in 1..=MAX_ROUNDS {
+            let n = to_send.len() as u64;
+            self.jobs.update(id, |j| {
+                j.round = round;
+                j.pages_total = n;
+                j.pages_sent = 0;
+                j.bytes_remaining = n * 4096;
+            });
+            let t = Instant::now();
+            let base = bytes_total;
+            let bytes = ferry_migration::precopy(
+                stream,
+                &to_send,
+                memory,
+                held,
+                &Timeouts::default(),
+                plan.cap,
+                |pages, bytes| {
+                    let secs = t.elapsed().as_secs_f64().max(1e-3);
+                    self.jobs.update(id, |j| {
+                        j.pages_sent = pages;
+                        j.bytes_sent = base + bytes;
+                        j.bytes_remaining = (n - pages) * 4096;
+                        j.throughput_mib_s = round1(bytes as f64 / secs / (1 << 20) as f64);
+                    })
+                },
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "pre-copy round {round} to {}: {}",
+                    plan.dest.name,
+                    e.chain()
+                )
+            })?;
+            bytes_total += bytes;
+            let rate = bytes as f64 / t.elapsed().as_secs_f64().max(1e-3);
+            let dirty = tracking
+                .take()
+                .map_err(|e| format!("reading KVM's dirty log: {e}"))?;
+            held.forget_dirty(&dirty);
+            let now = agent.survey().await.map_err(AgentFailure::during_job)?;
+            let pages = private_pages(&now);
+            let frames: HashSet<u64> = pages.iter().map(|&(_, pfn)| pfn).collect();
+            let written = dirty.iter().filter(|f| frames.contains(f)).count();
+            let next: Vec<(u64, u64)> = pages
+                .into_iter()
+                .filter(|&(vaddr, pfn)| held.stale(vaddr, pfn))
+                .collect();
+            let expected_ms = (next.len() as f64 * 4096.0 / rate.max(1.0) * 1000.0) as u64;
+            let dirty_rate = written as f64 / t.elapsed().as_secs_f64().max(1e-3);
+            self.jobs.update(id, |j| {
+                j.dirty_pages_s = round1(dirty_rate);
+                j.expected_downtime_ms = expected_ms;
+            });
+            log(format!(
+                "migration {id}: round {round}: {n} pages in {} ms ({:.0} MiB/s); {written} written meanwhile, {} to send, {expected_ms} ms frozen expected",
+                t.elapsed().as_millis(),
+                rate / (1 << 20) as f64,
+                next.len()
+            ));
+            if expected_ms <= plan.budget_ms {
+                break;
+            }
+            // Not converging: the process writes as fast as the rounds send.
+            stalled = if next.len() * 10 >= to_send.len() * 9 {
+                stalled + 1
+            } else {
+                0
+            };
+            to_send = next;
+            if stalled >= 2 {
+                log(format!(
+                    "migration {id}: the rounds stopped shrinking what is left; freezing now"
+                ));
+                break;
+            }
+        }
+        Ok(bytes_total)
     }
 
     /// `POST /v1/peer/migrations`: answers 101 and lands the process on the upgraded stream.
