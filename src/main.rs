@@ -863,10 +863,12 @@ fn progress_line(job: &cluster::api::MigrationJob, node: &str, pid: u32, to: &st
         .checked_div(job.pages_total)
         .unwrap_or(0);
     let step = match job.state {
-        JobState::Precopy => format!(
-            "pre-copy round {}, {} pages written/s, {} ms frozen expected (budget {})",
+        // The dirty rate and the expected pause are known from the end of round 1 on.
+        JobState::Precopy if job.round > 1 => format!(
+            "pre-copy round {}, {:.0} pages written/s, {} ms frozen expected (budget {})",
             job.round, job.dirty_pages_s, job.expected_downtime_ms, job.downtime_budget_ms
         ),
+        JobState::Precopy => format!("pre-copy round {}", job.round.max(1)),
         _ => "frozen, final copy".into(),
     };
     format!(
