@@ -221,6 +221,9 @@ pub struct MigrationJob {
     /// Of the final step's pages, those the destination already held from pre-copy.
     #[serde(default)]
     pub held_pages: u64,
+    /// The process's private memory: the bytes the job moves at least once.
+    #[serde(default)]
+    pub bytes_total: u64,
     /// Bytes on the wire so far, all rounds and the final copy.
     pub bytes_sent: u64,
     /// Bytes still to send in the current step (its pages not yet sent).
@@ -448,7 +451,7 @@ pub fn openapi() -> serde_json::Value {
                         "state": {"type": "string", "enum": ["precopy", "running", "done", "failed", "cancelled"]}, "new_pid": {"type": "integer"},
                         "mode": {"type": "string", "enum": ["precopy", "stop"]}, "round": {"type": "integer"},
                         "pages_total": {"type": "integer"}, "pages_sent": {"type": "integer"}, "zero_pages": {"type": "integer"},
-                        "held_pages": {"type": "integer"}, "bytes_sent": {"type": "integer"}, "bytes_remaining": {"type": "integer"},
+                        "held_pages": {"type": "integer"}, "bytes_total": {"type": "integer"}, "bytes_sent": {"type": "integer"}, "bytes_remaining": {"type": "integer"},
                         "dirty_pages_s": {"type": "number"}, "expected_downtime_ms": {"type": "integer"}, "downtime_budget_ms": {"type": "integer"},
                         "frozen_ms": {"type": "integer", "description": "the actual downtime"}, "setup_ms": {"type": "integer"}, "total_ms": {"type": "integer"},
                         "throughput_mib_s": {"type": "number"}, "error": {"type": "string"}}}
@@ -621,6 +624,7 @@ mod tests {
             pages_sent: 1,
             zero_pages: 1,
             held_pages: 1,
+            bytes_total: 1,
             bytes_sent: 1,
             bytes_remaining: 1,
             dirty_pages_s: 1.0,

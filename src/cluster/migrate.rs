@@ -515,6 +515,10 @@ impl Node {
             pages_sent: 0,
             zero_pages: 0,
             held_pages: 0,
+            bytes_total: match &first {
+                First::Frozen(frozen) => private_pages(&frozen.1).len() as u64 * 4096,
+                First::Surveyed(pages) => private_pages(pages).len() as u64 * 4096,
+            },
             bytes_sent: 0,
             bytes_remaining: 0,
             dirty_pages_s: 0.0,
@@ -717,6 +721,7 @@ impl Node {
         self.jobs.update(id, |j| {
             j.pages_total = total;
             j.pages_sent = 0;
+            j.bytes_total = total * 4096;
             j.bytes_remaining = total * 4096;
         });
         let image_bytes = Message::Frozen(image).encode();
