@@ -1107,26 +1107,24 @@ while True:
 
 /// Starts the workload on `node`, detached from ssh; its pid.
 fn start_workload(file: &str, node: &str) -> Result<u32, String> {
+    start_python(file, node, "w", WORKLOAD)
+}
+
+/// Copies `script` to `node` as /root/NAME.py and starts it detached from ssh, with a fresh
+/// /root/progress; its pid.
+fn start_python(file: &str, node: &str, name: &str, script: &str) -> Result<u32, String> {
+    let copy = format!("cat > /root/{name}.py");
     let out = ferry(
-        &[
-            "ssh",
-            node,
-            "--file",
-            file,
-            "--",
-            "sh",
-            "-c",
-            "cat > /root/w.py",
-        ],
-        WORKLOAD.as_bytes(),
+        &["ssh", node, "--file", file, "--", "sh", "-c", &copy],
+        script.as_bytes(),
         QUICK_LIMIT,
     )?;
     check(out.code() == 0, "the workload is copied to the node", &out)?;
+    let start = format!(
+        "rm -f /root/progress /root/sum; touch /root/progress; setsid python3 /root/{name}.py </dev/null >/root/{name}.out 2>&1 & echo $!"
+    );
     let out = ferry(
-        &[
-            "ssh", node, "--file", file, "--", "sh", "-c",
-            "rm -f /root/progress /root/sum; touch /root/progress; setsid python3 /root/w.py </dev/null >/root/w.out 2>&1 & echo $!",
-        ],
+        &["ssh", node, "--file", file, "--", "sh", "-c", &start],
         b"",
         QUICK_LIMIT,
     )?;
@@ -1134,6 +1132,30 @@ fn start_workload(file: &str, node: &str) -> Result<u32, String> {
         .trim()
         .parse()
         .map_err(|_| format!("no pid from starting the workload\n{}", out.explain()))
+}
+
+/// `ferry up` of the cluster in `file`, then `nodes` rid of what an earlier attempt may have
+/// left running (the workloads, the socket holder).
+fn up_with_clean_nodes(file: &str, nodes: &[&str]) -> CaseResult {
+    let out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
+    check(out.code() == 0, "`ferry up` brings the cluster up", &out)?;
+    for node in nodes {
+        ferry(
+            &[
+                "ssh",
+                node,
+                "--file",
+                file,
+                "--",
+                "sh",
+                "-c",
+                "pkill -f '[w][.]py|[b][.]py|[s]ocket.socket'; rm -f /root/progress; touch /root/progress",
+            ],
+            b"",
+            QUICK_LIMIT,
+        )?;
+    }
+    Ok(())
 }
 
 /// The last count `node`'s /root/progress holds.
@@ -1201,6 +1223,42 @@ fn runs_with(file: &str, node: &str, pid: u32, word: &str) -> Result<bool, Strin
     Ok(out.code() == 0 && out.stdout.contains(word))
 }
 
+/// `ferry ARGS` started in the background, its output piped.
+fn start_ferry(args: &[&str]) -> Result<Child, String> {
+    Command::new(FERRY)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {FERRY}: {e}"))
+}
+
+/// Polls `node`'s migration jobs until one matches `under_way` (the `ferry migrate` in `mover`
+/// running meanwhile); that job.
+fn job_under_way(
+    file: &str,
+    node: &str,
+    mover: &mut Child,
+    under_way: impl Fn(&ferry::cluster::api::MigrationJob) -> bool,
+) -> Result<ferry::cluster::api::MigrationJob, String> {
+    let token = cluster_token(file)?;
+    let deadline = Instant::now() + BOOT_LIMIT;
+    loop {
+        let (_, body) = api_get(file, node, "/v1/migrations", Some(token.clone()), None)?;
+        let jobs: Vec<ferry::cluster::api::MigrationJob> =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if let Some(j) = jobs.into_iter().find(|j| under_way(j)) {
+            return Ok(j);
+        }
+        if Instant::now() > deadline || matches!(mover.try_wait(), Ok(Some(_))) {
+            let _ = mover.kill();
+            return Err(format!("the move never got under way: {body}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Kills node `node`'s daemon with SIGKILL, where the cluster's VMMs run: its VMM and guest die
 /// with it.
 fn kill_daemon(s: &Suite, node: &str) -> Result<Outcome, String> {
@@ -1215,25 +1273,7 @@ fn kill_daemon(s: &Suite, node: &str) -> Result<Outcome, String> {
 fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
     let file = local_cluster_file();
     let file = file.as_str();
-    let out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
-    check(out.code() == 0, "`ferry up` brings the cluster up", &out)?;
-    // A clean start on every node (an earlier attempt may have left its workload running).
-    for node in ["node-1", "node-2", "node-3"] {
-        ferry(
-            &[
-                "ssh",
-                node,
-                "--file",
-                file,
-                "--",
-                "sh",
-                "-c",
-                "pkill -f '[w][.]py|[b][.]py|[s]ocket.socket'; rm -f /root/progress; touch /root/progress",
-            ],
-            b"",
-            QUICK_LIMIT,
-        )?;
-    }
+    up_with_clean_nodes(file, &["node-1", "node-2", "node-3"])?;
     let pid = start_workload(file, "node-1")?;
     // Filled and counting.
     let deadline = Instant::now() + BOOT_LIMIT;
@@ -1278,13 +1318,12 @@ fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| format!("no new pid in the summary\n{}", out.explain()))?;
         // It counts on at the destination, from where it was: no restart.
-        std::thread::sleep(Duration::from_secs(3));
-        let after = last_count(file, there)?;
-        if after <= before {
-            return Err(format!(
-                "after moving {here} -> {there} the count is {after}, it was {before} before: it does not run on"
-            ));
-        }
+        counts_on(
+            file,
+            there,
+            before,
+            &format!("after moving {here} -> {there}"),
+        )?;
         let (now_sum, start_again, count) = workload_sums(file, there, new_pid)?;
         if now_sum != start_sum || start_again != start_sum || count < before {
             return Err(format!(
@@ -1303,40 +1342,13 @@ fn a_process_moves_between_nodes_and_keeps_its_state(s: &Suite) -> CaseResult {
     // Killing the destination's VMM in the middle of a move leaves the process running at the
     // source.
     let before = last_count(file, here)?;
-    let mut mover = Command::new(FERRY)
-        .args([
-            "migrate",
-            &format!("{here}:{pid_here}"),
-            "node-3",
-            "--mode",
-            "stop",
-            "--file",
-            file,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let token = cluster_token(file)?;
-    let deadline = Instant::now() + BOOT_LIMIT;
-    loop {
-        let (_, body) = api_get(file, here, "/v1/migrations", Some(token.clone()), None)?;
-        let jobs: Vec<ferry::cluster::api::MigrationJob> =
-            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
-        if jobs.iter().any(|j| {
-            j.to == "node-3"
-                && j.state == ferry::cluster::api::JobState::Running
-                && j.pages_sent > 0
-        }) {
-            break;
-        }
-        if Instant::now() > deadline || matches!(mover.try_wait(), Ok(Some(_))) {
-            let _ = mover.kill();
-            return Err(format!("the move to node-3 never got under way: {body}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let process = format!("{here}:{pid_here}");
+    let mut mover = start_ferry(&[
+        "migrate", &process, "node-3", "--mode", "stop", "--file", file,
+    ])?;
+    job_under_way(file, here, &mut mover, |j| {
+        j.to == "node-3" && j.state == ferry::cluster::api::JobState::Running && j.pages_sent > 0
+    })?;
     let out = kill_daemon(s, "node-3")?;
     check(out.code() == 0, "node-3's daemon is killed mid-move", &out)?;
     let out = wait_with_limit(mover, BOOT_LIMIT)?;
@@ -1464,16 +1476,23 @@ fn number_after(text: &str, before: &str) -> Option<u64> {
         .ok()
 }
 
-/// Checks the busy workload `pid` on `node`: it counts on past `before` and its pages agree
-/// with its table.
-fn busy_intact(file: &str, node: &str, pid: u32, before: u64, what: &str) -> CaseResult {
-    std::thread::sleep(Duration::from_secs(2));
+/// Checks that the workload on `node` counts past `before` a few seconds on (it runs there, and
+/// did not start over).
+fn counts_on(file: &str, node: &str, before: u64, what: &str) -> CaseResult {
+    std::thread::sleep(Duration::from_secs(3));
     let after = last_count(file, node)?;
     if after <= before {
         return Err(format!(
             "{what}: the count on {node} is {after}, it was {before}: it does not run on"
         ));
     }
+    Ok(())
+}
+
+/// Checks the busy workload `pid` on `node`: it counts on past `before` and its pages agree
+/// with its table.
+fn busy_intact(file: &str, node: &str, pid: u32, before: u64, what: &str) -> CaseResult {
+    counts_on(file, node, before, what)?;
     let (bad, pages, count) = workload_sums(file, node, pid)?;
     if bad != 0 || pages != 65536 || count < before {
         return Err(format!(
@@ -1486,54 +1505,8 @@ fn busy_intact(file: &str, node: &str, pid: u32, before: u64, what: &str) -> Cas
 fn a_busy_process_moves_live_with_a_short_pause_and_cancels(_: &Suite) -> CaseResult {
     let file = local_cluster_file();
     let file = file.as_str();
-    let out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
-    check(out.code() == 0, "`ferry up` brings the cluster up", &out)?;
-    for node in ["node-1", "node-2"] {
-        ferry(
-            &[
-                "ssh",
-                node,
-                "--file",
-                file,
-                "--",
-                "sh",
-                "-c",
-                "pkill -f '[w][.]py|[b][.]py'; rm -f /root/progress; touch /root/progress",
-            ],
-            b"",
-            QUICK_LIMIT,
-        )?;
-    }
-    let out = ferry(
-        &[
-            "ssh",
-            "node-1",
-            "--file",
-            file,
-            "--",
-            "sh",
-            "-c",
-            "cat > /root/b.py",
-        ],
-        BUSY_WORKLOAD.as_bytes(),
-        QUICK_LIMIT,
-    )?;
-    check(out.code() == 0, "the workload is copied to node-1", &out)?;
-    let out = ferry(
-        &[
-            "ssh",
-            "node-1",
-            "--file",
-            file,
-            "--",
-            "sh",
-            "-c",
-            "setsid python3 /root/b.py </dev/null >/root/b.out 2>&1 & echo $!",
-        ],
-        b"",
-        QUICK_LIMIT,
-    )?;
-    let pid: u32 = out.stdout.trim().parse().map_err(|_| out.explain())?;
+    up_with_clean_nodes(file, &["node-1", "node-2"])?;
+    let pid = start_python(file, "node-1", "b", BUSY_WORKLOAD)?;
     let deadline = Instant::now() + BOOT_LIMIT;
     while last_count(file, "node-1").unwrap_or(0) < 3 {
         if Instant::now() > deadline {
@@ -1573,40 +1546,23 @@ fn a_busy_process_moves_live_with_a_short_pause_and_cancels(_: &Suite) -> CaseRe
 
     // A move capped at 1 MiB/s is cancelled during pre-copy: the process runs on at node-1.
     let before = last_count(file, "node-1")?;
-    let mover = Command::new(FERRY)
-        .args([
-            "migrate",
-            &format!("node-1:{pid3}"),
-            "node-2",
-            "--bandwidth",
-            "1",
-            "--file",
-            file,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let token = cluster_token(file)?;
-    let deadline = Instant::now() + BOOT_LIMIT;
-    let id = loop {
-        let (_, body) = api_get(file, "node-1", "/v1/migrations", Some(token.clone()), None)?;
-        let jobs: Vec<ferry::cluster::api::MigrationJob> =
-            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
-        if let Some(j) = jobs.iter().find(|j| {
-            j.pid == pid3 && j.state == ferry::cluster::api::JobState::Precopy && j.pages_sent > 0
-        }) {
-            if j.round != 1 || j.bytes_sent == 0 || j.bytes_remaining == 0 {
-                return Err(format!("the live job statistics are off: {body}"));
-            }
-            break j.id;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the capped move never got under way: {body}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let process = format!("node-1:{pid3}");
+    let mut mover = start_ferry(&[
+        "migrate",
+        &process,
+        "node-2",
+        "--bandwidth",
+        "1",
+        "--file",
+        file,
+    ])?;
+    let job = job_under_way(file, "node-1", &mut mover, |j| {
+        j.pid == pid3 && j.state == ferry::cluster::api::JobState::Precopy && j.pages_sent > 0
+    })?;
+    if job.round != 1 || job.bytes_sent == 0 || job.bytes_remaining == 0 || job.bytes_total == 0 {
+        return Err(format!("the live job statistics are off: {job:?}"));
+    }
+    let id = job.id;
     let out = ferry(
         &[
             "migrate",

@@ -237,16 +237,7 @@ impl Agent {
                         session.frozen.insert(pid, frozen);
                         send_pages(writer, &pages)
                     }
-                    Err(DumpError::CantMove { reason, .. }) => send(
-                        writer,
-                        &Message::CantMove {
-                            reason: reason.to_string(),
-                        },
-                    ),
-                    Err(e) => send(
-                        writer,
-                        &migration_failed(MessageType::Freeze, pid, &e.to_string()),
-                    ),
+                    Err(e) => send(writer, &dump_failed(MessageType::Freeze, pid, e)),
                 }
             }
             Message::Recheck { pid } => {
@@ -266,16 +257,7 @@ impl Agent {
             }
             Message::Survey { pid } => match dump::survey(pid) {
                 Ok(pages) => send_pages(writer, &pages),
-                Err(DumpError::CantMove { reason, .. }) => send(
-                    writer,
-                    &Message::CantMove {
-                        reason: reason.to_string(),
-                    },
-                ),
-                Err(e) => send(
-                    writer,
-                    &migration_failed(MessageType::Survey, pid, &e.to_string()),
-                ),
+                Err(e) => send(writer, &dump_failed(MessageType::Survey, pid, e)),
             },
             Message::Release { pid, kill } => {
                 let Some(frozen) = session.frozen.remove(&pid) else {
@@ -527,6 +509,17 @@ fn migration_failed(request: MessageType, pid: u32, why: &str) -> Message {
     Message::RequestFailed {
         request: request as u8,
         message: format!("ferry-agent: pid {pid}: {why}"),
+    }
+}
+
+/// The answer to a `request` about `pid` that the dump refused: the reason it cannot move, or
+/// what failed.
+fn dump_failed(request: MessageType, pid: u32, e: DumpError) -> Message {
+    match e {
+        DumpError::CantMove { reason, .. } => Message::CantMove {
+            reason: reason.to_string(),
+        },
+        e => migration_failed(request, pid, &e.to_string()),
     }
 }
 
