@@ -871,8 +871,15 @@ fn progress_line(job: &cluster::api::MigrationJob, node: &str, pid: u32, to: &st
         JobState::Precopy => format!("pre-copy round {}", job.round.max(1)),
         _ => "frozen, final copy".into(),
     };
+    const WIDTH: u64 = 20;
+    let filled = (pct.min(100) * WIDTH / 100) as usize;
+    let bar = format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        "-".repeat(WIDTH as usize - filled)
+    );
     format!(
-        "ferry: moving {node}:{pid} to {to}: {step}: {}/{} pages ({pct}%), {} MiB sent, {:.0} MiB/s",
+        "ferry: moving {node}:{pid} to {to}: {bar} {step}: {}/{} pages ({pct}%), {} MiB sent, {:.0} MiB/s",
         job.pages_sent,
         job.pages_total,
         job.bytes_sent >> 20,
