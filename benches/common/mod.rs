@@ -3,8 +3,12 @@
 //! afterwards unless another ferry uses it), medians, and QEMU's microvm booting a node's root
 //! disk with a TAP and vhost-vsock, its guest agent reached over vsock.
 //!
-//! Each bench uses its own part of this module.
+//! Each bench uses its own part of this module; the benches that move a process between two
+//! nodes share [`cluster`] (their cluster, workload and ferry's move) and [`criu`] (CRIU's).
 #![allow(dead_code)]
+
+pub mod cluster;
+pub mod criu;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
