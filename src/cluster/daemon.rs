@@ -149,6 +149,8 @@ pub struct Node {
     pub(super) guest: Mutex<Option<Guest>>,
     pub(super) jobs: Jobs,
     stopping: AtomicBool,
+    /// Whether the guest's agent answered during the guest's current life.
+    agent_seen: AtomicBool,
     shutdown: tokio::sync::Notify,
 }
 
@@ -214,6 +216,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             guest: Mutex::new(None),
             jobs: Jobs::default(),
             stopping: AtomicBool::new(false),
+            agent_seen: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
         });
         let guest = {
@@ -566,8 +569,10 @@ impl Node {
     /// Boots the guest, again after each reboot, until it powers off, fails, or the daemon
     /// stops.
     fn guest_loop(self: Arc<Self>) {
+        let mut early_retries = 0;
         loop {
             let started = Instant::now();
+            self.agent_seen.store(false, Ordering::SeqCst);
             let outcome = self.boot_once(started);
             if self.stopping.load(Ordering::SeqCst) {
                 self.set_state(NodeState::Down, Some("stopped".into()));
@@ -577,6 +582,24 @@ impl Node {
                 Ok((VmExit::Reset, tail)) if !tail.contains("Kernel panic") => {
                     log("the guest rebooted: booting it again");
                     self.set_state(NodeState::Booting, Some("the guest rebooted".into()));
+                }
+                // A triple fault before the agent ever answered: on a nested host's emulated SVM
+                // a stock kernel now and then dies this way in early boot and boots the next
+                // time. Twice more, then the node is down.
+                Ok((exit @ VmExit::TripleFault(_), tail))
+                    if !self.agent_seen.load(Ordering::SeqCst) && early_retries < 2 =>
+                {
+                    early_retries += 1;
+                    let why = run::describe_exit(&exit, &tail);
+                    log(format!(
+                        "the guest died in early boot ({why}); booting it again (attempt {})\n{}",
+                        early_retries + 1,
+                        tail.render(5)
+                    ));
+                    self.set_state(
+                        NodeState::Booting,
+                        Some("the guest died in early boot; booting it again".into()),
+                    );
                 }
                 Ok((exit, tail)) => {
                     let why = run::describe_exit(&exit, &tail);
@@ -703,6 +726,7 @@ impl Node {
                     }) {
                     Ok(conn) => {
                         let hello = conn.hello().clone();
+                        self.agent_seen.store(true, Ordering::SeqCst);
                         {
                             let mut s = lock(&self.status);
                             s.kernel = Some(hello.kernel_release.clone());
