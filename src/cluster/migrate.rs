@@ -76,9 +76,12 @@ impl Jobs {
 
     /// The wake-up a running job waits on for a cancel.
     fn cancellable(&self, id: u64) -> Arc<tokio::sync::Notify> {
-        let notify = Arc::new(tokio::sync::Notify::new());
-        lock(&self.cancels).insert(id, (notify.clone(), false));
-        notify
+        // A cancel may have come first, between the job's creation and this call.
+        lock(&self.cancels)
+            .entry(id)
+            .or_insert_with(|| (Arc::new(tokio::sync::Notify::new()), false))
+            .0
+            .clone()
     }
 
     /// Asks a job in pre-copy to stop; refuses one whose process is frozen (its final copy
@@ -90,10 +93,13 @@ impl Jobs {
         };
         match job.state {
             JobState::Precopy => {
-                if let Some((notify, asked)) = lock(&self.cancels).get_mut(&id) {
-                    *asked = true;
-                    notify.notify_one();
-                }
+                let mut cancels = lock(&self.cancels);
+                let (notify, asked) = cancels
+                    .entry(id)
+                    .or_insert_with(|| (Arc::new(tokio::sync::Notify::new()), false));
+                *asked = true;
+                // Stored as a permit if the job is not waiting yet.
+                notify.notify_one();
                 Ok(())
             }
             JobState::Running => Err((
