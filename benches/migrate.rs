@@ -144,7 +144,7 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                 }
             }
             match &criu {
-                Ok(()) => match criu_round(&bench, mib) {
+                Ok(_) => match criu_round(&bench, mib) {
                     Ok(m) => {
                         eprintln!(
                             "bench: {mib} MiB round {round}: criu frozen {:.0} ms, total {:.0} ms",
@@ -229,7 +229,7 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
 }
 
 fn ferry_round(b: &Bench, mib: u64) -> Result<Move> {
-    b.move_workload(mib, |pid| {
+    b.move_workload(mib, None, |pid| {
         let asked = Instant::now();
         // Stop-and-copy, as CRIU's dump and restore are (pre-copy is measured by the live bench).
         let options = ferry::cluster::control::MigrateOptions {
@@ -252,8 +252,8 @@ fn ferry_round(b: &Bench, mib: u64) -> Result<Move> {
 }
 
 fn criu_round(b: &Bench, mib: u64) -> Result<Move> {
-    b.move_workload(mib, |pid| {
-        let m = common::criu::move_process(b, pid, mib)?;
+    b.move_workload(mib, None, |pid| {
+        let m = common::criu::move_process(b, pid, mib, 0)?;
         Ok(Move {
             freeze_ms: m.downtime_ms,
             total_ms: m.total_ms,

@@ -69,19 +69,36 @@ name = "{NODE_B}"
 }
 
 /// Fills `argv[1]` MiB with a pattern (every page different, no zero page), then counts,
-/// appending to /root/progress five times a second.
+/// appending to /root/progress five times a second. `argv[2]`, the write rate while it counts:
+/// none by default; `light`, one page in every 64 of the first 1% of its pages once a second
+/// (a different one of each 64 every second); `heavy`, one byte of every page of the first 10%
+/// of its pages, pass after pass, as fast as Python goes between the counts.
 pub const WORKLOAD: &str = r#"import sys, time
 N = int(sys.argv[1]) << 20
+rate = sys.argv[2] if len(sys.argv) > 2 else 'none'
 buf = bytearray(N)
 page = (bytes(range(1, 256)) * 17)[:4096]
 for i in range(0, N, 4096):
     buf[i:i + 4096] = page
     buf[i] = (i >> 12) & 0x7f | 0x80
+light_end = max(N // 100, 64 * 4096)
+heavy_end = N // 10
+heavy = len(range(1, heavy_end, 4096))
 count = 0
+passes = 0
 while True:
     count += 1
     with open('/root/progress', 'a') as f:
         f.write('%d\n' % count)
+    if rate == 'heavy':
+        due = time.time() + 0.2
+        while time.time() < due:
+            passes += 1
+            buf[1:heavy_end:4096] = bytes([passes & 0x7f | 1]) * heavy
+        continue
+    if rate == 'light' and count % 5 == 0:
+        start = (count // 5) % 64 * 4096 + 2
+        buf[start:light_end:64 * 4096] = bytes([count & 0x7f | 1]) * len(range(start, light_end, 64 * 4096))
     time.sleep(0.2)
 "#;
 
@@ -161,20 +178,39 @@ impl Bench {
         Ok(out)
     }
 
-    /// Why the cluster can no longer be measured, if its nodes are not all ready.
+    /// Why the cluster can no longer be measured, if its nodes are not all ready: what
+    /// `ferry status` said of them, and how the nested host's kernel ended if it did.
     pub fn down_reason(&self) -> Option<String> {
-        match run_ferry(&["status", &self.file.to_string_lossy()], b"", QUICK) {
-            Ok((true, _, _)) => None,
-            Ok((false, out, err)) => Some(format!(
-                "the cluster's nodes went down mid-bench ({})",
-                out.lines()
-                    .chain(err.lines())
-                    .filter(|l| l.contains(" down") || l.contains("no daemon"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )),
-            Err(e) => Some(format!("`ferry status` failed: {e:#}")),
+        let why = match run_ferry(&["status", &self.file.to_string_lossy()], b"", QUICK) {
+            Ok((true, _, _)) => return None,
+            Ok((false, out, err)) => {
+                // The reasons where `ferry status` gave them, else the table's rows.
+                let mut lines: Vec<&str> =
+                    err.lines().filter(|l| l.contains("no daemon")).collect();
+                if lines.is_empty() {
+                    lines = out.lines().filter(|l| l.contains(" down")).collect();
+                }
+                format!(
+                    "the cluster's nodes went down mid-bench ({})",
+                    lines.join("; ")
+                )
+            }
+            Err(e) => format!("`ferry status` failed: {e:#}"),
+        };
+        if ferry::nested::local_kvm_problem().is_none() {
+            return Some(why);
         }
+        let console = ferry::nested::state_dir().join("console.log");
+        let kernel = std::fs::read_to_string(console).unwrap_or_default();
+        let end = kernel.lines().find(|l| {
+            ["Kernel panic", "BUG:", "Out of memory"]
+                .iter()
+                .any(|w| l.contains(w))
+        });
+        Some(match end {
+            Some(l) => format!("{why}; the nested host's kernel: {}", l.trim()),
+            None => why,
+        })
     }
 
     /// Why `mib` cannot be measured here, if it cannot: bench-a holds the workload and bench-b
@@ -195,10 +231,16 @@ impl Bench {
         })
     }
 
-    /// One move of a fresh workload of `mib` MiB: starts it on bench-a, has `mover` move it (given its pid), checks that it counts on at
+    /// One move of a fresh workload of `mib` MiB (`rate` as [`WORKLOAD`]'s second argument):
+    /// starts it on bench-a, has `mover` move it (given its pid), checks that it counts on at
     /// bench-b from where it was and ends it there.
-    pub fn move_workload<T>(&self, mib: u64, mover: impl FnOnce(u32) -> Result<T>) -> Result<T> {
-        let pid = self.start_workload(mib)?;
+    pub fn move_workload<T>(
+        &self,
+        mib: u64,
+        rate: Option<&str>,
+        mover: impl FnOnce(u32) -> Result<T>,
+    ) -> Result<T> {
+        let pid = self.start_workload(mib, rate)?;
         let before = self.last_count(NODE_A)?;
         let moved = mover(pid)?;
         self.runs_on_at_b(before)?;
@@ -207,7 +249,7 @@ impl Bench {
 
     /// Starts the workload on bench-a and waits until it has filled its memory and counts; its
     /// pid.
-    fn start_workload(&self, mib: u64) -> Result<u32> {
+    fn start_workload(&self, mib: u64, rate: Option<&str>) -> Result<u32> {
         for node in [NODE_A, NODE_B] {
             self.ssh(
                 node,
@@ -218,7 +260,10 @@ impl Bench {
         }
         let out = self.ssh(
             NODE_A,
-            &format!("setsid python3 /root/mig.py {mib} </dev/null >/root/w.out 2>&1 & echo $!"),
+            &format!(
+                "setsid python3 /root/mig.py {mib} {} </dev/null >/root/w.out 2>&1 & echo $!",
+                rate.unwrap_or_default()
+            ),
             b"",
             QUICK,
         )?;
