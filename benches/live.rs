@@ -38,11 +38,12 @@
 //! was; medians over the rounds. Per-move details (ferry's rounds, pages held from pre-copy,
 //! dirty rate and both daemons' log lines; CRIU's pre-dumps and phases) go to stderr.
 //!
-//! The nested host's kernel has died under a move (a stall in its nested KVM, then a panic):
-//! when the cluster is found down after a failed move, it is brought up again (in a new nested
-//! host) and the move runs again, at most twice for one move and ten times in a run; after
-//! that, what is left is `not-measured` with the reason, the nested host's last kernel words
-//! included.
+//! In the nested host, guests reset under a move (a triple fault) and the nested host's kernel
+//! dies every ten minutes or so (an RCU stall in its nested KVM, then a panic): when the cluster
+//! is found down after a failed move, it is brought up again (in a new nested host if the old
+//! one died) and the move runs again, at most twice for one move (then that move is
+//! `not-measured`) and ten times in a run (then what is left is); the reason includes the
+//! nested host's last kernel words.
 //!
 //! Output, one line per case, then one ratio line per size and rate:
 //!
@@ -132,9 +133,9 @@ const MOVE_RESTARTS: u32 = 2;
 const RUN_RESTARTS: u32 = 10;
 
 /// The cluster and CRIU in it; runs the bench's moves one after another, brings the cluster up
-/// again when it went down under a move (at most [`MOVE_RESTARTS`] times for the move,
-/// [`RUN_RESTARTS`] in all) and then runs that move again, and runs no more once it is gone
-/// for good.
+/// again when it went down under a move (at most [`RUN_RESTARTS`] times in all) and runs that
+/// move again (at most [`MOVE_RESTARTS`] times; then it is not measured), and runs no more
+/// once the cluster is gone for good.
 struct Runner {
     bench: Option<Bench>,
     /// CRIU's abilities in the guests, or why it cannot run there.
@@ -195,16 +196,29 @@ impl Runner {
                 moves.record(result);
                 return;
             };
-            if restarts == MOVE_RESTARTS || self.restarts == RUN_RESTARTS {
+            eprintln!(
+                "bench: {why}; the daemons' last words:{}",
+                self.bench().daemon_logs()
+            );
+            if self.restarts == RUN_RESTARTS {
                 eprintln!("bench: {why}: no more moves");
                 self.gone = Some(why);
                 continue;
             }
-            restarts += 1;
             self.restarts += 1;
-            eprintln!("bench: {why}: the cluster comes up again and {what} runs again");
+            let again = restarts < MOVE_RESTARTS;
+            if again {
+                restarts += 1;
+                eprintln!("bench: {why}: the cluster comes up again and {what} runs again");
+            } else {
+                eprintln!("bench: {why}: the cluster comes up again for the next moves");
+            }
             if let Err(e) = self.restart() {
                 self.gone = Some(format!("{why}; bringing it up again failed: {e:#}"));
+            }
+            if !again {
+                moves.error = Some(format!("{why} ({} times)", MOVE_RESTARTS + 1));
+                return;
             }
         }
     }

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry::cluster::api::{JobState, MigrationJob};
+use ferry::cluster::api::{JobState, MigrationJob, NodeState};
 use ferry::cluster::control::{self, Cluster, MigrateOptions};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -166,11 +166,29 @@ impl Bench {
     /// Runs `script` with `sh -c` on `node` over `ferry ssh`; its stdout, or an error with both
     /// streams.
     pub fn ssh(&self, node: &str, script: &str, stdin: &[u8], limit: Duration) -> Result<String> {
+        self.ssh_watched(node, script, stdin, limit, None)
+    }
+
+    /// [`Bench::ssh`] for a long script: given up as soon as the cluster is found down (a
+    /// guest that died leaves its ssh connection hanging until `limit`).
+    pub fn ssh_long(&self, node: &str, script: &str, limit: Duration) -> Result<String> {
+        self.ssh_watched(node, script, b"", limit, Some(&|| self.down_reason()))
+    }
+
+    fn ssh_watched(
+        &self,
+        node: &str,
+        script: &str,
+        stdin: &[u8],
+        limit: Duration,
+        watch: Option<&dyn Fn() -> Option<String>>,
+    ) -> Result<String> {
         let f = self.file.to_string_lossy();
-        let (ok, out, err) = run_ferry(
+        let (ok, out, err) = run_ferry_watched(
             &["ssh", node, "--file", &f, "--", "sh", "-c", script],
             stdin,
             limit,
+            watch,
         )?;
         if !ok {
             bail!("on {node}: `{}` failed\n{out}{err}", first_line(script));
@@ -178,24 +196,46 @@ impl Bench {
         Ok(out)
     }
 
-    /// Why the cluster can no longer be measured, if its nodes are not all ready: what
-    /// `ferry status` said of them, and how the nested host's kernel ended if it did.
+    /// Why the cluster can no longer be measured, if a node is down: its daemon says its guest
+    /// is down, or no daemon has answered for a minute (a busy nested host can keep a daemon
+    /// from answering `ferry status` in time); and how the nested host's kernel ended if it
+    /// did. A node still booting, or whose agent is slow to answer, is not down.
     pub fn down_reason(&self) -> Option<String> {
-        let why = match run_ferry(&["status", &self.file.to_string_lossy()], b"", QUICK) {
-            Ok((true, _, _)) => return None,
-            Ok((false, out, err)) => {
-                // The reasons where `ferry status` gave them, else the table's rows.
-                let mut lines: Vec<&str> =
-                    err.lines().filter(|l| l.contains("no daemon")).collect();
-                if lines.is_empty() {
-                    lines = out.lines().filter(|l| l.contains(" down")).collect();
-                }
-                format!(
-                    "the cluster's nodes went down mid-bench ({})",
-                    lines.join("; ")
-                )
+        let patience = Instant::now() + Duration::from_secs(60);
+        let why = loop {
+            let statuses = match self.cluster.statuses() {
+                Ok(s) => s,
+                Err(e) => break format!("`ferry status` failed: {e}"),
+            };
+            let down: Vec<_> = statuses
+                .iter()
+                .filter(|s| s.state == NodeState::Down)
+                .collect();
+            if down.is_empty() {
+                return None;
             }
-            Err(e) => format!("`ferry status` failed: {e:#}"),
+            let silent = down.iter().all(|s| {
+                s.detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("no daemon answers"))
+            });
+            if !silent || Instant::now() > patience {
+                let nodes: Vec<String> = down
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}: {}",
+                            s.name,
+                            first_line(s.detail.as_deref().unwrap_or("down"))
+                        )
+                    })
+                    .collect();
+                break format!(
+                    "the cluster's nodes went down mid-bench ({})",
+                    nodes.join("; ")
+                );
+            }
+            std::thread::sleep(Duration::from_secs(5));
         };
         if ferry::nested::local_kvm_problem().is_none() {
             return Some(why);
@@ -344,7 +384,7 @@ impl Bench {
     }
 
     /// The end of both daemons' logs, for a failed move.
-    fn daemon_logs(&self) -> String {
+    pub fn daemon_logs(&self) -> String {
         let mut s = String::new();
         for node in [NODE_A, NODE_B] {
             let log =
@@ -423,6 +463,20 @@ fn meminfo_mib(text: &str, key: &str) -> Option<u64> {
 
 /// Runs `ferry ARGS` with `stdin`: (success, stdout, stderr), within `limit`.
 pub fn run_ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<(bool, String, String)> {
+    run_ferry_watched(args, stdin, limit, None)
+}
+
+/// How often a long command's watch is asked whether to stop waiting.
+const WATCH_EVERY: Duration = Duration::from_secs(30);
+
+/// [`run_ferry`], and every [`WATCH_EVERY`] asks `watch` whether waiting on is pointless: if
+/// it says why, ends the command and returns that as the error.
+fn run_ferry_watched(
+    args: &[&str],
+    stdin: &[u8],
+    limit: Duration,
+    watch: Option<&dyn Fn() -> Option<String>>,
+) -> Result<(bool, String, String)> {
     let mut child = Command::new(FERRY)
         .args(args)
         .stdin(Stdio::piped())
@@ -448,6 +502,7 @@ pub fn run_ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<(bool, 
         s
     });
     let deadline = Instant::now() + limit;
+    let mut next_watch = Instant::now() + WATCH_EVERY;
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
@@ -456,6 +511,14 @@ pub fn run_ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<(bool, 
             let _ = child.kill();
             let _ = child.wait();
             bail!("`ferry {}` took over {} s", args.join(" "), limit.as_secs());
+        }
+        if let Some(watch) = watch.filter(|_| Instant::now() > next_watch) {
+            if let Some(why) = watch() {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("`ferry {}` given up: {why}", args.join(" "));
+            }
+            next_watch = Instant::now() + WATCH_EVERY;
         }
         std::thread::sleep(Duration::from_millis(50));
     };

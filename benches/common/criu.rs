@@ -174,10 +174,9 @@ pub fn move_process(b: &Bench, pid: u32, mib: u64, predumps: u32) -> Result<Criu
     } else {
         ""
     };
-    let out = b.ssh(
+    let out = b.ssh_long(
         NODE_A,
         &format!("sh /root/criu.sh {pid} {predumps} {dedup}"),
-        b"",
         Duration::from_secs(300 + mib * (1 + predumps as u64)),
     );
     let out = match out {
