@@ -128,6 +128,36 @@ enum Command {
         #[arg(default_value = cluster::control::DEFAULT_FILE)]
         file: PathBuf,
     },
+    /// The automatic load balancer: `ferry balancer` shows each node's policy, its CPU-bound
+    /// processes and latest decisions; `ferry balancer on|off` and the options change the
+    /// policy on every node at once (until the cluster is brought up again from its file).
+    Balancer {
+        /// on, off, or show (the default).
+        #[arg(default_value = "show", value_parser = ["show", "on", "off"])]
+        action: String,
+        /// How often each node weighs its load against the others', in ms (500 to 60000).
+        #[arg(long)]
+        interval_ms: Option<u64>,
+        /// Percent of its fair share of the CPUs a process must use to count as CPU-bound.
+        #[arg(long)]
+        min_cpu_share: Option<u64>,
+        /// Seconds a process stays on a node before the balancer moves it (again).
+        #[arg(long)]
+        residence_s: Option<u64>,
+        /// Below this much available memory (percent of RAM) a node moves processes away; 0:
+        /// never.
+        #[arg(long)]
+        memory_low_percent: Option<u64>,
+        /// Only these programs or scripts move by themselves, comma-separated; "" for any.
+        #[arg(long)]
+        commands: Option<String>,
+        /// Decisions shown per node.
+        #[arg(long, default_value_t = 5)]
+        events: usize,
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+    },
     /// The node daemon and its helpers (started by `ferry up`, not by hand).
     #[command(hide = true)]
     Daemon {
@@ -412,6 +442,36 @@ fn main() -> ExitCode {
             ),
         },
         Command::Ps { file } => cmd_ps(&file),
+        Command::Balancer {
+            action,
+            interval_ms,
+            min_cpu_share,
+            residence_s,
+            memory_low_percent,
+            commands,
+            events,
+            file,
+        } => {
+            let update = cluster::balancer::PolicyUpdate {
+                enabled: match action.as_str() {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                },
+                interval_ms,
+                min_cpu_share,
+                residence_s,
+                memory_low_percent,
+                commands: commands.map(|c| {
+                    c.split(',')
+                        .map(str::trim)
+                        .filter(|c| !c.is_empty())
+                        .map(String::from)
+                        .collect()
+                }),
+            };
+            cmd_balancer(&file, &update, events)
+        }
         Command::Agent {
             action: AgentAction::Ping { cid, count },
         } => cmd_agent_ping(cid, count),
@@ -908,6 +968,25 @@ fn cmd_ps(file: &Path) -> anyhow::Result<i32> {
     let cluster = control::Cluster::load(file)?;
     print!("{}", cluster::control::ps_table(&cluster.processes()?));
     Ok(0)
+}
+
+fn cmd_balancer(
+    file: &Path,
+    update: &cluster::balancer::PolicyUpdate,
+    events: usize,
+) -> anyhow::Result<i32> {
+    let cluster = control::Cluster::load(file)?;
+    let statuses = if update.is_empty() {
+        cluster.balancers()?
+    } else {
+        cluster.set_balancer(update)?
+    };
+    print!("{}", cluster::balancer::balancer_report(&statuses, events));
+    Ok(if statuses.len() == cluster.config.nodes.len() {
+        0
+    } else {
+        3
+    })
 }
 
 fn cmd_daemon(action: DaemonAction) -> anyhow::Result<i32> {

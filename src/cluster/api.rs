@@ -71,6 +71,13 @@ pub struct NodeStatus {
     /// The guest's load, sampled about once a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<Load>,
+    /// Whether the node takes processes that other nodes send it.
+    #[serde(default = "yes")]
+    pub accepting: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A guest's load: what a balancer weighs.
@@ -88,6 +95,9 @@ pub struct Load {
     /// Tasks in the guest.
     pub tasks: u32,
     pub uptime_s: u64,
+    /// CPU-bound processes, as the node's balancer counts them.
+    #[serde(default)]
+    pub busy: u32,
 }
 
 /// One process in a guest.
@@ -111,6 +121,9 @@ pub struct Process {
     /// How often it moved.
     #[serde(default)]
     pub moves: u32,
+    /// Locked in place: no migration moves it.
+    #[serde(default)]
+    pub locked: bool,
 }
 
 /// `POST /v1/migrations`: move process `pid` of node `node` (default: the node asked) to node
@@ -282,6 +295,13 @@ pub enum Route {
     /// `POST /v1/peer/migrations`: a source node's page stream (peers only; the connection is
     /// upgraded to the migration protocol).
     PeerMigration,
+    /// `GET /v1/balancer`: this node's balancer (policy, CPU-bound processes, decisions).
+    Balancer,
+    /// `PUT /v1/balancer`: change the policy ([`PolicyUpdate`](super::balancer::PolicyUpdate))
+    /// on every node, or on this one only with `?scope=node`.
+    SetBalancer {
+        node_only: bool,
+    },
 }
 
 /// Why a request maps to no route.
@@ -338,6 +358,13 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
             }
         },
         ["v1", "peer", "migrations"] => (Route::PeerMigration, "POST"),
+        ["v1", "balancer"] if method == "PUT" => (
+            Route::SetBalancer {
+                node_only: scope_is_node(query)?,
+            },
+            "PUT",
+        ),
+        ["v1", "balancer"] => (Route::Balancer, "GET or PUT"),
         _ => return Err(RouteError::NotFound(path.to_string())),
     };
     if !allowed.split(" or ").any(|m| m == method) {
@@ -370,6 +397,28 @@ fn all(query: Option<&str>) -> Result<bool, RouteError> {
         }
     }
     Ok(all)
+}
+
+/// `?scope=node` (this node only) or `?scope=cluster` (the default: every node).
+fn scope_is_node(query: Option<&str>) -> Result<bool, RouteError> {
+    let mut node = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("scope", "node") => node = true,
+            ("scope", "cluster") => node = false,
+            ("scope", v) => {
+                return Err(RouteError::BadRequest(format!(
+                    "query parameter scope={v}: write scope=node or scope=cluster"
+                )))
+            }
+            (key, _) => {
+                return Err(RouteError::BadRequest(format!(
+                    "unknown query parameter `{key}`; the only one is scope=node|cluster"
+                )))
+            }
+        }
+    }
+    Ok(node)
 }
 
 /// Whether the `Authorization` header carries `token` (compared in constant time).
@@ -406,7 +455,7 @@ pub fn openapi() -> serde_json::Value {
             serde_json::Value::Object(m)
         };
     let node_ref = json!({"$ref": "#/components/schemas/NodeStatus"});
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {"title": "ferry node API", "version": env!("CARGO_PKG_VERSION"),
                  "description": "One ferry node daemon: its guest, its load and its processes, and the other nodes of its cluster."},
@@ -485,7 +534,33 @@ pub fn openapi() -> serde_json::Value {
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
                 "responses": {"200": {"description": "the OpenAPI document"}}}}
         }
-    })
+    });
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["NodeStatus"]["properties"]["accepting"] =
+        json!({"type": "boolean", "description": "whether it takes processes other nodes send"});
+    schemas["Load"]["properties"]["busy"] = json!({"type": "integer", "description": "CPU-bound processes, as the node's balancer counts them"});
+    schemas["Process"]["properties"]["locked"] =
+        json!({"type": "boolean", "description": "locked in place: no migration moves it"});
+    schemas["BalancerPolicy"] = json!({"type": "object", "properties": {
+        "enabled": {"type": "boolean", "description": "whether processes move by themselves"},
+        "interval_ms": {"type": "integer", "minimum": 500, "maximum": 60000, "description": "how often each node weighs its load"},
+        "min_cpu_share": {"type": "integer", "minimum": 1, "maximum": 100, "description": "percent of its fair share of the CPUs a process must use to count as CPU-bound"},
+        "residence_s": {"type": "integer", "minimum": 0, "maximum": 3600, "description": "seconds a process stays on a node before the balancer moves it"},
+        "memory_low_percent": {"type": "integer", "minimum": 0, "maximum": 90, "description": "below this much available memory a node moves processes away (0: never)"},
+        "commands": {"type": "array", "items": {"type": "string"}, "description": "only these programs or scripts move by themselves (empty: any)"}}});
+    schemas["BalancerStatus"] = json!({"type": "object", "required": ["node", "policy", "busy", "events"], "properties": {
+        "node": {"type": "string"}, "policy": {"$ref": "#/components/schemas/BalancerPolicy"},
+        "busy": {"type": "integer", "description": "CPU-bound processes on the node now"},
+        "events": {"type": "array", "items": {"type": "object", "properties": {"at_ms": {"type": "integer"}, "message": {"type": "string"}}}}}});
+    let status = json!({"$ref": "#/components/schemas/BalancerStatus"});
+    doc["paths"]["/v1/balancer"] = json!({
+        "get": {"summary": "this node's balancer: its policy, CPU-bound processes and recent decisions",
+            "responses": with(errors(&[]), "200", ok(status.clone()))},
+        "put": {"summary": "change the balancer's policy on every node (only the settings given; all or none applied), or on this node only with scope=node",
+            "parameters": [{"name": "scope", "in": "query", "required": false, "schema": {"type": "string", "enum": ["cluster", "node"]}}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BalancerPolicy"}}}},
+            "responses": with(errors(&[("400", ""), ("502", "")]), "200", ok(json!({"type": "array", "items": status})))}});
+    doc
 }
 
 #[cfg(test)]
@@ -531,6 +606,19 @@ mod tests {
         );
         let e = route("POST", "/v1/migrations/3", None).unwrap_err();
         assert!(e.to_string().contains("use GET or DELETE"), "{e}");
+        assert_eq!(route("GET", "/v1/balancer", None), Ok(Route::Balancer));
+        assert_eq!(
+            route("PUT", "/v1/balancer", None),
+            Ok(Route::SetBalancer { node_only: false })
+        );
+        assert_eq!(
+            route("PUT", "/v1/balancer", Some("scope=node")),
+            Ok(Route::SetBalancer { node_only: true })
+        );
+        let e = route("PUT", "/v1/balancer", Some("scope=all")).unwrap_err();
+        assert!(e.to_string().contains("scope=node or scope=cluster"), "{e}");
+        let e = route("POST", "/v1/balancer", None).unwrap_err();
+        assert!(e.to_string().contains("use GET or PUT"), "{e}");
     }
 
     #[test]
@@ -574,6 +662,7 @@ mod tests {
             "/v1/migrations",
             "/v1/migrations/{id}",
             "/v1/peer/migrations",
+            "/v1/balancer",
         ] {
             assert!(paths.contains_key(p), "{p} missing");
         }
@@ -590,6 +679,7 @@ mod tests {
             kernel: Some("k".into()),
             boot_ms: Some(1),
             load: None,
+            accepting: false,
         })
         .unwrap();
         let props = &doc["components"]["schemas"]["NodeStatus"]["properties"];
@@ -605,6 +695,7 @@ mod tests {
             mem_available_mib: 1,
             tasks: 1,
             uptime_s: 1,
+            busy: 1,
         })
         .unwrap();
         let props = &doc["components"]["schemas"]["Load"]["properties"];
@@ -640,6 +731,11 @@ mod tests {
         let props = &doc["components"]["schemas"]["MigrationJob"]["properties"];
         for k in job.as_object().unwrap().keys() {
             assert!(props.get(k).is_some(), "MigrationJob.{k} undocumented");
+        }
+        let policy = serde_json::to_value(super::super::balancer::Policy::default()).unwrap();
+        let props = &doc["components"]["schemas"]["BalancerPolicy"]["properties"];
+        for k in policy.as_object().unwrap().keys() {
+            assert!(props.get(k).is_some(), "BalancerPolicy.{k} undocumented");
         }
         let props = &doc["components"]["schemas"]["MigrationRequest"]["properties"];
         for k in [

@@ -153,6 +153,30 @@ impl ApiClient {
         self.limited(fut).await
     }
 
+    /// `METHOD path` with a JSON body; the status and the body, whatever the status.
+    pub async fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let body = serde_json::to_vec(body).map_err(|source| ClientError::Decode {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        let fut = async {
+            let mut sender = self.connect(false).await?;
+            let req = self
+                .request(method, path)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| ClientError::Request(format!("{method} {path}: {e}")))?;
+            let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
+            self.read(resp).await
+        };
+        self.limited(fut).await
+    }
+
     /// `POST path` asking to switch the connection to `protocol`: the raw TLS stream once the
     /// node answers 101 (the migration stream between nodes).
     pub async fn upgrade(

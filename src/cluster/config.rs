@@ -16,6 +16,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
+use super::balancer::{self, Policy, PolicyUpdate};
+
 /// The guest images a node can boot: Debian releases of the root disk.
 pub const IMAGES: &[&str] = &["bookworm"];
 
@@ -49,6 +51,8 @@ pub struct ClusterConfig {
     pub tls_dir: Option<PathBuf>,
     /// The nodes, in file order.
     pub nodes: Vec<NodeConfig>,
+    /// The automatic load balancer's policy (`[balancer]`).
+    pub balancer: Policy,
 }
 
 /// One node of a cluster file, with the defaults applied.
@@ -140,11 +144,19 @@ fn display<T: fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::
 // The file as written. Required keys are `Option`s too, so that a missing one gets a message of
 // ours pointing at its table; numbers are `i64` so that out-of-range values get one too.
 
-const TOP_KEYS: &[&str] = &["cluster", "defaults", "api", "tls", "node"];
+const TOP_KEYS: &[&str] = &["cluster", "defaults", "api", "tls", "balancer", "node"];
 const CLUSTER_KEYS: &[&str] = &["name", "subnet"];
 const DEFAULTS_KEYS: &[&str] = &["vcpus", "memory", "image", "packages"];
 const API_KEYS: &[&str] = &["listen", "port", "peer_port"];
 const TLS_KEYS: &[&str] = &["dir"];
+const BALANCER_KEYS: &[&str] = &[
+    "enabled",
+    "interval_ms",
+    "min_cpu_share",
+    "residence_s",
+    "memory_low_percent",
+    "commands",
+];
 const NODE_KEYS: &[&str] = &[
     "name",
     "address",
@@ -163,6 +175,7 @@ const TABLES: &[(&str, &[&str])] = &[
     ("[defaults]", DEFAULTS_KEYS),
     ("[api]", API_KEYS),
     ("[tls]", TLS_KEYS),
+    ("[balancer]", BALANCER_KEYS),
     ("[[node]]", NODE_KEYS),
 ];
 
@@ -175,6 +188,7 @@ struct RawFile {
     defaults: Option<RawDefaults>,
     api: Option<RawApi>,
     tls: Option<RawTls>,
+    balancer: Option<RawBalancer>,
     node: S<Vec<Spanned<RawNode>>>,
 }
 
@@ -206,6 +220,17 @@ struct RawApi {
 #[serde(deny_unknown_fields)]
 struct RawTls {
     dir: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalancer {
+    enabled: S<bool>,
+    interval_ms: S<i64>,
+    min_cpu_share: S<i64>,
+    residence_s: S<i64>,
+    memory_low_percent: S<i64>,
+    commands: S<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -550,6 +575,11 @@ impl Checker<'_> {
             }
         };
 
+        let balancer = match &raw.balancer {
+            Some(b) => self.balancer(b)?,
+            None => Policy::default(),
+        };
+
         let raw_nodes = match raw.node {
             None => {
                 return Err(self.err(
@@ -603,6 +633,7 @@ impl Checker<'_> {
             listen,
             tls_dir,
             nodes,
+            balancer,
         })
     }
 
@@ -758,6 +789,49 @@ impl Checker<'_> {
             }
         }
         Ok(base)
+    }
+
+    /// The `[balancer]` table over the defaults.
+    fn balancer(&self, b: &RawBalancer) -> Result<Policy, ConfigError> {
+        let mut update = PolicyUpdate {
+            enabled: b.enabled.as_ref().map(|v| *v.get_ref()),
+            ..PolicyUpdate::default()
+        };
+        let number = |v: &S<i64>, key: &str| -> Result<Option<u64>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let n = u64::try_from(*v.get_ref()).unwrap_or(u64::MAX);
+            balancer::check_limit(key, n)
+                .map_err(|_| {
+                    let (_, lo, hi) = balancer::LIMITS
+                        .iter()
+                        .find(|(k, _, _)| *k == key)
+                        .expect("every number of [balancer] has limits");
+                    self.err(
+                        v.span(),
+                        format!("{key} = {} is out of range; use {lo} to {hi}", v.get_ref()),
+                    )
+                })
+                .map(|_| Some(n))
+        };
+        update.interval_ms = number(&b.interval_ms, "interval_ms")?;
+        update.min_cpu_share = number(&b.min_cpu_share, "min_cpu_share")?;
+        update.residence_s = number(&b.residence_s, "residence_s")?;
+        update.memory_low_percent = number(&b.memory_low_percent, "memory_low_percent")?;
+        if let Some(c) = &b.commands {
+            for name in c.get_ref() {
+                let one = PolicyUpdate {
+                    commands: Some(vec![name.get_ref().clone()]),
+                    ..PolicyUpdate::default()
+                };
+                if let Err(why) = one.apply(&Policy::default()) {
+                    return Err(self.err(name.span(), why));
+                }
+            }
+            update.commands = Some(c.get_ref().iter().map(|n| n.get_ref().clone()).collect());
+        }
+        Ok(update
+            .apply(&Policy::default())
+            .expect("every value was checked above"))
     }
 
     fn port(&self, v: Option<&Spanned<i64>>, key: &str, default: u16) -> Result<u16, ConfigError> {
@@ -1212,10 +1286,40 @@ mod tests {
                     node("node-2", "127.0.0.1", "10.77.1.12/24", 7471, 7571),
                     node("node-3", "127.0.0.1", "10.77.1.13/24", 7472, 7572),
                 ],
+                balancer: Policy::default(),
             }
         );
         assert_eq!(c.node("node-2"), Some(&c.nodes[1]));
         assert_eq!(c.node("node-4"), None);
+    }
+
+    #[test]
+    fn balancer_table_sets_the_policy_and_names_its_mistakes() {
+        let c = ok(&with_nodes(
+            "[balancer]\nenabled = false\nresidence_s = 5\ncommands = [\"job.py\"]\n[[node]]\nname = \"a\"\n",
+        ));
+        assert!(!c.balancer.enabled);
+        assert_eq!(c.balancer.residence_s, 5);
+        assert_eq!(c.balancer.commands, vec!["job.py".to_string()]);
+        assert_eq!(c.balancer.interval_ms, Policy::default().interval_ms);
+        bad_at(
+            &with_nodes("[balancer]\ninterval_ms = 10\n[[node]]\nname = \"a\"\n"),
+            (5, 15),
+            &["interval_ms = 10 is out of range; use 500 to 60000"],
+        );
+        bad_at(
+            &with_nodes("[balancer]\ncommands = [\"/bin/sh\"]\n[[node]]\nname = \"a\"\n"),
+            (5, 13),
+            &["without directories"],
+        );
+        bad_at(
+            &with_nodes("[balancer]\nenable = true\n[[node]]\nname = \"a\"\n"),
+            (5, 1),
+            &[
+                "unknown key `enable` in [balancer]",
+                "did you mean `enabled`?",
+            ],
+        );
     }
 
     #[test]
@@ -1238,6 +1342,7 @@ mod tests {
                     node("node-2", "192.168.50.10", "10.77.1.12/24", 7471, 7571),
                     node("node-3", "192.168.50.11", "10.77.1.13/24", 7472, 7572),
                 ],
+                balancer: Policy::default(),
             }
         );
     }
@@ -1407,7 +1512,7 @@ mod tests {
             &[
                 "unknown table or key `nodes` at the top level",
                 "did you mean [[node]]?",
-                "[cluster], [defaults], [api], [tls], [[node]]",
+                "[cluster], [defaults], [api], [tls], [balancer], [[node]]",
             ],
         );
         bad_at(

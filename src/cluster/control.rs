@@ -261,6 +261,7 @@ impl Cluster {
             kernel: None,
             boot_ms: None,
             load: None,
+            accepting: false,
         }
     }
 }
@@ -447,7 +448,7 @@ pub fn ps_table(processes: &[(String, Process)]) -> String {
     out
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ControlError> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, ControlError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1015,6 +1016,7 @@ mod tests {
             kernel: None,
             boot_ms: None,
             load: None,
+            accepting: false,
         };
         let t = table(&[
             node("node-1", NodeState::Ready),

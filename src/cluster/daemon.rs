@@ -34,6 +34,7 @@ use tokio_rustls::TlsAcceptor;
 use vm_memory::GuestMemoryMmap;
 
 use super::api::{self, ApiError, Load, NodeState, NodeStatus, Process, Route};
+use super::balancer::Balancer;
 use super::client::ApiClient;
 use super::config::{self, ClusterConfig, NodeConfig};
 use super::migrate::Jobs;
@@ -148,6 +149,7 @@ pub struct Node {
     /// The running guest, while it runs (for migrations).
     pub(super) guest: Mutex<Option<Guest>>,
     pub(super) jobs: Jobs,
+    pub(super) balancer: Balancer,
     stopping: AtomicBool,
     /// Whether the guest's agent answered during the guest's current life.
     agent_seen: AtomicBool,
@@ -195,6 +197,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             me.name, cluster.name
         ));
 
+        let policy = cluster.balancer.clone();
         let node = Arc::new(Node {
             status: Mutex::new(Status {
                 state: NodeState::Booting,
@@ -215,6 +218,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             exit: Mutex::new(None),
             guest: Mutex::new(None),
             jobs: Jobs::default(),
+            balancer: Balancer::new(policy),
             stopping: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
@@ -226,6 +230,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
                 .spawn(move || node.guest_loop())
                 .map_err(io("starting the guest thread"))?
         };
+        tokio::spawn(node.clone().balance());
         tokio::spawn(serve(
             api_listener,
             TlsAcceptor::from(api_tls),
@@ -408,6 +413,8 @@ impl Node {
                 Err((status, message)) => error_response(status, message),
             },
             Route::PeerMigration => self.peer_migration_request(req, peer),
+            Route::Balancer => json_response(StatusCode::OK, &self.balancer.status(&self.me.name)),
+            Route::SetBalancer { node_only } => self.set_balancer_request(req, node_only).await,
         }
     }
 
@@ -436,7 +443,7 @@ impl Node {
     }
 
     /// This node's processes, from its agent.
-    fn processes(&self, all: bool) -> Result<Vec<Process>, String> {
+    pub(super) fn processes(&self, all: bool) -> Result<Vec<Process>, String> {
         let ticks = f64::from(lock(&self.status).clock_ticks.max(1));
         let mut agent = lock(&self.agent);
         let Some(conn) = agent.as_mut() else {
@@ -470,6 +477,7 @@ impl Node {
                     kernel_thread: p.kernel_thread,
                     moves: origin.as_ref().map_or(0, |o| o.moves),
                     home: origin.map(|o| o.home),
+                    locked: false,
                 }
             })
             .collect())
@@ -489,7 +497,11 @@ impl Node {
             memory_mib: self.me.memory >> 20,
             kernel: s.kernel,
             boot_ms: s.boot_ms,
-            load: s.load,
+            load: s.load.map(|l| Load {
+                busy: self.balancer.busy(),
+                ..l
+            }),
+            accepting: true,
         }
     }
 
@@ -520,12 +532,13 @@ impl Node {
                 kernel: None,
                 boot_ms: None,
                 load: None,
+                accepting: false,
             },
         }
     }
 
     /// Every node, in the file's order, peers asked at the same time.
-    async fn all_nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
+    pub(super) async fn all_nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
         let mut tasks = Vec::new();
         for n in &self.cluster.nodes {
             let node = self.clone();
@@ -804,6 +817,7 @@ impl Node {
                     mem_available_mib: l.mem_available_kib >> 10,
                     tasks: l.procs_total,
                     uptime_s: l.uptime_ms / 1000,
+                    busy: 0,
                 });
                 drop(s);
                 self.set_state(NodeState::Ready, None);

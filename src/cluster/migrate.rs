@@ -447,7 +447,7 @@ impl Node {
     /// Starts moving a process: freezes it (stop mode) or checks that it can move and lists
     /// its pages (pre-copy), then streams on a thread of its own. Returns the job (201), or
     /// why it cannot move (409) or could not start, with the process left as it was.
-    async fn start_migration(
+    pub(super) async fn start_migration(
         self: &Arc<Self>,
         request: MigrationRequest,
     ) -> Result<MigrationJob, (u16, String)> {

@@ -5,6 +5,7 @@
 //! `down` do.
 
 pub mod api;
+pub mod balancer;
 pub mod client;
 pub mod config;
 pub mod control;
