@@ -11,6 +11,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "e2e/balance.rs"]
+mod balance;
+
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 /// What a finished `ferry` invocation left.
@@ -1724,6 +1727,10 @@ const CASES: &[Case] = &[
     (
         "a_busy_process_moves_live_with_a_short_pause_and_cancels",
         a_busy_process_moves_live_with_a_short_pause_and_cancels,
+    ),
+    (
+        "cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off",
+        balance::cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off,
     ),
 ];
 

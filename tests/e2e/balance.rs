@@ -1,0 +1,221 @@
+//! The automatic load balancer, end to end: CPU-bound processes started on one node stay there
+//! while the balancer is off, and spread over the cluster by themselves once it is on, each
+//! keeping its count.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ferry::cluster::api::Process;
+use ferry::cluster::control::Cluster;
+
+use super::{check, ferry, local_cluster_file, up_with_clean_nodes, CaseResult, QUICK_LIMIT};
+
+const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+/// CPU-bound jobs started on node-1 (2 vCPUs).
+const JOBS: u32 = 4;
+
+/// A CPU-bound job: counts as fast as it can and appends its count to /root/cN.progress
+/// about twice a second. The file is opened once: after a move the process writes to the
+/// file of the same name on its new node.
+const CPU_JOB: &str = r#"
+import sys, time
+n = int(sys.argv[1])
+out = open('/root/c%d.progress' % n, 'a', buffering=1)
+count = 0
+mark = time.time()
+while True:
+    count += 1
+    if count % 5000 == 0 and time.time() - mark >= 0.5:
+        out.write('%d\n' % count)
+        mark = time.time()
+"#;
+
+fn ssh(file: &str, node: &str, script: &str, stdin: &[u8]) -> Result<String, String> {
+    let out = ferry(
+        &["ssh", node, "--file", file, "--", "sh", "-c", script],
+        stdin,
+        QUICK_LIMIT,
+    )?;
+    check(out.code() == 0, &format!("on {node}: `{script}`"), &out)?;
+    Ok(out.stdout)
+}
+
+/// The jobs' processes wherever they run: (node, job number, process).
+fn jobs(cluster: &Cluster) -> Result<Vec<(String, u32, Process)>, String> {
+    let all = cluster.processes().map_err(|e| format!("listing processes: {e}"))?;
+    Ok(all
+        .into_iter()
+        .filter(|(_, p)| p.command.contains("/root/c.py"))
+        .filter_map(|(node, p)| {
+            let n = p.command.split_whitespace().last()?.parse().ok()?;
+            Some((node, n, p))
+        })
+        .collect())
+}
+
+/// The counts job `n` wrote on `node`: (first, last).
+fn counts(file: &str, node: &str, n: u32) -> Result<Option<(u64, u64)>, String> {
+    let text = ssh(file, node, &format!("cat /root/c{n}.progress"), b"")?;
+    let v: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    Ok(v.first().zip(v.last()).map(|(a, b)| (*a, *b)))
+}
+
+fn balancer(file: &str, action: &str) -> Result<String, String> {
+    let out = ferry(&["balancer", action, "--file", file], b"", QUICK_LIMIT)?;
+    check(out.code() == 0, &format!("`ferry balancer {action}`"), &out)?;
+    Ok(out.stdout)
+}
+
+fn stop_jobs(file: &str) {
+    for node in NODES {
+        let _ = ferry(
+            &[
+                "ssh", node, "--file", file, "--", "sh", "-c", "pkill -f '[c][.]py'; true",
+            ],
+            b"",
+            QUICK_LIMIT,
+        );
+    }
+}
+
+pub(crate) fn cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off(
+    _: &super::Suite,
+) -> CaseResult {
+    let file = local_cluster_file();
+    let file = file.as_str();
+    up_with_clean_nodes(file, &NODES)?;
+    stop_jobs(file);
+    let result = spread(file);
+    stop_jobs(file);
+    // The cluster file's policy again, for the cases after this one.
+    let _ = balancer(file, "on");
+    result
+}
+
+fn spread(file: &str) -> CaseResult {
+    let cluster = Cluster::load(file.as_ref()).map_err(|e| e.to_string())?;
+    let off = balancer(file, "off")?;
+    for node in NODES {
+        if !off.contains(&format!("{node}: balancer off")) {
+            return Err(format!("`ferry balancer off` did not reach {node}:\n{off}"));
+        }
+    }
+    // Every node has the job's files, as the node it starts on has: a process that moves
+    // opens them again by name.
+    for node in NODES {
+        let prep = (1..=JOBS)
+            .map(|n| format!("rm -f /root/c{n}.progress; touch /root/c{n}.progress /root/c{n}.out"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ssh(file, node, &format!("cat > /root/c.py; {prep}"), CPU_JOB.as_bytes())?;
+    }
+    let start = (1..=JOBS)
+        .map(|n| format!("setsid python3 /root/c.py {n} </dev/null >/root/c{n}.out 2>&1 &"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    ssh(file, "node-1", &start, b"")?;
+
+    // Off: for longer than the residence time and many intervals, they stay on node-1,
+    // although node-1 counts them as CPU-bound.
+    std::thread::sleep(Duration::from_secs(40));
+    let placed = jobs(&cluster)?;
+    let numbers: Vec<u32> = placed.iter().map(|(_, n, _)| *n).collect();
+    if placed.len() != JOBS as usize || placed.iter().any(|(node, _, _)| node != "node-1") {
+        return Err(format!(
+            "with the balancer off, the {JOBS} jobs should all run on node-1: {:?}",
+            placed
+                .iter()
+                .map(|(node, n, p)| format!("job {n} pid {} on {node}", p.pid))
+                .collect::<Vec<_>>()
+        ));
+    }
+    let shown = balancer(file, "show")?;
+    let busy_line = shown
+        .lines()
+        .find(|l| l.starts_with("node-1:"))
+        .unwrap_or_default();
+    if !busy_line.contains(&format!("{JOBS} CPU-bound processes")) {
+        return Err(format!(
+            "node-1 should count its {JOBS} jobs as CPU-bound ({numbers:?} run there):\n{shown}"
+        ));
+    }
+    let mut before = HashMap::new();
+    for n in 1..=JOBS {
+        let (_, last) = counts(file, "node-1", n)?
+            .ok_or_else(|| format!("job {n} wrote no count on node-1"))?;
+        before.insert(n, last);
+    }
+
+    // On: they spread by themselves.
+    let started = Instant::now();
+    balancer(file, "on")?;
+    let limit = Duration::from_secs(300);
+    let spread = loop {
+        let now = jobs(&cluster)?;
+        let everywhere = NODES
+            .iter()
+            .all(|node| now.iter().any(|(at, _, _)| at == node));
+        if everywhere && now.len() == JOBS as usize {
+            break now;
+        }
+        if started.elapsed() > limit {
+            return Err(format!(
+                "with the balancer on, the jobs did not reach every node within {} s: {:?}\n{}",
+                limit.as_secs(),
+                now.iter()
+                    .map(|(node, n, _)| format!("job {n} on {node}"))
+                    .collect::<Vec<_>>(),
+                balancer(file, "show").unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    eprintln!(
+        "e2e: the jobs reached every node {:.0} s after the balancer was switched on: {:?}",
+        started.elapsed().as_secs_f64(),
+        spread
+            .iter()
+            .map(|(node, n, _)| format!("job {n} on {node}"))
+            .collect::<Vec<_>>()
+    );
+
+    // Settled: a while later no job moved more than a few times, and all still run.
+    std::thread::sleep(Duration::from_secs(30));
+    let settled = jobs(&cluster)?;
+    if settled.len() != JOBS as usize {
+        return Err(format!("a job was lost: {settled:?}"));
+    }
+    for (node, n, p) in &settled {
+        if p.moves > 3 {
+            return Err(format!(
+                "job {n} moved {} times (now on {node}): the balancer ping-pongs\n{}",
+                p.moves,
+                balancer(file, "show").unwrap_or_default()
+            ));
+        }
+        if node == "node-1" {
+            continue;
+        }
+        if p.home.as_deref() != Some("node-1") {
+            return Err(format!("job {n} on {node} should show node-1 as its home: {p:?}"));
+        }
+        // Its count went on from where it was on node-1, not from zero.
+        let (first, last) =
+            counts(file, node, *n)?.ok_or_else(|| format!("job {n} writes no count on {node}"))?;
+        if first < before[n] || last <= first {
+            return Err(format!(
+                "job {n} on {node} counts {first}..{last}; on node-1 it had reached {}",
+                before[n]
+            ));
+        }
+    }
+    let per_node: Vec<String> = NODES
+        .iter()
+        .map(|node| {
+            let k = settled.iter().filter(|(at, _, _)| at == node).count();
+            format!("{node}: {k}")
+        })
+        .collect();
+    eprintln!("e2e: settled as {}", per_node.join(", "));
+    Ok(())
+}
