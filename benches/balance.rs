@@ -67,10 +67,7 @@ fn args() -> Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .with_context(|| format!("{name} needs a value"))
-        };
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--jobs" => a.jobs = value("--jobs")?.parse().context("--jobs")?,
             "--vcpus" => a.vcpus = value("--vcpus")?.parse().context("--vcpus")?,
@@ -176,7 +173,16 @@ fn run() -> Result<()> {
     let cluster = Cluster::load(&file)?;
     for n in NODES {
         ferry(
-            &["ssh", n, "--file", &f, "--", "sh", "-c", "cat > /root/job.py"],
+            &[
+                "ssh",
+                n,
+                "--file",
+                &f,
+                "--",
+                "sh",
+                "-c",
+                "cat > /root/job.py",
+            ],
             JOB.as_bytes(),
             QUICK,
         )?;
@@ -200,7 +206,11 @@ fn run() -> Result<()> {
         b"",
         QUICK,
     )?;
-    let per_s = out.trim().parse::<f64>().context("the calibration's count")? / calib_s;
+    let per_s = out
+        .trim()
+        .parse::<f64>()
+        .context("the calibration's count")?
+        / calib_s;
     let count = (per_s * a.work_s) as u64;
     eprintln!(
         "bench: a job counts to {count} ({per_s:.0} a second alone on {}, {} s of work)",
@@ -212,7 +222,12 @@ fn run() -> Result<()> {
     for round in 0..a.rounds * 2 {
         let balancing = round % 2 == 1;
         ferry(
-            &["balancer", if balancing { "on" } else { "off" }, "--file", &f],
+            &[
+                "balancer",
+                if balancing { "on" } else { "off" },
+                "--file",
+                &f,
+            ],
             b"",
             QUICK,
         )?;

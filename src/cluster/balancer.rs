@@ -481,7 +481,7 @@ impl Node {
     /// The balancer's loop: runs until the daemon stops.
     pub(super) async fn balance(self: Arc<Self>) {
         let mut sampler = Sampler::default();
-        // No move before this: after a move, the loads must show it first.
+        // No move before this: after a move ended, the loads must show it first.
         let mut quiet_until = Instant::now();
         loop {
             let interval = Duration::from_millis(self.balancer.policy().interval_ms);
@@ -489,23 +489,16 @@ impl Node {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.balancer.changed.notified() => {}
             }
-            if let Some(pause) = self.balance_once(&mut sampler, quiet_until).await {
-                quiet_until = Instant::now() + pause;
-            }
+            self.balance_once(&mut sampler, &mut quiet_until).await;
         }
     }
 
-    /// One round: sample, publish, and maybe start a move. Returns how long to stay quiet
-    /// when a move started.
-    async fn balance_once(
-        self: &Arc<Self>,
-        sampler: &mut Sampler,
-        quiet_until: Instant,
-    ) -> Option<Duration> {
+    /// One round: sample, publish, and maybe start a move.
+    async fn balance_once(self: &Arc<Self>, sampler: &mut Sampler, quiet_until: &mut Instant) {
         let node = self.clone();
         let procs = match tokio::task::spawn_blocking(move || node.processes(false)).await {
             Ok(Ok(p)) => p,
-            _ => return None,
+            _ => return,
         };
         let now = Instant::now();
         let sampled = sampler.update(&procs, now);
@@ -519,12 +512,14 @@ impl Node {
         self.balancer
             .busy
             .store(busy.len() as u32, Ordering::Relaxed);
-        self.note_failed_moves(now);
+        if self.note_finished_moves(now) {
+            *quiet_until = now + settle_time(&policy);
+        }
         if !policy.enabled
-            || now < quiet_until
+            || now < *quiet_until
             || self.jobs.list().iter().any(|j| j.state.is_active())
         {
-            return None;
+            return;
         }
         let residence = Duration::from_secs(policy.residence_s);
         let candidates: Vec<Candidate> = sampled
@@ -546,9 +541,11 @@ impl Node {
             })
             .collect();
         if candidates.is_empty() {
-            return None;
+            return;
         }
-        let mut me_load = NodeLoad::from_status(&me)?;
+        let Some(mut me_load) = NodeLoad::from_status(&me) else {
+            return;
+        };
         me_load.busy = busy.len() as u32;
         let peers: Vec<NodeLoad> = self
             .all_nodes()
@@ -557,7 +554,9 @@ impl Node {
             .filter(|s| s.name != self.me.name)
             .filter_map(NodeLoad::from_status)
             .collect();
-        let decision = decide(&policy, &me_load, &peers, &candidates)?;
+        let Some(decision) = decide(&policy, &me_load, &peers, &candidates) else {
+            return;
+        };
         let request = MigrationRequest {
             pid: decision.pid,
             node: None,
@@ -573,7 +572,6 @@ impl Node {
                     "moving process {} to {} (migration {}): {}",
                     decision.pid, decision.to, job.id, decision.why
                 ));
-                Some(interval_pause(&policy))
             }
             Err((_, why)) => {
                 self.balancer.event(format!(
@@ -582,7 +580,6 @@ impl Node {
                     BACKOFF.as_secs()
                 ));
                 lock(&self.balancer.backoff).insert(decision.pid, now + BACKOFF);
-                None
             }
         }
     }
@@ -600,14 +597,16 @@ impl Node {
         };
         let update: PolicyUpdate = match serde_json::from_slice(&body) {
             Ok(u) => u,
-            Err(e) => return error_response(
-                400,
-                format!(
+            Err(e) => {
+                return error_response(
+                    400,
+                    format!(
                     "the body is not a balancer policy ({e}); send e.g. {{\"enabled\": false}}; \
                          the settings are enabled, interval_ms, min_cpu_share, residence_s, \
                          memory_low_percent and commands"
                 ),
-            ),
+                )
+            }
         };
         if update.is_empty() {
             return error_response(
@@ -675,14 +674,16 @@ impl Node {
         }
     }
 
-    /// Notes the balancer's moves that failed once under way, and leaves their processes
-    /// alone a while.
-    fn note_failed_moves(&self, now: Instant) {
+    /// Notes the balancer's moves that ended since the last round, and leaves the processes
+    /// of failed ones alone a while. Whether any ended.
+    fn note_finished_moves(&self, now: Instant) -> bool {
         let mut started = lock(&self.balancer.started);
+        let mut ended = false;
         for job in self.jobs.list() {
             if job.state.is_active() || !started.remove(&job.id) {
                 continue;
             }
+            ended = true;
             if job.state == JobState::Failed {
                 lock(&self.balancer.backoff).insert(job.pid, now + BACKOFF);
                 self.balancer.event(format!(
@@ -695,6 +696,7 @@ impl Node {
                 ));
             }
         }
+        ended
     }
 }
 
@@ -786,9 +788,9 @@ pub fn balancer_report(statuses: &[BalancerStatus], events: usize) -> String {
     out
 }
 
-/// How long the balancer stays quiet after starting a move: until the move is done (one move
-/// in flight) and then long enough for both nodes' samples to show it.
-fn interval_pause(policy: &Policy) -> Duration {
+/// How long the balancer stays quiet after its move ended: long enough for both nodes'
+/// samples (two each, for a CPU rate) to show it.
+fn settle_time(policy: &Policy) -> Duration {
     Duration::from_millis(policy.interval_ms * 3).max(Duration::from_secs(6))
 }
 

@@ -42,7 +42,9 @@ fn ssh(file: &str, node: &str, script: &str, stdin: &[u8]) -> Result<String, Str
 
 /// The jobs' processes wherever they run: (node, job number, process).
 fn jobs(cluster: &Cluster) -> Result<Vec<(String, u32, Process)>, String> {
-    let all = cluster.processes().map_err(|e| format!("listing processes: {e}"))?;
+    let all = cluster
+        .processes()
+        .map_err(|e| format!("listing processes: {e}"))?;
     Ok(all
         .into_iter()
         .filter(|(_, p)| p.command.contains("/root/c.py"))
@@ -70,7 +72,14 @@ fn stop_jobs(file: &str) {
     for node in NODES {
         let _ = ferry(
             &[
-                "ssh", node, "--file", file, "--", "sh", "-c", "pkill -f '[c][.]py'; true",
+                "ssh",
+                node,
+                "--file",
+                file,
+                "--",
+                "sh",
+                "-c",
+                "pkill -f '[c][.]py'; true",
             ],
             b"",
             QUICK_LIMIT,
@@ -107,7 +116,12 @@ fn spread(file: &str) -> CaseResult {
             .map(|n| format!("rm -f /root/c{n}.progress; touch /root/c{n}.progress /root/c{n}.out"))
             .collect::<Vec<_>>()
             .join("; ");
-        ssh(file, node, &format!("cat > /root/c.py; {prep}"), CPU_JOB.as_bytes())?;
+        ssh(
+            file,
+            node,
+            &format!("cat > /root/c.py; {prep}"),
+            CPU_JOB.as_bytes(),
+        )?;
     }
     let start = (1..=JOBS)
         .map(|n| format!("setsid python3 /root/c.py {n} </dev/null >/root/c{n}.out 2>&1 &"))
@@ -197,7 +211,9 @@ fn spread(file: &str) -> CaseResult {
             continue;
         }
         if p.home.as_deref() != Some("node-1") {
-            return Err(format!("job {n} on {node} should show node-1 as its home: {p:?}"));
+            return Err(format!(
+                "job {n} on {node} should show node-1 as its home: {p:?}"
+            ));
         }
         // Its count went on from where it was on node-1, not from zero.
         let (first, last) =
