@@ -1732,6 +1732,10 @@ const CASES: &[Case] = &[
         "cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off",
         balance::cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off,
     ),
+    (
+        "a_node_short_of_memory_ushers_a_process_away",
+        balance::a_node_short_of_memory_ushers_a_process_away,
+    ),
 ];
 
 /// Where the nested host's console (its kernel's messages) stood when a case began, to show

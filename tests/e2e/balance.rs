@@ -235,3 +235,150 @@ fn spread(file: &str) -> CaseResult {
     eprintln!("e2e: settled as {}", per_node.join(", "));
     Ok(())
 }
+
+/// Holds `argv[1]` MiB of written (resident) memory and sleeps.
+const MEMORY_JOB: &str = r#"
+import sys, time
+held = bytearray(b'm') * (int(sys.argv[1]) << 20)
+while True:
+    time.sleep(1)
+"#;
+
+/// Processes holding memory on node-1, started one after the other: node-1's available memory
+/// falls under the low-water mark, and the balancer sends one of them away until it is above
+/// it again.
+pub(crate) fn a_node_short_of_memory_ushers_a_process_away(_: &super::Suite) -> CaseResult {
+    let file = local_cluster_file();
+    let file = file.as_str();
+    up_with_clean_nodes(file, &NODES)?;
+    let result = usher(file);
+    for node in NODES {
+        let _ = ferry(
+            &[
+                "ssh",
+                node,
+                "--file",
+                file,
+                "--",
+                "sh",
+                "-c",
+                "pkill -f '[m][.]py'; true",
+            ],
+            b"",
+            QUICK_LIMIT,
+        );
+    }
+    let _ = ferry(
+        &[
+            "balancer",
+            "on",
+            "--memory-low-percent",
+            "10",
+            "--file",
+            file,
+        ],
+        b"",
+        QUICK_LIMIT,
+    );
+    result
+}
+
+fn usher(file: &str) -> CaseResult {
+    let cluster = Cluster::load(file.as_ref()).map_err(|e| e.to_string())?;
+    // A quarter of the guest's memory as the low-water mark, so that two processes of 170 MiB
+    // cross it on a 512 MiB node and a peer has room for one of them.
+    let out = ferry(
+        &[
+            "balancer",
+            "on",
+            "--memory-low-percent",
+            "25",
+            "--residence-s",
+            "5",
+            "--file",
+            file,
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(
+        out.code() == 0,
+        "`ferry balancer on --memory-low-percent 25`",
+        &out,
+    )?;
+    for node in NODES {
+        ssh(
+            file,
+            node,
+            "cat > /root/m.py; touch /root/m.out",
+            MEMORY_JOB.as_bytes(),
+        )?;
+    }
+    for _ in 0..2 {
+        ssh(
+            file,
+            "node-1",
+            "setsid python3 /root/m.py 170 </dev/null >/root/m.out 2>&1 & sleep 8",
+            b"",
+        )?;
+    }
+    let started = Instant::now();
+    let limit = Duration::from_secs(180);
+    loop {
+        let all = cluster.processes().map_err(|e| e.to_string())?;
+        let held: Vec<&(String, Process)> = all
+            .iter()
+            .filter(|(_, p)| p.command.contains("/root/m.py"))
+            .collect();
+        let away: Vec<_> = held.iter().filter(|(n, _)| n != "node-1").collect();
+        if let Some((node, p)) = away.first() {
+            check_moved(node, p)?;
+            eprintln!(
+                "e2e: node-1, short of memory, sent a {} MiB process to {node} after {:.0} s",
+                p.rss_kib >> 10,
+                started.elapsed().as_secs_f64()
+            );
+            // One was enough: node-1 is above its mark again and keeps the other.
+            std::thread::sleep(Duration::from_secs(15));
+            let all = cluster.processes().map_err(|e| e.to_string())?;
+            let on_1 = all
+                .iter()
+                .filter(|(n, p)| n == "node-1" && p.command.contains("/root/m.py"))
+                .count();
+            if on_1 != 1 {
+                return Err(format!(
+                    "node-1 should keep one of the two processes, it has {on_1}\n{}",
+                    balancer(file, "show").unwrap_or_default()
+                ));
+            }
+            return Ok(());
+        }
+        if held.len() < 2 && started.elapsed() > Duration::from_secs(30) {
+            return Err(format!(
+                "the two memory holders should run (the guest may have run out of memory): {held:?}"
+            ));
+        }
+        if started.elapsed() > limit {
+            return Err(format!(
+                "node-1 ran short of memory and nothing moved within {} s\n{}",
+                limit.as_secs(),
+                balancer(file, "show").unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+fn check_moved(node: &str, p: &Process) -> CaseResult {
+    if p.home.as_deref() != Some("node-1") || p.moves == 0 {
+        return Err(format!(
+            "the process on {node} should have moved from node-1: {p:?}"
+        ));
+    }
+    if p.rss_kib < 160 << 10 {
+        return Err(format!(
+            "the process on {node} should still hold its 170 MiB: {p:?}"
+        ));
+    }
+    Ok(())
+}
