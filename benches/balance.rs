@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ferry::cluster::api::Process;
 use ferry::cluster::control::Cluster;
+use ferry::nested::NestedHost;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const CLUSTER: &str = "benchbal";
@@ -128,8 +129,12 @@ fn ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The bench's cluster: brought down (and purged) when dropped, and the nested host stopped
+/// if the bench's `ferry up` started it and nothing else uses it.
 struct Up {
     file: PathBuf,
+    /// Whether a nested host ran before the bench.
+    host_before: bool,
 }
 
 impl Drop for Up {
@@ -138,6 +143,11 @@ impl Drop for Up {
         let _ = ferry(&["down", "--purge", "-q", &f], b"", QUICK);
         if let Some(dir) = self.file.parent() {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        if !self.host_before {
+            if let Ok(Some(host)) = NestedHost::running() {
+                let _ = host.stop_if_unused();
+            }
         }
     }
 }
@@ -158,7 +168,10 @@ fn run() -> Result<()> {
     }
     std::fs::write(&file, text)?;
     let f = file.to_string_lossy().into_owned();
-    let _up = Up { file: file.clone() };
+    let _up = Up {
+        file: file.clone(),
+        host_before: matches!(NestedHost::running(), Ok(Some(_))),
+    };
     eprintln!("bench: ferry up {f}");
     let status = Command::new(FERRY)
         .args(["up", &f])
