@@ -15,7 +15,9 @@
 //!   with `all=true`;
 //! - `GET /v1/nodes/{name}/processes[?all=true]`: another node's, through its peer port;
 //! - `POST /v1/shutdown`: power the guest off and end the daemon (what `ferry down` asks);
-//! - `GET /v1/openapi.json`: the OpenAPI 3 document (no token needed).
+//! - `GET /v1/openapi.json`: the OpenAPI 3 document (no token needed);
+//! - `GET /` and `GET /dashboard`: the dashboard page (no token needed), and
+//!   `GET /v1/history`, `GET /v1/cluster/migrations`: what it draws ([`super::dashboard`]).
 //!
 //! Errors are `{"error": "<what was wrong and what to do>"}` with 400 (a request that does not
 //! parse), 401 (no or wrong token), 404 (no such route or node), 405 (wrong method), 502 (a peer
@@ -282,6 +284,23 @@ pub enum Route {
     /// `POST /v1/peer/migrations`: a source node's page stream (peers only; the connection is
     /// upgraded to the migration protocol).
     PeerMigration,
+    /// `GET /`: redirects to the dashboard.
+    Root,
+    /// `GET /dashboard`: the dashboard page.
+    Dashboard,
+    /// `GET /v1/history[?since=MS]`: every node's load over the last ten minutes.
+    History {
+        since: Option<u64>,
+    },
+    /// `GET /v1/cluster/migrations`: every node's migration jobs.
+    ClusterMigrations,
+}
+
+impl Route {
+    /// Whether anyone may ask, without a token or certificate: what holds no secret.
+    pub fn is_public(&self) -> bool {
+        matches!(self, Route::OpenApi | Route::Root | Route::Dashboard)
+    }
 }
 
 /// Why a request maps to no route.
@@ -338,6 +357,15 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
             }
         },
         ["v1", "peer", "migrations"] => (Route::PeerMigration, "POST"),
+        [] => (Route::Root, "GET"),
+        ["dashboard"] => (Route::Dashboard, "GET"),
+        ["v1", "history"] => (
+            Route::History {
+                since: super::dashboard::since(query)?,
+            },
+            "GET",
+        ),
+        ["v1", "cluster", "migrations"] => (Route::ClusterMigrations, "GET"),
         _ => return Err(RouteError::NotFound(path.to_string())),
     };
     if !allowed.split(" or ").any(|m| m == method) {
@@ -406,7 +434,7 @@ pub fn openapi() -> serde_json::Value {
             serde_json::Value::Object(m)
         };
     let node_ref = json!({"$ref": "#/components/schemas/NodeStatus"});
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {"title": "ferry node API", "version": env!("CARGO_PKG_VERSION"),
                  "description": "One ferry node daemon: its guest, its load and its processes, and the other nodes of its cluster."},
@@ -485,7 +513,9 @@ pub fn openapi() -> serde_json::Value {
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
                 "responses": {"200": {"description": "the OpenAPI document"}}}}
         }
-    })
+    });
+    super::dashboard::document(&mut doc);
+    doc
 }
 
 #[cfg(test)]

@@ -148,6 +148,8 @@ pub struct Node {
     /// The running guest, while it runs (for migrations).
     pub(super) guest: Mutex<Option<Guest>>,
     pub(super) jobs: Jobs,
+    /// Every node's recent load, for the dashboard.
+    pub(super) history: super::dashboard::LoadHistory,
     stopping: AtomicBool,
     /// Whether the guest's agent answered during the guest's current life.
     agent_seen: AtomicBool,
@@ -215,6 +217,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             exit: Mutex::new(None),
             guest: Mutex::new(None),
             jobs: Jobs::default(),
+            history: Default::default(),
             stopping: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
@@ -232,6 +235,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             node.clone(),
             "API",
         ));
+        tokio::spawn(super::dashboard::sample_loads(node.clone()));
         tokio::spawn(serve(
             peer_listener,
             TlsAcceptor::from(peer_server_tls),
@@ -341,7 +345,7 @@ impl Node {
             Ok(r) => r,
             Err(e) => return error_response(e.status(), e.to_string()),
         };
-        if route != Route::OpenApi && peer.is_none() {
+        if !route.is_public() && peer.is_none() {
             let auth = req
                 .headers()
                 .get(hyper::header::AUTHORIZATION)
@@ -408,11 +412,15 @@ impl Node {
                 Err((status, message)) => error_response(status, message),
             },
             Route::PeerMigration => self.peer_migration_request(req, peer),
+            r @ (Route::Root
+            | Route::Dashboard
+            | Route::History { .. }
+            | Route::ClusterMigrations) => super::dashboard::respond(self, r).await,
         }
     }
 
     #[allow(clippy::result_large_err)]
-    fn named(&self, name: &str) -> Result<&NodeConfig, Response<Full<Bytes>>> {
+    pub(super) fn named(&self, name: &str) -> Result<&NodeConfig, Response<Full<Bytes>>> {
         self.cluster.node(name).ok_or_else(|| {
             let names: Vec<&str> = self.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
             error_response(
@@ -525,7 +533,7 @@ impl Node {
     }
 
     /// Every node, in the file's order, peers asked at the same time.
-    async fn all_nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
+    pub(super) async fn all_nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
         let mut tasks = Vec::new();
         for n in &self.cluster.nodes {
             let node = self.clone();
