@@ -11,6 +11,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "e2e/dashboard.rs"]
+mod dashboard;
+
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 /// What a finished `ferry` invocation left.
@@ -1724,6 +1727,10 @@ const CASES: &[Case] = &[
     (
         "a_busy_process_moves_live_with_a_short_pause_and_cancels",
         a_busy_process_moves_live_with_a_short_pause_and_cancels,
+    ),
+    (
+        "dashboard_lists_nodes_and_migrates_a_dragged_process",
+        dashboard::dashboard_lists_nodes_and_migrates_a_dragged_process,
     ),
 ];
 
