@@ -398,7 +398,16 @@ pub(super) fn dashboard_lists_nodes_and_migrates_a_dragged_process(_: &Suite) ->
     up_with_clean_nodes(file, &["node-1", "node-2", "node-3"])?;
     for node in ["node-1", "node-2", "node-3"] {
         ferry(
-            &["ssh", node, "--file", file, "--", "pkill", "-f", "[d][.]py"],
+            &[
+                "ssh",
+                node,
+                "--file",
+                file,
+                "--",
+                "sh",
+                "-c",
+                "pkill -f '[d][.]py'; true",
+            ],
             b"",
             QUICK_LIMIT,
         )?;
