@@ -489,8 +489,14 @@ fn drive(session: &Session, file: &str, url: &str, pid: u32) -> CaseResult {
     }
 
     let before = last_count(file, "node-1")?;
+    // Notes whether the page showed the move in flight, with a progress bar, before it ended.
     session.run(&format!(
-        "document.querySelector('{row}').scrollIntoView({{block: 'center'}}); return true"
+        "document.querySelector('{row}').scrollIntoView({{block: 'center'}});
+         window.sawProgress = false;
+         new MutationObserver(() => {{
+             if (document.querySelector('#inflight .job[data-job] .bar')) window.sawProgress = true;
+         }}).observe(document.getElementById('inflight'), {{childList: true, subtree: true}});
+         return true"
     ))?;
     let from = session.find(&row)?;
     let to = session.find("[data-drop=\"node-2\"]")?;
@@ -516,6 +522,10 @@ fn drive(session: &Session, file: &str, url: &str, pid: u32) -> CaseResult {
         return Err(format!(
             "the history must show the move done, to node-2, with a downtime in ms: {finished}"
         ));
+    }
+
+    if session.run("return window.sawProgress")? != json!(true) {
+        return Err("the page never showed the move in flight with a progress bar".into());
     }
 
     // It runs on node-2, came from node-1, and counts on.
