@@ -158,6 +158,16 @@ enum Command {
         #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
         file: PathBuf,
     },
+    /// The dashboard's address (a web page every node serves: load over time, processes, and
+    /// migrations, started by dragging a process onto a node), with the API token, and how to
+    /// make a browser trust the cluster's certificates.
+    Dashboard {
+        /// The node whose API serves it (default: the file's first node).
+        node: Option<String>,
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+    },
     /// The node daemon and its helpers (started by `ferry up`, not by hand).
     #[command(hide = true)]
     Daemon {
@@ -472,6 +482,7 @@ fn main() -> ExitCode {
             };
             cmd_balancer(&file, &update, events)
         }
+        Command::Dashboard { node, file } => cmd_dashboard(node.as_deref(), &file),
         Command::Agent {
             action: AgentAction::Ping { cid, count },
         } => cmd_agent_ping(cid, count),
@@ -987,6 +998,20 @@ fn cmd_balancer(
     } else {
         3
     })
+}
+
+fn cmd_dashboard(node: Option<&str>, file: &Path) -> anyhow::Result<i32> {
+    use cluster::dashboard::{self, DashboardError};
+    let cluster = control::Cluster::load(file)?;
+    match dashboard::link(&cluster, node) {
+        Ok(link) => {
+            print!("{}", dashboard::instructions(&link));
+            Ok(0)
+        }
+        // The cluster's own errors keep their exit status (2 for a node not in the file).
+        Err(DashboardError::Control(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn cmd_daemon(action: DaemonAction) -> anyhow::Result<i32> {

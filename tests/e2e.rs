@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 #[path = "e2e/balance.rs"]
 mod balance;
+#[path = "e2e/dashboard.rs"]
+mod dashboard;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
@@ -1735,6 +1737,10 @@ const CASES: &[Case] = &[
     (
         "a_node_short_of_memory_ushers_a_process_away",
         balance::a_node_short_of_memory_ushers_a_process_away,
+    ),
+    (
+        "dashboard_lists_nodes_and_migrates_a_dragged_process",
+        dashboard::dashboard_lists_nodes_and_migrates_a_dragged_process,
     ),
 ];
 

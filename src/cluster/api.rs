@@ -15,7 +15,9 @@
 //!   with `all=true`;
 //! - `GET /v1/nodes/{name}/processes[?all=true]`: another node's, through its peer port;
 //! - `POST /v1/shutdown`: power the guest off and end the daemon (what `ferry down` asks);
-//! - `GET /v1/openapi.json`: the OpenAPI 3 document (no token needed).
+//! - `GET /v1/openapi.json`: the OpenAPI 3 document (no token needed);
+//! - `GET /` and `GET /dashboard`: the dashboard page (no token needed), and
+//!   `GET /v1/history`, `GET /v1/cluster/migrations`: what it draws ([`super::dashboard`]).
 //!
 //! Errors are `{"error": "<what was wrong and what to do>"}` with 400 (a request that does not
 //! parse), 401 (no or wrong token), 404 (no such route or node), 405 (wrong method), 502 (a peer
@@ -302,6 +304,23 @@ pub enum Route {
     SetBalancer {
         node_only: bool,
     },
+    /// `GET /`: redirects to the dashboard.
+    Root,
+    /// `GET /dashboard`: the dashboard page.
+    Dashboard,
+    /// `GET /v1/history[?since=MS]`: every node's load over the last ten minutes.
+    History {
+        since: Option<u64>,
+    },
+    /// `GET /v1/cluster/migrations`: every node's migration jobs.
+    ClusterMigrations,
+}
+
+impl Route {
+    /// Whether anyone may ask, without a token or certificate: what holds no secret.
+    pub fn is_public(&self) -> bool {
+        matches!(self, Route::OpenApi | Route::Root | Route::Dashboard)
+    }
 }
 
 /// Why a request maps to no route.
@@ -365,6 +384,15 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
             "PUT",
         ),
         ["v1", "balancer"] => (Route::Balancer, "GET or PUT"),
+        [] => (Route::Root, "GET"),
+        ["dashboard"] => (Route::Dashboard, "GET"),
+        ["v1", "history"] => (
+            Route::History {
+                since: super::dashboard::since(query)?,
+            },
+            "GET",
+        ),
+        ["v1", "cluster", "migrations"] => (Route::ClusterMigrations, "GET"),
         _ => return Err(RouteError::NotFound(path.to_string())),
     };
     if !allowed.split(" or ").any(|m| m == method) {
@@ -560,6 +588,7 @@ pub fn openapi() -> serde_json::Value {
             "parameters": [{"name": "scope", "in": "query", "required": false, "schema": {"type": "string", "enum": ["cluster", "node"]}}],
             "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BalancerPolicy"}}}},
             "responses": with(errors(&[("400", ""), ("502", "")]), "200", ok(json!({"type": "array", "items": status})))}});
+    super::dashboard::document(&mut doc);
     doc
 }
 

@@ -150,6 +150,8 @@ pub struct Node {
     pub(super) guest: Mutex<Option<Guest>>,
     pub(super) jobs: Jobs,
     pub(super) balancer: Balancer,
+    /// Every node's recent load, for the dashboard.
+    pub(super) history: super::dashboard::LoadHistory,
     stopping: AtomicBool,
     /// Whether the guest's agent answered during the guest's current life.
     agent_seen: AtomicBool,
@@ -219,6 +221,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             guest: Mutex::new(None),
             jobs: Jobs::default(),
             balancer: Balancer::new(policy),
+            history: Default::default(),
             stopping: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
@@ -237,6 +240,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             node.clone(),
             "API",
         ));
+        tokio::spawn(super::dashboard::sample_loads(node.clone()));
         tokio::spawn(serve(
             peer_listener,
             TlsAcceptor::from(peer_server_tls),
@@ -346,7 +350,7 @@ impl Node {
             Ok(r) => r,
             Err(e) => return error_response(e.status(), e.to_string()),
         };
-        if route != Route::OpenApi && peer.is_none() {
+        if !route.is_public() && peer.is_none() {
             let auth = req
                 .headers()
                 .get(hyper::header::AUTHORIZATION)
@@ -415,11 +419,15 @@ impl Node {
             Route::PeerMigration => self.peer_migration_request(req, peer),
             Route::Balancer => json_response(StatusCode::OK, &self.balancer.status(&self.me.name)),
             Route::SetBalancer { node_only } => self.set_balancer_request(req, node_only).await,
+            r @ (Route::Root
+            | Route::Dashboard
+            | Route::History { .. }
+            | Route::ClusterMigrations) => super::dashboard::respond(self, r).await,
         }
     }
 
     #[allow(clippy::result_large_err)]
-    fn named(&self, name: &str) -> Result<&NodeConfig, Response<Full<Bytes>>> {
+    pub(super) fn named(&self, name: &str) -> Result<&NodeConfig, Response<Full<Bytes>>> {
         self.cluster.node(name).ok_or_else(|| {
             let names: Vec<&str> = self.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
             error_response(

@@ -2,7 +2,7 @@
 //! certificate authority and a state directory ([`state`]) and starts one daemon per node
 //! ([`daemon`]): the node's VMM, its guest, and an HTTPS API ([`api`]) that the `ferry`
 //! command and the other nodes reach ([`client`]). [`control`] is what `up`, `status` and
-//! `down` do.
+//! `down` do. Every daemon also serves a [`dashboard`] page.
 
 pub mod api;
 pub mod balancer;
@@ -10,5 +10,6 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dashboard;
 pub mod migrate;
 pub mod state;
