@@ -131,6 +131,23 @@ pub fn chroot_before_exec(cmd: &mut Command, root: &Path, cwd: &str) -> io::Resu
     Ok(())
 }
 
+/// Makes the child of `cmd` the leader of a new session (setsid(2)) just before it runs the
+/// program: no controlling terminal, a process group of its own, out of reach of what is sent
+/// to the agent's group.
+pub fn new_session_before_exec(cmd: &mut Command) {
+    let setsid = || {
+        // SAFETY: setsid(2) takes no arguments and is async-signal-safe.
+        if unsafe { libc::setsid() } == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: the closure makes one async-signal-safe system call and allocates nothing (the
+    // error value for an OS error is not heap-allocated).
+    unsafe { cmd.pre_exec(setsid) };
+}
+
 // --- migration: restore ---
 // ptrace, waitpid, clone3 and prlimit for the destination side of a migration
 // (`crate::migrate::inject` runs system calls inside a stopped tracee; `crate::migrate::restore`
