@@ -261,6 +261,7 @@ impl Cluster {
             kernel: None,
             boot_ms: None,
             load: None,
+            accepting: true,
         }
     }
 }
@@ -1015,6 +1016,7 @@ mod tests {
             kernel: None,
             boot_ms: None,
             load: None,
+            accepting: true,
         };
         let t = table(&[
             node("node-1", NodeState::Ready),

@@ -143,11 +143,13 @@ pub struct Node {
     token: String,
     peer_tls: Arc<rustls::ClientConfig>,
     status: Mutex<Status>,
-    agent: Mutex<Option<AgentConnection<VsockStream>>>,
+    pub(super) agent: Mutex<Option<AgentConnection<VsockStream>>>,
     exit: Mutex<Option<Arc<ExitRequest>>>,
     /// The running guest, while it runs (for migrations).
     pub(super) guest: Mutex<Option<Guest>>,
     pub(super) jobs: Jobs,
+    /// Locks and node controls (the user tools).
+    pub(super) tools: super::tools::Tools,
     stopping: AtomicBool,
     /// Whether the guest's agent answered during the guest's current life.
     agent_seen: AtomicBool,
@@ -215,6 +217,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             exit: Mutex::new(None),
             guest: Mutex::new(None),
             jobs: Jobs::default(),
+            tools: Default::default(),
             stopping: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
@@ -408,11 +411,14 @@ impl Node {
                 Err((status, message)) => error_response(status, message),
             },
             Route::PeerMigration => self.peer_migration_request(req, peer),
+            Route::StartProcess { node } => self.start_process_request(req, node).await,
+            Route::Lock { node, pid, locked } => self.lock_request(node, pid, locked).await,
+            Route::NodeControl { node, action } => self.node_control_request(node, action).await,
         }
     }
 
     #[allow(clippy::result_large_err)]
-    fn named(&self, name: &str) -> Result<&NodeConfig, Response<Full<Bytes>>> {
+    pub(super) fn named(&self, name: &str) -> Result<&NodeConfig, Response<Full<Bytes>>> {
         self.cluster.node(name).ok_or_else(|| {
             let names: Vec<&str> = self.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
             error_response(
@@ -436,7 +442,7 @@ impl Node {
     }
 
     /// This node's processes, from its agent.
-    fn processes(&self, all: bool) -> Result<Vec<Process>, String> {
+    pub(super) fn processes(&self, all: bool) -> Result<Vec<Process>, String> {
         let ticks = f64::from(lock(&self.status).clock_ticks.max(1));
         let mut agent = lock(&self.agent);
         let Some(conn) = agent.as_mut() else {
@@ -449,6 +455,7 @@ impl Node {
         let list = conn
             .processes()
             .map_err(|e| format!("node {}'s guest agent did not answer: {e}", self.me.name))?;
+        self.tools.forget_gone(list.iter().map(|p| p.pid));
         Ok(list
             .into_iter()
             .filter(|p| all || !p.kernel_thread)
@@ -470,6 +477,7 @@ impl Node {
                     kernel_thread: p.kernel_thread,
                     moves: origin.as_ref().map_or(0, |o| o.moves),
                     home: origin.map(|o| o.home),
+                    locked: self.tools.is_locked(p.pid),
                 }
             })
             .collect())
@@ -490,6 +498,7 @@ impl Node {
             kernel: s.kernel,
             boot_ms: s.boot_ms,
             load: s.load,
+            accepting: self.tools.accepting(),
         }
     }
 
@@ -520,6 +529,7 @@ impl Node {
                 kernel: None,
                 boot_ms: None,
                 load: None,
+                accepting: true,
             },
         }
     }

@@ -447,7 +447,7 @@ impl Node {
     /// Starts moving a process: freezes it (stop mode) or checks that it can move and lists
     /// its pages (pre-copy), then streams on a thread of its own. Returns the job (201), or
     /// why it cannot move (409) or could not start, with the process left as it was.
-    async fn start_migration(
+    pub(super) async fn start_migration(
         self: &Arc<Self>,
         request: MigrationRequest,
     ) -> Result<MigrationJob, (u16, String)> {
@@ -470,6 +470,7 @@ impl Node {
                 ),
             ));
         };
+        self.check_move(pid, &dest).await?;
         let cap = match request.bandwidth_mib_s {
             Some(c) if !(c.is_finite() && c > 0.0) => {
                 return Err((
@@ -861,6 +862,9 @@ impl Node {
                 "only the cluster's nodes (with their certificates) may send processes here",
             );
         };
+        if let Some(refused) = self.refuse_arrival() {
+            return refused;
+        }
         let query = req.uri().query().unwrap_or("").to_string();
         let param = |k: &str| {
             query

@@ -11,3 +11,5 @@ pub mod control;
 pub mod daemon;
 pub mod migrate;
 pub mod state;
+pub mod tools;
+pub mod tools_client;
