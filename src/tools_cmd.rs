@@ -45,7 +45,7 @@ pub fn cmd_run_on(args: &RunArgs) -> anyhow::Result<i32> {
             if !args.quiet {
                 eprintln!(
                     "ferry: started `{}` on {node} as pid {}{}; its output goes to /var/log/ferry/{}.log there",
-                    args.command.join(" "),
+                    tools::one_line(&args.command.join(" ")),
                     p.pid,
                     if locked { ", locked in place" } else { "" },
                     p.pid
@@ -153,7 +153,7 @@ pub fn cmd_lock(process: &str, locked: bool, file: &Path) -> anyhow::Result<i32>
     let p = tools::set_lock(&cluster, &node, pid, locked)?;
     println!(
         "{node}:{pid} ({}) {}",
-        p.command,
+        tools::one_line(&p.command),
         if locked {
             "is locked in place; `ferry unlock` lets it move again"
         } else {
@@ -196,7 +196,7 @@ pub fn cmd_node(action: NodeAction, node: &str, file: &Path) -> anyhow::Result<i
                         "moved {}:{} ({}) to {} (pid {} there), frozen {} ms",
                         m.from,
                         m.pid,
-                        m.command,
+                        tools::one_line(&m.command),
                         m.to,
                         job.new_pid
                             .map(|p| p.to_string())
@@ -209,7 +209,7 @@ pub fn cmd_node(action: NodeAction, node: &str, file: &Path) -> anyhow::Result<i
                             "did not move {}:{} ({}) to {}: {}",
                             m.from,
                             m.pid,
-                            m.command,
+                            tools::one_line(&m.command),
                             m.to,
                             job.error.as_deref().unwrap_or("no reason given")
                         );
@@ -218,7 +218,10 @@ pub fn cmd_node(action: NodeAction, node: &str, file: &Path) -> anyhow::Result<i
                         failed += 1;
                         println!(
                             "did not move {}:{} ({}) to {}: {why}",
-                            m.from, m.pid, m.command, m.to
+                            m.from,
+                            m.pid,
+                            tools::one_line(&m.command),
+                            m.to
                         );
                     }
                 }

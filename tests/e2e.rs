@@ -1650,6 +1650,9 @@ fn bad_cluster_files_exit_2_with_their_place_and_start_nothing(s: &Suite) -> Cas
     Ok(())
 }
 
+#[path = "e2e/tools.rs"]
+mod tools;
+
 type Case = (&'static str, fn(&Suite) -> CaseResult);
 
 const CASES: &[Case] = &[
@@ -1724,6 +1727,10 @@ const CASES: &[Case] = &[
     (
         "a_busy_process_moves_live_with_a_short_pause_and_cancels",
         a_busy_process_moves_live_with_a_short_pause_and_cancels,
+    ),
+    (
+        "user_tools_run_lock_block_and_bring_home",
+        tools::user_tools_run_lock_block_and_bring_home,
     ),
 ];
 

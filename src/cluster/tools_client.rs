@@ -278,10 +278,19 @@ pub fn top_table(rows: &[TopRow], limit: usize) -> String {
             r.cpu_percent,
             p.rss_kib,
             if p.locked { "yes" } else { "" },
-            p.command
+            one_line(&p.command)
         ));
     }
     out
+}
+
+/// A command line on one table line: control characters (the newlines of a `python3 -c`
+/// script) become spaces.
+pub fn one_line(command: &str) -> String {
+    command
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Characters of a `ferry mon` bar.
