@@ -452,10 +452,14 @@ impl Node {
                 self.status().detail.unwrap_or_else(|| "booting".into())
             ));
         };
-        let list = conn
-            .processes()
+        let listed = conn
+            .process_list()
             .map_err(|e| format!("node {}'s guest agent did not answer: {e}", self.me.name))?;
-        self.tools.forget_gone(list.iter().map(|p| p.pid));
+        // A list cut short to fit a frame leaves out processes that still run.
+        if !listed.truncated {
+            self.tools.forget_gone(listed.processes.iter().map(|p| p.pid));
+        }
+        let list = listed.processes;
         Ok(list
             .into_iter()
             .filter(|p| all || !p.kernel_thread)
