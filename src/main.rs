@@ -34,6 +34,7 @@ enum Command {
     /// console, or `-- CMD` to run one command in a fresh guest and exit with its status. With
     /// them: start `-- CMD` on a node of the cluster (openMosix's runon, runhome, nomig),
     /// detached, and print NODE:PID (its output goes to /var/log/ferry/PID.log in the guest).
+    /// E.g. `ferry run --vcpus 2 -- nproc`; `ferry run --on node-2 -- python3 job.py`.
     Run(RunArgs),
     /// The guest image (Debian's kernel, busybox and the ferry agent in an initramfs).
     Image {
