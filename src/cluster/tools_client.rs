@@ -407,6 +407,30 @@ mod tests {
     }
 
     #[test]
+    fn answers_map_to_results_and_refusals_are_usage_errors() {
+        let p: Process = answer(
+            "node-1",
+            200,
+            &serde_json::to_vec(&process(5, 1.0)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(p.pid, 5);
+        let body = br#"{"error": "process 5 on node-1 is locked; `ferry unlock node-1:5` first"}"#;
+        let e = answer::<Process>("node-1", 409, body).unwrap_err();
+        assert!(e.is_usage());
+        assert_eq!(
+            e.to_string(),
+            "process 5 on node-1 is locked; `ferry unlock node-1:5` first"
+        );
+        let e = answer::<Process>("node-1", 502, br#"{"error": "agent gone"}"#).unwrap_err();
+        assert!(!e.is_usage());
+        assert_eq!(e.to_string(), "node node-1 answered 502: agent gone");
+        let e = answer::<Process>("node-1", 200, b"not json").unwrap_err();
+        assert!(matches!(e, ToolsError::Decode { .. }));
+        assert_eq!(one_line("python3 -c 'a\nb'\tc"), "python3 -c 'a b' c");
+    }
+
+    #[test]
     fn a_process_that_restarted_its_clock_shows_no_negative_cpu() {
         let before = vec![("node-1".to_string(), process(10, 50.0))];
         let after = vec![("node-1".to_string(), process(10, 1.0))];
