@@ -131,8 +131,12 @@ pub(crate) fn user_tools_run_lock_block_and_bring_home(_: &Suite) -> CaseResult 
         "migrating a locked process is refused with the reason",
         &out,
     )?;
-    let out = tool(file, &["ps"])?;
-    check(out.code() == 0, "`ferry ps` lists processes", &out)?;
+    let out = ferry(&["ps", file], b"", QUICK_LIMIT)?;
+    check(
+        out.code() == 0 && out.stdout.contains(&pid.to_string()),
+        "`ferry ps` still lists it",
+        &out,
+    )?;
     let out = tool(file, &["unlock", &process])?;
     check(out.code() == 0, "`ferry unlock` unlocks it", &out)?;
 
@@ -189,7 +193,7 @@ pub(crate) fn user_tools_run_lock_block_and_bring_home(_: &Suite) -> CaseResult 
     if runs_with(file, "node-3", pid3, "ferry-tools-counter")? {
         return Err("a copy of the brought process still runs on node-3".into());
     }
-    let out = tool(file, &["ps"])?;
+    let out = ferry(&["ps", file], b"", QUICK_LIMIT)?;
     check(
         out.stdout.lines().any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
