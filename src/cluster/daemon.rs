@@ -457,7 +457,8 @@ impl Node {
             .map_err(|e| format!("node {}'s guest agent did not answer: {e}", self.me.name))?;
         // A list cut short to fit a frame leaves out processes that still run.
         if !listed.truncated {
-            self.tools.forget_gone(listed.processes.iter().map(|p| p.pid));
+            self.tools
+                .forget_gone(listed.processes.iter().map(|p| p.pid));
         }
         let list = listed.processes;
         Ok(list
