@@ -472,7 +472,8 @@ impl Agent {
     }
 
     /// Starts `req` detached ([`Message::Start`]): a session of its own, stdin `/dev/null`,
-    /// stdout and stderr to `LOG_DIR/PID.log`; the agent reaps it when it ends. Its pid and
+    /// stdout and stderr to `LOG_DIR/PID.log`, no other descriptor inherited; the agent reaps
+    /// it when it ends. Its pid and
     /// its log's path.
     fn start_detached(&self, req: &ExecRequest) -> Result<(u32, String), (i32, String)> {
         static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -500,7 +501,7 @@ impl Agent {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(err));
-        sys::new_session_before_exec(&mut cmd);
+        sys::detach_before_exec(&mut cmd);
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

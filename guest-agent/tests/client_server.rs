@@ -429,3 +429,40 @@ fn start_of_a_missing_program_is_127_and_leaves_no_log() {
     assert!(conn.ping().is_ok());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_started_process_passes_the_migration_checks() {
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !is_root {
+        eprintln!("skipped: reading page frames needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-start-movable-{}", std::process::id()));
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = Agent::new(None).with_log_dir(dir.to_string_lossy().into_owned());
+    std::thread::spawn(move || agent.serve(guest));
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let (pid, _) = conn
+        .start(&ExecRequest {
+            argv: vec!["sleep".into(), "30".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Nothing inherited from the agent's process (here: the test harness's pipes) beyond
+    // stdin, stdout and stderr.
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    fds.sort();
+    assert_eq!(fds, ["0", "1", "2"]);
+    // Its files (stdin /dev/null, the log) and mappings are all of kinds that move.
+    let pages = conn.survey(pid).unwrap();
+    assert!(!pages.is_empty());
+    kill_hard(pid);
+    let _ = std::fs::remove_dir_all(&dir);
+}
