@@ -14,6 +14,9 @@ use ferry::run::{
 use ferry::{cluster, debian, image, nested};
 use ferry_vmm::vm::DiskConfig;
 
+mod tools_cmd;
+use tools_cmd::{cmd_lock, cmd_mon, cmd_node, cmd_run_on, cmd_top};
+
 #[derive(Parser)]
 #[command(
     name = "ferry",
@@ -27,8 +30,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest in ferry's VMM: an interactive console, or `-- CMD` to run one command in a
-    /// fresh guest and exit with its status.
+    /// Two forms. Without --on/--home/--no-migrate: boot a guest in ferry's VMM, an interactive
+    /// console, or `-- CMD` to run one command in a fresh guest and exit with its status. With
+    /// them: start `-- CMD` on a node of the cluster (openMosix's runon, runhome, nomig),
+    /// detached, and print NODE:PID (its output goes to /var/log/ferry/PID.log in the guest).
+    /// E.g. `ferry run --vcpus 2 -- nproc`; `ferry run --on node-2 -- python3 job.py`.
     Run(RunArgs),
     /// The guest image (Debian's kernel, busybox and the ferry agent in an initramfs).
     Image {
@@ -93,7 +99,8 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Move a running process to another node: `ferry migrate node-1:4242 node-2`. Shows
+    /// Move a running process to another node: `ferry migrate node-1:4242 node-2`, or back to
+    /// the node it started on: `ferry migrate node-3:4242 home`. Shows
     /// progress while pages move and a summary at the end; a process that cannot move says
     /// why and runs on where it was. `ferry migrate --cancel node-1:3` cancels job 3 of
     /// node-1 while it is in pre-copy.
@@ -101,7 +108,7 @@ enum Command {
         /// The process: NODE:PID.
         #[arg(required_unless_present = "cancel")]
         process: Option<String>,
-        /// The node to move it to.
+        /// The node to move it to, or `home`: the node it started on.
         #[arg(required_unless_present = "cancel")]
         to: Option<String>,
         /// precopy (the default: pages stream while the process runs, then a short pause for
@@ -117,6 +124,61 @@ enum Command {
         /// Cancel job NODE:ID (as `ferry migrate` printed it) instead.
         #[arg(long, value_name = "NODE:ID", conflicts_with_all = ["process", "to"])]
         cancel: Option<String>,
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+    },
+    /// The cluster's processes, busiest first: CPU use measured between two samples, node,
+    /// pid, home node, moves, memory, whether locked. Redraws in place on a terminal until
+    /// Ctrl-C; --once prints one table.
+    Top {
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+        /// Print one table (after one interval) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 2.0, value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// The load of every node as bars (like mosmon): CPU use of all vCPUs, run queue, free
+    /// memory. Redraws in place on a terminal until Ctrl-C; --once prints it once.
+    Mon {
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+        /// Print the nodes once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between redraws.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// Lock a process in place: no migration moves it until `ferry unlock`.
+    Lock {
+        /// The process: NODE:PID.
+        process: String,
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+    },
+    /// Let a locked process move again.
+    Unlock {
+        /// The process: NODE:PID.
+        process: String,
+        /// The cluster file.
+        #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+    },
+    /// Node controls (like mosctl): block (refuse arriving processes), unblock, expel (send the
+    /// processes whose home is another node back home), bring (call the processes whose home
+    /// is this node back from the other nodes). Expel and bring wait for the moves.
+    Node {
+        /// block, unblock, expel or bring.
+        action: NodeActionArg,
+        /// The node.
+        node: String,
         /// The cluster file.
         #[arg(long, default_value = cluster::control::DEFAULT_FILE)]
         file: PathBuf,
@@ -262,6 +324,39 @@ enum HostAction {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NodeActionArg {
+    /// Refuse arriving processes.
+    Block,
+    /// Take arriving processes again.
+    Unblock,
+    /// Send the processes whose home is another node back home.
+    Expel,
+    /// Call this node's processes back from the other nodes.
+    Bring,
+}
+
+impl From<NodeActionArg> for cluster::api::NodeAction {
+    fn from(a: NodeActionArg) -> Self {
+        match a {
+            NodeActionArg::Block => Self::Block,
+            NodeActionArg::Unblock => Self::Unblock,
+            NodeActionArg::Expel => Self::Expel,
+            NodeActionArg::Bring => Self::Bring,
+        }
+    }
+}
+
+/// Seconds between samples: a positive number, at most an hour.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not an interval: give seconds, more than 0 and at most 3600 (e.g. 0.5 or 2)"
+        )),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum HostChoice {
     /// This machine's KVM if it can boot a stock kernel, else the nested host.
     Auto,
@@ -321,6 +416,20 @@ struct RunArgs {
     /// Print no progress lines.
     #[arg(long, short)]
     quiet: bool,
+    /// Cluster form: start the command on this node of the cluster (openMosix's runon).
+    #[arg(long, value_name = "NODE", conflicts_with = "home")]
+    on: Option<String>,
+    /// Cluster form: start the command on the home node, the cluster file's first node, locked
+    /// there (openMosix's runhome).
+    #[arg(long)]
+    home: bool,
+    /// Cluster form: lock the started process in place; no migration moves it (openMosix's
+    /// nomig). Without --on it starts on the cluster file's first node.
+    #[arg(long)]
+    no_migrate: bool,
+    /// Cluster form: the cluster file (default configs/local.toml).
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
     /// Command to run in the guest (after `--`).
     #[arg(last = true)]
     command: Vec<String>,
@@ -402,6 +511,13 @@ fn check_disks(disks: &[DiskConfig]) -> Result<(), UsageError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) if args.on.is_some() || args.home || args.no_migrate => {
+            cmd_run_on(&args)
+        }
+        Command::Run(args) if args.file.is_some() => Err(UsageError(
+            "--file names the cluster of `ferry run --on NODE` (or --home, --no-migrate); give one of those too".into(),
+        )
+        .into()),
         Command::Run(args) => cmd_run(args),
         Command::Image {
             action: ImageAction::Build { force },
@@ -483,6 +599,19 @@ fn main() -> ExitCode {
             cmd_balancer(&file, &update, events)
         }
         Command::Dashboard { node, file } => cmd_dashboard(node.as_deref(), &file),
+        Command::Top {
+            file,
+            once,
+            interval,
+        } => cmd_top(&file, once, interval),
+        Command::Mon {
+            file,
+            once,
+            interval,
+        } => cmd_mon(&file, once, interval),
+        Command::Lock { process, file } => cmd_lock(&process, true, &file),
+        Command::Unlock { process, file } => cmd_lock(&process, false, &file),
+        Command::Node { action, node, file } => cmd_node(action.into(), &node, &file),
         Command::Agent {
             action: AgentAction::Ping { cid, count },
         } => cmd_agent_ping(cid, count),
@@ -497,7 +626,10 @@ fn main() -> ExitCode {
                 || err
                     .downcast_ref::<ControlError>()
                     .is_some_and(ControlError::is_usage)
-                || err.downcast_ref::<UsageError>().is_some();
+                || err.downcast_ref::<UsageError>().is_some()
+                || err
+                    .downcast_ref::<cluster::tools_client::ToolsError>()
+                    .is_some_and(cluster::tools_client::ToolsError::is_usage);
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -864,6 +996,14 @@ fn cmd_migrate(
     use cluster::api::JobState;
     let (node, pid) = node_and_number::<u32>(process, "process", "node-1:4242")?;
     let cluster = control::Cluster::load(file)?;
+    // `home`, unless the cluster has a node of that name: where the process started.
+    let home;
+    let to = if to == "home" && cluster.config.node("home").is_none() {
+        home = cluster::tools_client::home_of(&cluster, &node, pid)?;
+        home.as_str()
+    } else {
+        to
+    };
     // On a terminal, one line kept up to date; elsewhere, a line every few seconds.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_line: Option<std::time::Instant> = None;
@@ -1142,7 +1282,79 @@ fn cmd_host(action: HostAction) -> anyhow::Result<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(args).map(|c| c.command)
+    }
+
+    fn parse_error(args: &[&str]) -> String {
+        match parse(args) {
+            Ok(_) => panic!("{args:?} parsed"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn run_has_a_guest_form_and_a_cluster_form() {
+        let Ok(Command::Run(a)) = parse(&["ferry", "run", "--vcpus", "2", "--", "nproc"]) else {
+            panic!("the guest form parses");
+        };
+        assert!(a.on.is_none() && !a.home && !a.no_migrate && a.file.is_none());
+        assert_eq!(a.command, ["nproc"]);
+        let Ok(Command::Run(a)) = parse(&[
+            "ferry",
+            "run",
+            "--on",
+            "node-2",
+            "--no-migrate",
+            "--file",
+            "c.toml",
+            "--",
+            "python3",
+            "-c",
+            "print(1)",
+        ]) else {
+            panic!("the cluster form parses");
+        };
+        assert_eq!(a.on.as_deref(), Some("node-2"));
+        assert!(a.no_migrate && !a.home);
+        assert_eq!(a.file.as_deref(), Some(Path::new("c.toml")));
+        assert_eq!(a.command, ["python3", "-c", "print(1)"]);
+        let e = parse_error(&["ferry", "run", "--on", "node-2", "--home", "--", "x"]);
+        assert!(e.contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn tool_commands_parse_and_refuse_bad_values() {
+        assert!(matches!(
+            parse(&["ferry", "node", "expel", "node-1"]),
+            Ok(Command::Node {
+                action: NodeActionArg::Expel,
+                ..
+            })
+        ));
+        let e = parse_error(&["ferry", "node", "explode", "node-1"]);
+        assert!(e.contains("block"), "{e}");
+        assert!(matches!(
+            parse(&["ferry", "top", "--once", "--interval", "0.5"]),
+            Ok(Command::Top { once: true, interval, .. }) if interval == 0.5
+        ));
+        let e = parse_error(&["ferry", "top", "--interval", "0"]);
+        assert!(e.contains("not an interval"), "{e}");
+        assert!(matches!(
+            parse(&["ferry", "lock", "node-1:42"]),
+            Ok(Command::Lock { .. })
+        ));
+        assert!(matches!(
+            parse(&["ferry", "migrate", "node-3:42", "home"]),
+            Ok(Command::Migrate { to: Some(t), .. }) if t == "home"
+        ));
+        assert!(matches!(
+            parse(&["ferry", "mon", "--once"]),
+            Ok(Command::Mon { once: true, .. })
+        ));
+    }
 
     #[test]
     fn sizes_parse_with_and_without_suffix() {

@@ -1655,6 +1655,9 @@ fn bad_cluster_files_exit_2_with_their_place_and_start_nothing(s: &Suite) -> Cas
     Ok(())
 }
 
+#[path = "e2e/tools.rs"]
+mod tools;
+
 type Case = (&'static str, fn(&Suite) -> CaseResult);
 
 const CASES: &[Case] = &[
@@ -1741,6 +1744,10 @@ const CASES: &[Case] = &[
     (
         "dashboard_lists_nodes_and_migrates_a_dragged_process",
         dashboard::dashboard_lists_nodes_and_migrates_a_dragged_process,
+    ),
+    (
+        "user_tools_run_lock_block_and_bring_home",
+        tools::user_tools_run_lock_block_and_bring_home,
     ),
 ];
 

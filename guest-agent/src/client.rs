@@ -125,6 +125,14 @@ pub enum ClientError {
     /// The command to run was empty.
     #[error("no command to run")]
     EmptyCommand,
+    /// A program to start detached could not start ([`Message::Start`]).
+    #[error("{message}")]
+    StartFailed {
+        /// Shell-style: 127 not found, 126 not executable, 125 another failure.
+        code: i32,
+        /// The agent's message, e.g. `ferry-agent: foo: command not found`.
+        message: String,
+    },
     /// Writing the command's output to the caller's writers failed.
     #[error("cannot write the command's output")]
     Output(#[source] io::Error),
@@ -387,6 +395,26 @@ impl<S: Stream> AgentConnection<S> {
                 _ => None,
             },
         )
+    }
+
+    /// Starts `req` detached from the agent (a session of its own, stdin `/dev/null`, output
+    /// to a log file in the guest): its pid and the log's path.
+    /// [`ClientError::StartFailed`] when it could not start.
+    pub fn start(&mut self, req: &ExecRequest) -> Result<(u32, String), ClientError> {
+        if req.argv.is_empty() {
+            return Err(ClientError::EmptyCommand);
+        }
+        self.request(
+            Message::Start(req.clone()),
+            "waiting for the started process",
+            |m| match m {
+                Message::Started { pid, log } => Some(Ok((pid, log))),
+                Message::Failed { code, message } => {
+                    Some(Err(ClientError::StartFailed { code, message }))
+                }
+                _ => None,
+            },
+        )?
     }
 
     /// Removes the skeleton `pid` (a migration that failed).

@@ -41,7 +41,16 @@
 //! `LoadReport`, `Unsupported`, `RequestFailed` (type bytes 13 to 18); for process migration
 //! `Freeze`, `Frozen`, `PageFrames`, `PageFramesEnd`, `CantMove`, `Recheck`, `Release`,
 //! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32); for
-//! pre-copy `Survey` (33).
+//! pre-copy `Survey` (33); for the user tools `Start`, `Started` (34, 35).
+//!
+//! # Starting a process
+//!
+//! `Start(request)` starts a program detached from the agent and from the connection: in a
+//! session of its own, stdin `/dev/null`, stdout and stderr appended to a log file in the guest
+//! (`/var/log/ferry/PID.log`), so that it can migrate (nothing ties it to the agent). Answered
+//! with `Started { pid, log }`, or `Failed { code, message }` with a shell-style code (127 not
+//! found, 126 not executable) when it could not start. The request is encoded as `Exec`'s; its
+//! `stdin` flag is ignored.
 //!
 //! # Migration messages
 //!
@@ -211,6 +220,10 @@ pub enum MessageType {
     Abort = 32,
     /// [`Message::Survey`].
     Survey = 33,
+    /// [`Message::Start`].
+    Start = 34,
+    /// [`Message::Started`].
+    Started = 35,
 }
 
 impl MessageType {
@@ -251,6 +264,8 @@ impl MessageType {
             31 => Resumed,
             32 => Abort,
             33 => Survey,
+            34 => Start,
+            35 => Started,
             _ => return None,
         })
     }
@@ -555,6 +570,17 @@ pub enum Message {
         /// The skeleton's pid.
         pid: u32,
     },
+    /// Host → agent: start a program detached (see "Starting a process" above). Answered
+    /// with [`Message::Started`] or [`Message::Failed`]. `stdin` is ignored: it is always
+    /// `/dev/null`.
+    Start(ExecRequest),
+    /// Agent → host: the answer to [`Message::Start`].
+    Started {
+        /// The started process.
+        pid: u32,
+        /// Where its stdout and stderr go, as a path in the guest.
+        log: String,
+    },
 }
 
 impl Message {
@@ -594,6 +620,8 @@ impl Message {
             Message::Resume { .. } => MessageType::Resume,
             Message::Resumed { .. } => MessageType::Resumed,
             Message::Abort { .. } => MessageType::Abort,
+            Message::Start(_) => MessageType::Start,
+            Message::Started { .. } => MessageType::Started,
         }
     }
 
@@ -613,7 +641,7 @@ impl Message {
                 p.str(&h.kernel_release);
                 p.u32(h.online_cpus);
             }
-            Message::Exec(e) => {
+            Message::Exec(e) | Message::Start(e) => {
                 p.u32(len_u32(e.argv.len()));
                 for a in &e.argv {
                     p.str(a);
@@ -631,6 +659,10 @@ impl Message {
                     }
                 }
                 p.u8(u8::from(e.stdin));
+            }
+            Message::Started { pid, log } => {
+                p.u32(*pid);
+                p.str(log);
             }
             Message::Stdin(b) | Message::Stdout(b) | Message::Stderr(b) => p.0.extend_from_slice(b),
             Message::Exited { code } => p.i32(*code),
@@ -730,7 +762,7 @@ impl Message {
                 online_cpus: r.u32()?,
             }),
             MessageType::HelloRequest => Message::HelloRequest,
-            MessageType::Exec => {
+            MessageType::Exec | MessageType::Start => {
                 let n = r.u32()?;
                 let mut argv = Vec::new();
                 for _ in 0..n {
@@ -743,12 +775,17 @@ impl Message {
                 }
                 let cwd = if r.flag()? { Some(r.string()?) } else { None };
                 let stdin = r.flag()?;
-                Message::Exec(ExecRequest {
+                let req = ExecRequest {
                     argv,
                     env,
                     cwd,
                     stdin,
-                })
+                };
+                if ty == MessageType::Start {
+                    Message::Start(req)
+                } else {
+                    Message::Exec(req)
+                }
             }
             MessageType::Stdin => Message::Stdin(r.rest()),
             MessageType::StdinClosed => Message::StdinClosed,
@@ -842,6 +879,10 @@ impl Message {
             MessageType::Resume => Message::Resume { pid: r.u32()? },
             MessageType::Resumed => Message::Resumed { pid: r.u32()? },
             MessageType::Abort => Message::Abort { pid: r.u32()? },
+            MessageType::Started => Message::Started {
+                pid: r.u32()?,
+                log: r.string()?,
+            },
         };
         r.finish()?;
         Ok(msg)
@@ -1173,6 +1214,17 @@ mod tests {
             Message::Resume { pid: 6 },
             Message::Resumed { pid: 7 },
             Message::Abort { pid: u32::MAX },
+            Message::Start(ExecRequest {
+                argv: vec!["python3".into(), "-c".into(), "print('é')".into()],
+                env: vec![("PATH".into(), "/bin".into())],
+                cwd: Some("/root".into()),
+                stdin: false,
+            }),
+            Message::Start(ExecRequest::default()),
+            Message::Started {
+                pid: 4242,
+                log: "/var/log/ferry/4242.log".into(),
+            },
         ]
     }
 
@@ -1594,6 +1646,52 @@ mod tests {
     }
 
     #[test]
+    fn hostile_start_payloads_are_errors() {
+        let start = Message::Start(ExecRequest {
+            argv: vec!["sleep".into(), "9".into()],
+            env: vec![("A".into(), "b".into())],
+            cwd: Some("/".into()),
+            stdin: false,
+        })
+        .encode();
+        let started = Message::Started {
+            pid: 7,
+            log: "/var/log/ferry/7.log".into(),
+        }
+        .encode();
+        let mut cases = Vec::new();
+        for (ty, frame) in [
+            (MessageType::Start, &start),
+            (MessageType::Started, &started),
+        ] {
+            for cut in HEADER_LEN..frame.len() {
+                cases.push((
+                    raw_frame(1, ty as u8, &frame[HEADER_LEN..cut]),
+                    ProtocolError::Truncated { message: ty },
+                ));
+            }
+        }
+        // A log path that is not UTF-8.
+        cases.push((
+            raw_frame(
+                1,
+                MessageType::Started as u8,
+                &[7, 0, 0, 0, 2, 0, 0, 0, 0xff, 0xfe],
+            ),
+            ProtocolError::InvalidUtf8 {
+                message: MessageType::Started,
+            },
+        ));
+        for (frame, want) in cases {
+            let mut d = Decoder::new();
+            d.push(&frame);
+            d.push(&Message::Load.encode());
+            assert_eq!(d.next(), Err(want));
+            assert_eq!(d.next(), Ok(Some(Message::Load)));
+        }
+    }
+
+    #[test]
     fn a_full_page_frames_batch_fits_a_frame() {
         let page = PageRef {
             vaddr: u64::MAX,
@@ -1612,10 +1710,10 @@ mod tests {
         assert_eq!(PROTOCOL_VERSION, 1);
         assert_eq!(MessageType::Hello as u8, 1);
         assert_eq!(MessageType::Pong as u8, 12);
-        for b in 1..=33 {
+        for b in 1..=35 {
             assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
         }
-        assert_eq!(MessageType::from_byte(34), None);
+        assert_eq!(MessageType::from_byte(36), None);
         assert_eq!(MessageType::from_byte(0), None);
     }
 

@@ -37,6 +37,9 @@ pub const CODE_NOT_EXECUTABLE: i32 = 126;
 /// Exit code when the agent itself could not run the request.
 pub const CODE_AGENT_FAILURE: i32 = 125;
 
+/// Where the output of started processes goes ([`Message::Start`]), as a path in the guest.
+pub const DEFAULT_LOG_DIR: &str = "/var/log/ferry";
+
 /// What the agent does on [`Message::PowerOff`].
 pub type PowerOffFn = Arc<dyn Fn() + Send + Sync>;
 
@@ -47,6 +50,7 @@ pub struct Agent {
     power_off: PowerOffFn,
     hello: Hello,
     proc: PathBuf,
+    log_dir: String,
 }
 
 impl Agent {
@@ -66,7 +70,15 @@ impl Agent {
                 online_cpus: sys::online_cpus(),
             },
             proc: PathBuf::from("/proc"),
+            log_dir: DEFAULT_LOG_DIR.into(),
         }
+    }
+
+    /// Writes the output of started processes to `dir` (a path in the guest, or in the
+    /// chroot) instead of [`DEFAULT_LOG_DIR`] (for tests).
+    pub fn with_log_dir(mut self, dir: impl Into<String>) -> Self {
+        self.log_dir = dir.into();
+        self
     }
 
     /// Reads processes and load from `dir` instead of `/proc` (for tests).
@@ -192,6 +204,10 @@ impl Agent {
                     Err((code, message)) => send(writer, &Message::Failed { code, message }),
                 }
             }
+            Message::Start(req) => match self.start_detached(&req) {
+                Ok((pid, log)) => send(writer, &Message::Started { pid, log }),
+                Err((code, message)) => send(writer, &Message::Failed { code, message }),
+            },
             Message::Stdin(bytes) => {
                 if let Some(tx) = &session.stdin {
                     // Fails only once the child's stdin is gone; the bytes are moot then.
@@ -385,7 +401,8 @@ impl Agent {
             | Message::CantMove { .. }
             | Message::Released { .. }
             | Message::Rebuilt { .. }
-            | Message::Resumed { .. }) => {
+            | Message::Resumed { .. }
+            | Message::Started { .. }) => {
                 log(format_args!(
                     "ignoring {} message, which only agents send",
                     other.message_type()
@@ -454,16 +471,96 @@ impl Agent {
         })
     }
 
+    /// Starts `req` detached ([`Message::Start`]): a session of its own, stdin `/dev/null`,
+    /// stdout and stderr to `LOG_DIR/PID.log`, no other descriptor inherited; the agent reaps
+    /// it when it ends. Its pid and
+    /// its log's path.
+    fn start_detached(&self, req: &ExecRequest) -> Result<(u32, String), (i32, String)> {
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let Some(program) = req.argv.first() else {
+            return Err((CODE_AGENT_FAILURE, "ferry-agent: empty command".into()));
+        };
+        let failure =
+            |what: &str, e: io::Error| (CODE_AGENT_FAILURE, format!("ferry-agent: {what}: {e}"));
+        let dir = self.seen_from_here(&self.log_dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| failure(&format!("creating {}", self.log_dir), e))?;
+        // The pid is known once it runs: the log is renamed then (the open file follows).
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
+        let first = dir.join(format!(".starting-{}-{n}.log", std::process::id()));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&first)
+            .map_err(|e| failure(&format!("creating {}", first.display()), e))?;
+        let err = log_file
+            .try_clone()
+            .map_err(|e| failure("duplicating the log file", e))?;
+        let mut cmd = self.command(req, program)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(err));
+        sys::detach_before_exec(&mut cmd);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&first);
+                return Err(spawn_failure(program, &e));
+            }
+        };
+        let pid = child.id();
+        let log_path = format!("{}/{pid}.log", self.log_dir.trim_end_matches('/'));
+        if let Err(e) = std::fs::rename(&first, dir.join(format!("{pid}.log"))) {
+            log(format_args!(
+                "pid {pid}: cannot rename its log to {log_path}: {e}"
+            ));
+        }
+        // Not `child.wait()`: a migration's ptrace stops are reported to every thread of the
+        // agent (see `start`).
+        let name = program.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("reap-{pid}"))
+            .spawn(move || {
+                if let Ok(status) = sys::wait_exit(pid) {
+                    drop(child);
+                    log(format_args!(
+                        "started pid {pid} ({name}) ended (wait status {status:#x})"
+                    ));
+                }
+            });
+        log(format_args!("started pid {pid}: {}", req.argv.join(" ")));
+        Ok((pid, log_path))
+    }
+
+    /// `path` (in the guest) as this process sees it: inside the chroot, if there is one.
+    fn seen_from_here(&self, path: &str) -> PathBuf {
+        match &self.chroot {
+            Some(root) => root.join(path.trim_start_matches('/')),
+            None => PathBuf::from(path),
+        }
+    }
+
     fn spawn(&self, req: &ExecRequest) -> Result<Child, (i32, String)> {
         let Some(program) = req.argv.first() else {
             return Err((CODE_AGENT_FAILURE, "ferry-agent: empty command".into()));
         };
+        let mut cmd = self.command(req, program)?;
+        cmd.stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd.spawn().map_err(|e| spawn_failure(program, &e))
+    }
+
+    /// The command of `req`: its program and arguments, environment (a standard `PATH` if
+    /// it has none), working directory, and the chroot if there is one.
+    fn command(&self, req: &ExecRequest, program: &str) -> Result<Command, (i32, String)> {
         let cwd = req.cwd.as_deref().unwrap_or("/");
-        let cwd_seen_from_here = match &self.chroot {
-            Some(root) => root.join(cwd.trim_start_matches('/')),
-            None => PathBuf::from(cwd),
-        };
-        if !cwd_seen_from_here.is_dir() {
+        if !self.seen_from_here(cwd).is_dir() {
             return Err((
                 CODE_AGENT_FAILURE,
                 format!("ferry-agent: cannot change directory to {cwd}: No such directory"),
@@ -472,14 +569,7 @@ impl Agent {
         let mut cmd = Command::new(program);
         cmd.args(&req.argv[1..])
             .env_clear()
-            .envs(req.env.iter().map(|(k, v)| (k, v)))
-            .stdin(if req.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .envs(req.env.iter().map(|(k, v)| (k, v)));
         if !req.env.iter().any(|(k, _)| k == "PATH") {
             cmd.env("PATH", DEFAULT_PATH);
         }
@@ -490,7 +580,7 @@ impl Agent {
                 cmd.current_dir(cwd);
             }
         }
-        cmd.spawn().map_err(|e| spawn_failure(program, &e))
+        Ok(cmd)
     }
 }
 

@@ -131,6 +131,35 @@ pub fn chroot_before_exec(cmd: &mut Command, root: &Path, cwd: &str) -> io::Resu
     Ok(())
 }
 
+/// Detaches the child of `cmd` just before it runs the program: the leader of a new session
+/// (setsid(2): no controlling terminal, a process group of its own, out of reach of what is
+/// sent to the agent's group), and every descriptor from 3 up marked close-on-exec, so that
+/// nothing the agent's process happens to hold open (a socket, a pipe) is inherited and keeps
+/// the program from migrating.
+pub fn detach_before_exec(cmd: &mut Command) {
+    let detach = || {
+        // SAFETY: setsid(2) takes no arguments and is async-signal-safe.
+        if unsafe { libc::setsid() } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: close_range(2) with plain integer arguments; CLOSE_RANGE_CLOEXEC only sets
+        // flags (std's own exec-error pipe is close-on-exec already). Kernels before 5.11 do
+        // not know the flag: the descriptors are then left as they are.
+        unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        };
+        Ok(())
+    };
+    // SAFETY: the closure makes only async-signal-safe system calls and allocates nothing
+    // (the error value for an OS error is not heap-allocated).
+    unsafe { cmd.pre_exec(detach) };
+}
+
 // --- migration: restore ---
 // ptrace, waitpid, clone3 and prlimit for the destination side of a migration
 // (`crate::migrate::inject` runs system calls inside a stopped tracee; `crate::migrate::restore`

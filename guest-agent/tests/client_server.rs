@@ -341,3 +341,128 @@ fn chrooted_agent_runs_commands_inside_the_root() {
     assert_eq!(code, 125);
     assert!(String::from_utf8(err).unwrap().contains("/no/such/dir"));
 }
+
+/// The session id and parent pid of `pid`, from /proc/PID/stat.
+fn session_and_parent(pid: u32) -> (u32, u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    (f[3].parse().unwrap(), f[1].parse().unwrap())
+}
+
+#[test]
+fn start_runs_a_program_detached_with_its_output_in_a_log() {
+    let dir = std::env::temp_dir().join(format!("ferry-start-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = Agent::new(None).with_log_dir(dir.to_string_lossy().into_owned());
+    std::thread::spawn(move || agent.serve(guest));
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let (pid, log) = conn
+        .start(&sh(
+            "echo out; echo err >&2; read x; echo read=$x; sleep 30",
+        ))
+        .unwrap();
+    assert_eq!(log, format!("{}/{pid}.log", dir.display()));
+    // Its own session (it leads it), a child of the agent (this test process here), stdin
+    // at end of file.
+    let (session, parent) = session_and_parent(pid);
+    assert_eq!(session, pid);
+    assert_eq!(parent, std::process::id());
+    let deadline = std::time::Instant::now() + T;
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("read=") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(text, "out\nerr\nread=\n");
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+    // The connection closing does not end it (unlike an Exec).
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    kill_hard(pid);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ends a test's process with `kill -9` (no unsafe code in tests).
+fn kill_hard(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+#[test]
+fn start_of_a_missing_program_is_127_and_leaves_no_log() {
+    let dir = std::env::temp_dir().join(format!("ferry-start-missing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = Agent::new(None).with_log_dir(dir.to_string_lossy().into_owned());
+    std::thread::spawn(move || agent.serve(guest));
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let req = ExecRequest {
+        argv: vec!["ferry-no-such-command".into()],
+        ..Default::default()
+    };
+    match conn.start(&req) {
+        Err(ClientError::StartFailed { code, message }) => {
+            assert_eq!(code, 127);
+            assert_eq!(
+                message,
+                "ferry-agent: ferry-no-such-command: command not found"
+            );
+        }
+        other => panic!("expected a start failure, got {other:?}"),
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    assert!(matches!(
+        conn.start(&ExecRequest::default()),
+        Err(ClientError::EmptyCommand)
+    ));
+    // The connection goes on.
+    assert!(conn.ping().is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_started_process_passes_the_migration_checks() {
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !is_root {
+        eprintln!("skipped: reading page frames needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-start-movable-{}", std::process::id()));
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = Agent::new(None).with_log_dir(dir.to_string_lossy().into_owned());
+    std::thread::spawn(move || agent.serve(guest));
+    let mut conn = AgentConnection::handshake(host, T).unwrap();
+    let (pid, _) = conn
+        .start(&ExecRequest {
+            argv: vec!["sleep".into(), "30".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Nothing inherited from the agent's process (here: the test harness's pipes) beyond
+    // stdin, stdout and stderr.
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    fds.sort();
+    assert_eq!(fds, ["0", "1", "2"]);
+    // Its files (stdin /dev/null, the log) and mappings are all of kinds that move.
+    let pages = conn.survey(pid).unwrap();
+    assert!(!pages.is_empty());
+    kill_hard(pid);
+    let _ = std::fs::remove_dir_all(&dir);
+}

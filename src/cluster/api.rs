@@ -14,6 +14,13 @@
 //! - `GET /v1/processes[?all=true]`: this node's processes ([`Process`]); kernel threads only
 //!   with `all=true`;
 //! - `GET /v1/nodes/{name}/processes[?all=true]`: another node's, through its peer port;
+//! - `POST /v1/processes`: start a program ([`StartRequest`]), detached, on this node (and
+//!   `POST /v1/nodes/{name}/processes` on another); answers the [`Process`] (201);
+//! - `PUT` / `DELETE /v1/processes/{pid}/lock` (and `/v1/nodes/{name}/processes/{pid}/lock`):
+//!   lock a process in place (no migration moves it) or unlock it; answers the [`Process`];
+//! - `POST /v1/node/{block|unblock|expel|bring}` (and `/v1/nodes/{name}/...`): refuse or accept
+//!   arriving processes, send the processes of other nodes back to their homes, call this
+//!   node's processes back home; answers a [`NodeControlReport`];
 //! - `POST /v1/shutdown`: power the guest off and end the daemon (what `ferry down` asks);
 //! - `GET /v1/openapi.json`: the OpenAPI 3 document (no token needed);
 //! - `GET /` and `GET /dashboard`: the dashboard page (no token needed), and
@@ -73,7 +80,7 @@ pub struct NodeStatus {
     /// The guest's load, sampled about once a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<Load>,
-    /// Whether the node takes processes that other nodes send it.
+    /// Whether the node takes arriving processes (`ferry node block` makes it refuse them).
     #[serde(default = "yes")]
     pub accepting: bool,
 }
@@ -123,9 +130,94 @@ pub struct Process {
     /// How often it moved.
     #[serde(default)]
     pub moves: u32,
-    /// Locked in place: no migration moves it.
+    /// Locked in place: no migration moves it (`ferry lock`).
     #[serde(default)]
     pub locked: bool,
+}
+
+/// `POST /v1/processes`: a program to start on the node, detached (a session of its own,
+/// stdin `/dev/null`, stdout and stderr to `/var/log/ferry/PID.log` in the guest), as root in
+/// `/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// The program and its arguments; the program is looked up in the standard `PATH`.
+    pub argv: Vec<String>,
+    /// Lock it in place from the start (openMosix's `nomig`).
+    #[serde(default)]
+    pub locked: bool,
+}
+
+/// The error body of a `POST /v1/processes` whose program could not start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartError {
+    pub error: String,
+    /// Shell-style: 127 the program was not found, 126 it is not executable.
+    pub exit_code: i32,
+}
+
+/// What `POST /v1/node/{action}` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeAction {
+    /// Refuse arriving processes (openMosix's `mosctl block`).
+    Block,
+    /// Take arriving processes again.
+    Unblock,
+    /// Send every process here whose home is another node back home (`mosctl expel`).
+    Expel,
+    /// Call every process whose home is this node and that runs elsewhere back (`mosctl bring`).
+    Bring,
+}
+
+impl NodeAction {
+    pub const ALL: [NodeAction; 4] = [
+        NodeAction::Block,
+        NodeAction::Unblock,
+        NodeAction::Expel,
+        NodeAction::Bring,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeAction::Block => "block",
+            NodeAction::Unblock => "unblock",
+            NodeAction::Expel => "expel",
+            NodeAction::Bring => "bring",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == s)
+    }
+}
+
+/// The answer to `POST /v1/node/{action}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeControlReport {
+    pub node: String,
+    /// Whether the node takes arriving processes now.
+    pub accepting: bool,
+    /// Expel and bring: the moves asked for, each started (with its job) or refused (with
+    /// why). Empty for block and unblock.
+    #[serde(default)]
+    pub moves: Vec<MoveStarted>,
+}
+
+/// One move that expel or bring asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveStarted {
+    /// The process's pid on the node it moves from.
+    pub pid: u32,
+    pub command: String,
+    pub from: String,
+    pub to: String,
+    /// The migration job on `from` (`GET /v1/migrations/{job}` there), if it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<u64>,
+    /// Why it did not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/migrations`: move process `pid` of node `node` (default: the node asked) to node
@@ -297,6 +389,22 @@ pub enum Route {
     /// `POST /v1/peer/migrations`: a source node's page stream (peers only; the connection is
     /// upgraded to the migration protocol).
     PeerMigration,
+    /// `POST /v1/processes` (`node` None) or `/v1/nodes/{node}/processes`: start a program
+    /// ([`StartRequest`]).
+    StartProcess {
+        node: Option<String>,
+    },
+    /// `PUT` (`locked`) or `DELETE` `/v1/processes/{pid}/lock`, or under `/v1/nodes/{node}`.
+    Lock {
+        node: Option<String>,
+        pid: u32,
+        locked: bool,
+    },
+    /// `POST /v1/node/{action}` (`node` None) or `/v1/nodes/{node}/{action}`.
+    NodeControl {
+        node: Option<String>,
+        action: NodeAction,
+    },
     /// `GET /v1/balancer`: this node's balancer (policy, CPU-bound processes, decisions).
     Balancer,
     /// `PUT /v1/balancer`: change the policy ([`PolicyUpdate`](super::balancer::PolicyUpdate))
@@ -355,13 +463,50 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
         ["v1", "node"] => (Route::Node, "GET"),
         ["v1", "nodes"] => (Route::Nodes, "GET"),
         ["v1", "nodes", name] => (Route::NamedNode(name.to_string()), "GET"),
-        ["v1", "processes"] => (Route::Processes { all: all(query)? }, "GET"),
+        ["v1", "processes"] if method == "POST" => (Route::StartProcess { node: None }, "POST"),
+        ["v1", "processes"] => (Route::Processes { all: all(query)? }, "GET or POST"),
+        ["v1", "nodes", name, "processes"] if method == "POST" => (
+            Route::StartProcess {
+                node: Some(name.to_string()),
+            },
+            "POST",
+        ),
+        ["v1", "processes", pid, "lock"] => (
+            Route::Lock {
+                node: None,
+                pid: pid_segment(pid)?,
+                locked: method != "DELETE",
+            },
+            "PUT or DELETE",
+        ),
+        ["v1", "nodes", name, "processes", pid, "lock"] => (
+            Route::Lock {
+                node: Some(name.to_string()),
+                pid: pid_segment(pid)?,
+                locked: method != "DELETE",
+            },
+            "PUT or DELETE",
+        ),
+        ["v1", "node", action] if NodeAction::parse(action).is_some() => (
+            Route::NodeControl {
+                node: None,
+                action: NodeAction::parse(action).expect("checked by the guard"),
+            },
+            "POST",
+        ),
+        ["v1", "nodes", name, action] if NodeAction::parse(action).is_some() => (
+            Route::NodeControl {
+                node: Some(name.to_string()),
+                action: NodeAction::parse(action).expect("checked by the guard"),
+            },
+            "POST",
+        ),
         ["v1", "nodes", name, "processes"] => (
             Route::NodeProcesses {
                 node: name.to_string(),
                 all: all(query)?,
             },
-            "GET",
+            "GET or POST",
         ),
         ["v1", "shutdown"] => (Route::Shutdown, "POST"),
         ["v1", "openapi.json"] => (Route::OpenApi, "GET"),
@@ -403,6 +548,15 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
         });
     }
     Ok(route)
+}
+
+/// A pid in a path.
+fn pid_segment(pid: &str) -> Result<u32, RouteError> {
+    pid.parse().map_err(|_| {
+        RouteError::BadRequest(format!(
+            "`{pid}` is not a process id (a number, as /v1/processes lists them)"
+        ))
+    })
 }
 
 /// The `all` query parameter: absent, `true` or `false`; anything else is a bad request.
@@ -460,6 +614,12 @@ pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
 
 /// The OpenAPI 3 document of this API.
 pub fn openapi() -> serde_json::Value {
+    let mut doc = core_openapi();
+    add_tools_openapi(&mut doc);
+    doc
+}
+
+fn core_openapi() -> serde_json::Value {
     use serde_json::json;
     let error = json!({"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let errors = |extra: &[(&str, &str)]| {
@@ -592,6 +752,69 @@ pub fn openapi() -> serde_json::Value {
     doc
 }
 
+/// The user tools' part of the document: starting processes, locks, node controls.
+fn add_tools_openapi(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let err = |what: &str| json!({"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let ok = |code: &str, schema: &str| json!({code: {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}}});
+    let merge = |mut a: serde_json::Value, b: serde_json::Value| {
+        if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object()) {
+            a.extend(b.clone());
+        }
+        a
+    };
+    let name =
+        json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string"}});
+    let pid = json!({"name": "pid", "in": "path", "required": true, "schema": {"type": "integer"}});
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["NodeStatus"]["properties"]["accepting"] = json!({"type": "boolean", "default": true, "description": "whether the node takes arriving processes (false after `ferry node block`)"});
+    schemas["Process"]["properties"]["locked"] = json!({"type": "boolean", "default": false, "description": "locked in place: no migration moves it"});
+    schemas["StartRequest"] = json!({"type": "object", "required": ["argv"], "additionalProperties": false,
+        "properties": {"argv": {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": "the program (looked up in PATH) and its arguments"},
+                       "locked": {"type": "boolean", "default": false, "description": "lock it in place from the start"}}});
+    schemas["StartError"] = json!({"type": "object", "required": ["error", "exit_code"],
+        "properties": {"error": {"type": "string"}, "exit_code": {"type": "integer", "description": "127 not found, 126 not executable"}}});
+    schemas["MoveStarted"] = json!({"type": "object", "required": ["pid", "command", "from", "to"],
+        "properties": {"pid": {"type": "integer"}, "command": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"},
+                       "job": {"type": "integer", "description": "the migration job on `from`"}, "error": {"type": "string", "description": "why it did not start"}}});
+    schemas["NodeControlReport"] = json!({"type": "object", "required": ["node", "accepting", "moves"],
+        "properties": {"node": {"type": "string"}, "accepting": {"type": "boolean"},
+                       "moves": {"type": "array", "items": {"$ref": "#/components/schemas/MoveStarted"}}}});
+    let start = |params: serde_json::Value| {
+        json!({"summary": "start a program detached (own session, stdin /dev/null, output to /var/log/ferry/PID.log in the guest)",
+        "parameters": params,
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/StartRequest"}}}},
+        "responses": merge(ok("201", "Process"), json!({"400": err("a body that is not a StartRequest"), "401": err("no or wrong token"), "404": err("no such node"),
+            "422": {"description": "the program could not start", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/StartError"}}}},
+            "502": err("the node or its agent did not answer")}))})
+    };
+    let lock = |params: serde_json::Value, what: &str| {
+        json!({"summary": what, "parameters": params,
+        "responses": merge(ok("200", "Process"), json!({"401": err("no or wrong token"), "404": err("no such node or process"), "502": err("the node or its agent did not answer")}))})
+    };
+    let control = |params: serde_json::Value| {
+        json!({"post": {"summary": "block: refuse arriving processes; unblock: take them again; expel: send processes whose home is another node back home; bring: call this node's processes back home",
+        "parameters": params,
+        "responses": merge(ok("200", "NodeControlReport"), json!({"401": err("no or wrong token"), "404": err("no such node or action"), "502": err("a node did not answer")}))}})
+    };
+    let action = json!({"name": "action", "in": "path", "required": true, "schema": {"type": "string", "enum": ["block", "unblock", "expel", "bring"]}});
+    let paths = &mut doc["paths"];
+    paths["/v1/processes"]["post"] = start(json!([]));
+    paths["/v1/nodes/{name}/processes"]["post"] = start(json!([name.clone()]));
+    for (path, params) in [
+        ("/v1/processes/{pid}/lock", json!([pid.clone()])),
+        (
+            "/v1/nodes/{name}/processes/{pid}/lock",
+            json!([name.clone(), pid.clone()]),
+        ),
+    ] {
+        paths[path] = json!({"put": lock(params.clone(), "lock the process in place: a migration of it is refused with 409"),
+                             "delete": lock(params, "unlock the process")});
+    }
+    paths["/v1/node/{action}"] = control(json!([action.clone()]));
+    paths["/v1/nodes/{name}/{action}"] = control(json!([name, action]));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,6 +874,92 @@ mod tests {
     }
 
     #[test]
+    fn tool_routes_start_lock_and_control_nodes() {
+        assert_eq!(
+            route("POST", "/v1/processes", None),
+            Ok(Route::StartProcess { node: None })
+        );
+        assert_eq!(
+            route("POST", "/v1/nodes/node-2/processes", None),
+            Ok(Route::StartProcess {
+                node: Some("node-2".into())
+            })
+        );
+        assert_eq!(
+            route("PUT", "/v1/processes/42/lock", None),
+            Ok(Route::Lock {
+                node: None,
+                pid: 42,
+                locked: true
+            })
+        );
+        assert_eq!(
+            route("DELETE", "/v1/nodes/node-1/processes/42/lock", None),
+            Ok(Route::Lock {
+                node: Some("node-1".into()),
+                pid: 42,
+                locked: false
+            })
+        );
+        let e = route("PUT", "/v1/processes/abc/lock", None).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("`abc` is not a process id"), "{e}");
+        let e = route("GET", "/v1/processes/42/lock", None).unwrap_err();
+        assert!(e.to_string().contains("use PUT or DELETE"), "{e}");
+        for action in NodeAction::ALL {
+            assert_eq!(
+                route("POST", &format!("/v1/node/{}", action.name()), None),
+                Ok(Route::NodeControl { node: None, action })
+            );
+            assert_eq!(
+                route("POST", &format!("/v1/nodes/node-3/{}", action.name()), None),
+                Ok(Route::NodeControl {
+                    node: Some("node-3".into()),
+                    action
+                })
+            );
+        }
+        let e = route("GET", "/v1/node/block", None).unwrap_err();
+        assert!(e.to_string().contains("use POST"), "{e}");
+        assert_eq!(
+            route("POST", "/v1/node/explode", None)
+                .unwrap_err()
+                .status(),
+            404
+        );
+        // Listing is unchanged; other methods name both.
+        assert_eq!(
+            route("GET", "/v1/nodes/node-2/processes", None),
+            Ok(Route::NodeProcesses {
+                node: "node-2".into(),
+                all: false
+            })
+        );
+        let e = route("PUT", "/v1/processes", None).unwrap_err();
+        assert!(e.to_string().contains("use GET or POST"), "{e}");
+    }
+
+    #[test]
+    fn start_requests_and_new_fields_parse_with_defaults() {
+        let r: StartRequest = serde_json::from_str(r#"{"argv": ["sleep", "9"]}"#).unwrap();
+        assert_eq!((r.argv.len(), r.locked), (2, false));
+        let e =
+            serde_json::from_str::<StartRequest>(r#"{"argv": ["x"], "lock": true}"#).unwrap_err();
+        assert!(e.to_string().contains("lock"), "{e}");
+        // A node or process from a daemon without the tools: accepting, unlocked.
+        let n: NodeStatus = serde_json::from_str(
+            r#"{"name": "n", "address": "a", "host": "h", "state": "ready", "api_url": "u", "vcpus": 1, "memory_mib": 1}"#,
+        )
+        .unwrap();
+        assert!(n.accepting);
+        let p: Process = serde_json::from_str(
+            r#"{"pid": 1, "ppid": 0, "uid": 0, "state": "S", "threads": 1, "rss_kib": 1, "cpu_seconds": 0, "command": "x", "kernel_thread": false}"#,
+        )
+        .unwrap();
+        assert!(!p.locked);
+    }
+
+    #[test]
     fn migration_requests_default_to_precopy_and_say_what_modes_exist() {
         let r: MigrationRequest = serde_json::from_str(r#"{"pid": 7, "to": "node-2"}"#).unwrap();
         assert_eq!(r.mode, MigrationMode::Precopy);
@@ -692,8 +1001,33 @@ mod tests {
             "/v1/migrations/{id}",
             "/v1/peer/migrations",
             "/v1/balancer",
+            "/v1/processes/{pid}/lock",
+            "/v1/nodes/{name}/processes/{pid}/lock",
+            "/v1/node/{action}",
+            "/v1/nodes/{name}/{action}",
         ] {
             assert!(paths.contains_key(p), "{p} missing");
+        }
+        assert!(paths["/v1/processes"]["post"]["responses"]["201"].is_object());
+        assert!(paths["/v1/processes"]["get"].is_object());
+        assert!(paths["/v1/nodes/{name}/processes"]["post"].is_object());
+        let schemas = &doc["components"]["schemas"];
+        for (schema, fields) in [
+            ("StartRequest", &["argv", "locked"][..]),
+            ("StartError", &["error", "exit_code"]),
+            ("NodeControlReport", &["node", "accepting", "moves"]),
+            (
+                "MoveStarted",
+                &["pid", "command", "from", "to", "job", "error"],
+            ),
+            ("Process", &["locked"]),
+        ] {
+            for f in fields {
+                assert!(
+                    schemas[schema]["properties"].get(f).is_some(),
+                    "{schema}.{f} undocumented"
+                );
+            }
         }
         // Every field of the types the API returns is in its schema.
         let node = serde_json::to_value(NodeStatus {

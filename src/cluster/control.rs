@@ -1016,7 +1016,7 @@ mod tests {
             kernel: None,
             boot_ms: None,
             load: None,
-            accepting: false,
+            accepting: true,
         };
         let t = table(&[
             node("node-1", NodeState::Ready),

@@ -144,7 +144,7 @@ pub struct Node {
     token: String,
     peer_tls: Arc<rustls::ClientConfig>,
     status: Mutex<Status>,
-    agent: Mutex<Option<AgentConnection<VsockStream>>>,
+    pub(super) agent: Mutex<Option<AgentConnection<VsockStream>>>,
     exit: Mutex<Option<Arc<ExitRequest>>>,
     /// The running guest, while it runs (for migrations).
     pub(super) guest: Mutex<Option<Guest>>,
@@ -152,6 +152,8 @@ pub struct Node {
     pub(super) balancer: Balancer,
     /// Every node's recent load, for the dashboard.
     pub(super) history: super::dashboard::LoadHistory,
+    /// Locks and node controls (the user tools).
+    pub(super) tools: super::tools::Tools,
     stopping: AtomicBool,
     /// Whether the guest's agent answered during the guest's current life.
     agent_seen: AtomicBool,
@@ -222,6 +224,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             jobs: Jobs::default(),
             balancer: Balancer::new(policy),
             history: Default::default(),
+            tools: Default::default(),
             stopping: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
@@ -423,6 +426,9 @@ impl Node {
             | Route::Dashboard
             | Route::History { .. }
             | Route::ClusterMigrations) => super::dashboard::respond(self, r).await,
+            Route::StartProcess { node } => self.start_process_request(req, node).await,
+            Route::Lock { node, pid, locked } => self.lock_request(node, pid, locked).await,
+            Route::NodeControl { node, action } => self.node_control_request(node, action).await,
         }
     }
 
@@ -461,9 +467,15 @@ impl Node {
                 self.status().detail.unwrap_or_else(|| "booting".into())
             ));
         };
-        let list = conn
-            .processes()
+        let listed = conn
+            .process_list()
             .map_err(|e| format!("node {}'s guest agent did not answer: {e}", self.me.name))?;
+        // A list cut short to fit a frame leaves out processes that still run.
+        if !listed.truncated {
+            self.tools
+                .forget_gone(listed.processes.iter().map(|p| p.pid));
+        }
+        let list = listed.processes;
         Ok(list
             .into_iter()
             .filter(|p| all || !p.kernel_thread)
@@ -485,7 +497,7 @@ impl Node {
                     kernel_thread: p.kernel_thread,
                     moves: origin.as_ref().map_or(0, |o| o.moves),
                     home: origin.map(|o| o.home),
-                    locked: false,
+                    locked: self.tools.is_locked(p.pid),
                 }
             })
             .collect())
@@ -509,7 +521,7 @@ impl Node {
                 busy: self.balancer.busy(),
                 ..l
             }),
-            accepting: true,
+            accepting: self.tools.accepting(),
         }
     }
 

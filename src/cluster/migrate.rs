@@ -470,6 +470,7 @@ impl Node {
                 ),
             ));
         };
+        self.check_move(pid, &dest).await?;
         let cap = match request.bandwidth_mib_s {
             Some(c) if !(c.is_finite() && c > 0.0) => {
                 return Err((
@@ -861,6 +862,9 @@ impl Node {
                 "only the cluster's nodes (with their certificates) may send processes here",
             );
         };
+        if let Some(refused) = self.refuse_arrival() {
+            return refused;
+        }
         let query = req.uri().query().unwrap_or("").to_string();
         let param = |k: &str| {
             query

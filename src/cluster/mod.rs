@@ -13,3 +13,5 @@ pub mod daemon;
 pub mod dashboard;
 pub mod migrate;
 pub mod state;
+pub mod tools;
+pub mod tools_client;
