@@ -889,7 +889,9 @@ pub fn spawn(opts: &SpawnOptions) -> Result<(), ControlError> {
         let log = std::fs::File::create(&log_path)
             .map_err(io(format!("creating {}", log_path.display())))?;
         let err = log.try_clone().map_err(io("duplicating the log file"))?;
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        crate::sys::no_inherited_fds(&mut command);
+        let child = command
             .args(["daemon", "run", "--dir"])
             .arg(&opts.dir)
             .args(["--node", name, "--kernel"])

@@ -308,7 +308,9 @@ impl Boot<'_> {
             console_log.display()
         );
         let started = Instant::now();
-        let child = Command::new(&qemu.path)
+        let mut command = Command::new(&qemu.path);
+        crate::sys::no_inherited_fds(&mut command);
+        let child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
