@@ -41,7 +41,8 @@
 //! `LoadReport`, `Unsupported`, `RequestFailed` (type bytes 13 to 18); for process migration
 //! `Freeze`, `Frozen`, `PageFrames`, `PageFramesEnd`, `CantMove`, `Recheck`, `Release`,
 //! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32); for
-//! pre-copy `Survey` (33).
+//! pre-copy `Survey` (33); for post-copy `Lazy`, `Place`, `WaitFaults`, `Faults`, `LazyEnd`
+//! (34 to 38).
 //!
 //! # Migration messages
 //!
@@ -54,7 +55,13 @@
 //! `Release { pid, kill }` thaws (or kills) a frozen process: `Released { pid }`.
 //! Destination agent: `Rebuild(image)` → `Rebuilt { pid }`; `WantFrames(vaddrs)` (at most
 //! [`PAGE_FRAMES_BATCH`]) → one `PageFrames` with a frame for each address, in order;
-//! `Resume { pid }` → `Resumed { pid }`; `Abort { pid }` → `Released { pid }`. Failures are
+//! `Resume { pid }` → `Resumed { pid }`; `Abort { pid }` → `Released { pid }`. Post-copy,
+//! between `Rebuild` and `WantFrames`: `Lazy(ranges)` (u32 count, then start and end as u64
+//! each) → one `PageFrames` with the staging buffer's frames (vaddr: the slot's address in
+//! the agent); after `Resume`, `Place(placements)` (u32 count, then vaddr u64 and slot u32
+//! each, slot `u32::MAX` for zeros) and `WaitFaults { wait_ms }` (u32) → `Faults(vaddrs)`
+//! (u32 count, u64 each: the pages the process waits for); `LazyEnd { pid }` → `Released
+//! { pid }`. Failures are
 //! `RequestFailed` naming the request. A [`crate::migrate::image::ProcessImage`] and a
 //! [`crate::migrate::image::PageRef`] are encoded as [`crate::migrate::image`] says; a
 //! `WantFrames` is a u32 count and the u64 addresses.
@@ -66,6 +73,7 @@
 use std::fmt;
 
 use crate::migrate::image::{PageRef, ProcessImage};
+use crate::migrate::lazy::Placement;
 
 /// The protocol version this code speaks; carried in every frame header and in [`Hello`].
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -211,6 +219,16 @@ pub enum MessageType {
     Abort = 32,
     /// [`Message::Survey`].
     Survey = 33,
+    /// [`Message::Lazy`].
+    Lazy = 34,
+    /// [`Message::Place`].
+    Place = 35,
+    /// [`Message::WaitFaults`].
+    WaitFaults = 36,
+    /// [`Message::Faults`].
+    Faults = 37,
+    /// [`Message::LazyEnd`].
+    LazyEnd = 38,
 }
 
 impl MessageType {
@@ -251,6 +269,11 @@ impl MessageType {
             31 => Resumed,
             32 => Abort,
             33 => Survey,
+            34 => Lazy,
+            35 => Place,
+            36 => WaitFaults,
+            37 => Faults,
+            38 => LazyEnd,
             _ => return None,
         })
     }
@@ -555,6 +578,29 @@ pub enum Message {
         /// The skeleton's pid.
         pid: u32,
     },
+    /// Host → destination agent, post-copy, after [`Message::Rebuild`]: register these
+    /// `(start, end)` ranges of the skeleton (inside its private anonymous mappings) with a
+    /// userfaultfd, so their pages may arrive after it resumed, and make the staging buffer.
+    /// Answered with one [`Message::PageFrames`]: the staging slots' frames, in slot order.
+    Lazy(Vec<(u64, u64)>),
+    /// Host → destination agent, post-copy: the staging slots now hold these pages; copy
+    /// them into the process. Answered with [`Message::Faults`].
+    Place(Vec<Placement>),
+    /// Host → destination agent, post-copy: report the pages the process waits for, waiting
+    /// up to `wait_ms` for a first one. Answered with [`Message::Faults`].
+    WaitFaults {
+        /// The longest wait, in ms.
+        wait_ms: u32,
+    },
+    /// Agent → host: the pages the migrated process waits for (possibly none, possibly
+    /// repeated), at most [`crate::migrate::lazy::MAX_FAULTS`].
+    Faults(Vec<u64>),
+    /// Host → destination agent: every page was placed; close the userfaultfd. Answered with
+    /// [`Message::Released`].
+    LazyEnd {
+        /// The process.
+        pid: u32,
+    },
 }
 
 impl Message {
@@ -594,6 +640,11 @@ impl Message {
             Message::Resume { .. } => MessageType::Resume,
             Message::Resumed { .. } => MessageType::Resumed,
             Message::Abort { .. } => MessageType::Abort,
+            Message::Lazy(_) => MessageType::Lazy,
+            Message::Place(_) => MessageType::Place,
+            Message::WaitFaults { .. } => MessageType::WaitFaults,
+            Message::Faults(_) => MessageType::Faults,
+            Message::LazyEnd { .. } => MessageType::LazyEnd,
         }
     }
 
@@ -685,7 +736,8 @@ impl Message {
             | Message::Rebuilt { pid }
             | Message::Resume { pid }
             | Message::Resumed { pid }
-            | Message::Abort { pid } => p.u32(*pid),
+            | Message::Abort { pid }
+            | Message::LazyEnd { pid } => p.u32(*pid),
             Message::Frozen(image) | Message::Rebuild(image) => image.write(&mut p),
             Message::PageFrames(pages) => p.list(pages, |p, page| page.write(p)),
             Message::PageFramesEnd { count } => p.u64(*count),
@@ -694,7 +746,18 @@ impl Message {
                 p.u32(*pid);
                 p.flag(*kill);
             }
-            Message::WantFrames(vaddrs) => p.list(vaddrs, |p, v| p.u64(*v)),
+            Message::WantFrames(vaddrs) | Message::Faults(vaddrs) => {
+                p.list(vaddrs, |p, v| p.u64(*v))
+            }
+            Message::Lazy(ranges) => p.list(ranges, |p, &(s, e)| {
+                p.u64(s);
+                p.u64(e);
+            }),
+            Message::Place(pages) => p.list(pages, |p, pl| {
+                p.u64(pl.vaddr);
+                p.u32(pl.slot);
+            }),
+            Message::WaitFaults { wait_ms } => p.u32(*wait_ms),
             Message::HelloRequest
             | Message::StdinClosed
             | Message::PowerOff
@@ -842,6 +905,16 @@ impl Message {
             MessageType::Resume => Message::Resume { pid: r.u32()? },
             MessageType::Resumed => Message::Resumed { pid: r.u32()? },
             MessageType::Abort => Message::Abort { pid: r.u32()? },
+            MessageType::Lazy => Message::Lazy(r.list(|r| Ok((r.u64()?, r.u64()?)))?),
+            MessageType::Place => Message::Place(r.list(|r| {
+                Ok(Placement {
+                    vaddr: r.u64()?,
+                    slot: r.u32()?,
+                })
+            })?),
+            MessageType::WaitFaults => Message::WaitFaults { wait_ms: r.u32()? },
+            MessageType::Faults => Message::Faults(r.list(|r| r.u64())?),
+            MessageType::LazyEnd => Message::LazyEnd { pid: r.u32()? },
         };
         r.finish()?;
         Ok(msg)
@@ -1173,6 +1246,22 @@ mod tests {
             Message::Resume { pid: 6 },
             Message::Resumed { pid: 7 },
             Message::Abort { pid: u32::MAX },
+            Message::Lazy(vec![(0x1000, 0x3000), (0x7fff_f000_0000, 0x7fff_f002_1000)]),
+            Message::Lazy(vec![]),
+            Message::Place(vec![
+                Placement {
+                    vaddr: 0x5555_0000_0000,
+                    slot: 0,
+                },
+                Placement {
+                    vaddr: 0x5555_0000_1000,
+                    slot: u32::MAX,
+                },
+            ]),
+            Message::WaitFaults { wait_ms: 5 },
+            Message::Faults(vec![0x7fff_0000_0000, 0x1000]),
+            Message::Faults(vec![]),
+            Message::LazyEnd { pid: 9 },
         ]
     }
 
@@ -1612,10 +1701,10 @@ mod tests {
         assert_eq!(PROTOCOL_VERSION, 1);
         assert_eq!(MessageType::Hello as u8, 1);
         assert_eq!(MessageType::Pong as u8, 12);
-        for b in 1..=33 {
+        for b in 1..=38 {
             assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
         }
-        assert_eq!(MessageType::from_byte(34), None);
+        assert_eq!(MessageType::from_byte(39), None);
         assert_eq!(MessageType::from_byte(0), None);
     }
 

@@ -4,4 +4,5 @@
 pub mod dump;
 pub mod image;
 pub mod inject;
+pub mod lazy;
 pub mod restore;
