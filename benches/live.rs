@@ -271,6 +271,7 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                     let predumps = match mode {
                         MigrationMode::Stop => 0,
                         MigrationMode::Precopy => PREDUMPS,
+                        MigrationMode::Postcopy => 0,
                     };
                     let unable = match &runner.criu {
                         Err(why) => Some(why.clone()),

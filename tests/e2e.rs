@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 #[path = "e2e/balance.rs"]
 mod balance;
+#[path = "e2e/postcopy.rs"]
+mod postcopy;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
@@ -1731,6 +1733,10 @@ const CASES: &[Case] = &[
     (
         "cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off",
         balance::cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off,
+    ),
+    (
+        "a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive",
+        postcopy::a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive,
     ),
 ];
 

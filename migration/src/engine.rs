@@ -1126,6 +1126,26 @@ where
     }
 }
 
+impl<'s, S> Landed<'s, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Post-copy: tells the source the process runs here (`Ack {ok: true}` with `note`) and
+    /// hands the stream back for [`crate::receive_postcopy`], which receives the pages that
+    /// follow.
+    pub async fn resumed_postcopy(self, note: &str) -> Result<(Stats, &'s mut S), MigrationError> {
+        const ANSWERING: &str = "telling the source the process runs here (Ack)";
+        let ack = Message::Ack(Ack {
+            ok: true,
+            message: bounded_text(note),
+        });
+        let mut written = Stats::default();
+        write_message(self.stream, &ack, &mut written, self.timeouts.io, ANSWERING).await?;
+        flush(self.stream, self.timeouts.io, ANSWERING).await?;
+        Ok((self.stats, self.stream))
+    }
+}
+
 /// The error for a message other than the expected one (the peer's `Abort` carries its reason).
 pub(crate) fn unexpected_or_abort(
     got: Message,
