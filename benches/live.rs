@@ -1,5 +1,5 @@
-//! Live migration of a process between two nodes: ferry's stop-and-copy and pre-copy against
-//! CRIU's, side by side, on the same guests in the same host.
+//! Live migration of a process between two nodes: ferry's stop-and-copy, pre-copy and
+//! post-copy against CRIU's, side by side, on the same guests in the same host.
 //!
 //! `cargo bench --bench live [-- [--sizes 64,256,1024] [--rounds 1]]`
 //!
@@ -28,11 +28,15 @@
 //!   256 pages or not a tenth fewer than the one before), each to a page server over TLS with
 //!   the previous images as parent, then the final `criu dump --prev-images-dir ..
 //!   --track-mem` and `criu restore` (benches/common/criu.rs);
-//! - `postcopy`: not measured: ferry has no post-copy yet, and CRIU's lazy-pages is not run.
+//! - `postcopy`: ferry's post-copy (`MigrationMode::Postcopy`): frozen, resumed at bench-b with
+//!   its anonymous memory still at bench-a, which follows on fault and in the background;
+//!   CRIU's lazy pages: `criu dump --lazy-pages` serving the memory from bench-a, `criu
+//!   lazy-pages` and `criu restore --lazy-pages` at bench-b (benches/common/criu_lazy.rs).
 //!
 //! Downtime is the time the process does not run: ferry's job `frozen_ms` (from freezing it to
 //! it running at the destination, as the source's daemon measured it); CRIU's from the final
-//! `criu dump` starting to `criu restore` returning. Total is ferry's job `total_ms` (from the
+//! `criu dump` starting to `criu restore` returning. With post-copy, the total includes the
+//! pages that followed the resume: until the last one arrived. Total is ferry's job `total_ms` (from the
 //! request to the end); CRIU's from starting the first page server to the restore's end. A
 //! figure counts only for a move after which the process counts on at bench-b from where it
 //! was; medians over the rounds. Per-move details (ferry's rounds, pages held from pre-copy,
@@ -76,7 +80,11 @@ const SPEC: Spec = Spec {
     peer_port: 7597,
 };
 const RATES: [&str; 2] = ["light", "heavy"];
-const MODES: [MigrationMode; 2] = [MigrationMode::Stop, MigrationMode::Precopy];
+const MODES: [MigrationMode; 3] = [
+    MigrationMode::Stop,
+    MigrationMode::Precopy,
+    MigrationMode::Postcopy,
+];
 /// The most pre-dumps of CRIU's pre-copy.
 const PREDUMPS: u32 = 3;
 
@@ -258,7 +266,7 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                 continue;
             }
             // [mode][ferry, criu]
-            let mut cases: [[Moves; 2]; 2] = Default::default();
+            let mut cases: [[Moves; 2]; 3] = Default::default();
             for round in 1..=rounds {
                 for (m, mode) in MODES.into_iter().enumerate() {
                     let [by_ferry, by_criu] = &mut cases[m];
@@ -284,7 +292,11 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                     }
                     runner.attempt(&format!("{what}: criu {mode}"), by_criu, |bench| {
                         bench.move_workload(mib, Some(rate), |pid| {
-                            let m = common::criu::move_process(bench, pid, mib, predumps)?;
+                            let m = if mode == MigrationMode::Postcopy {
+                                common::criu_lazy::move_process(bench, pid, mib)?
+                            } else {
+                                common::criu::move_process(bench, pid, mib, predumps)?
+                            };
                             eprintln!(
                                 "bench: {mib} MiB {rate} round {round}: criu {mode}: downtime {:.0} ms, total {:.0} ms",
                                 m.downtime_ms, m.total_ms
@@ -297,9 +309,6 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
             for (m, mode) in MODES.into_iter().enumerate() {
                 println!("{}", case_line(mode, mib, rate, &cases[m]));
             }
-            println!(
-                "live mode=postcopy mib={mib} rate={rate} not-measured (ferry has no post-copy yet; CRIU's lazy-pages is not run by this bench)"
-            );
             ratios.push(ratio_line(mib, rate, &cases));
         }
     }
@@ -352,6 +361,12 @@ fn ferry_move(
         job.bytes_sent as f64 / (1 << 20) as f64,
         job.throughput_mib_s
     );
+    if let Some(p) = &job.postcopy {
+        eprintln!(
+            "bench: {mib} MiB {rate} round {round}: ferry {mode}: running at bench-b after {} ms; {} of {} pages followed the resume, {} on demand",
+            p.resumed_ms, p.pages_after_resume, p.lazy_pages, p.pages_on_demand
+        );
+    }
     eprint!("{}", daemon_lines_since(b, asked));
     Ok((job.frozen_ms as f64, job.total_ms as f64))
 }
@@ -408,7 +423,7 @@ fn case_line(mode: MigrationMode, mib: u64, rate: &str, moves: &[Moves; 2]) -> S
 
 /// The ratio line of one size and rate: pre-copy's downtime over stop-and-copy's, ferry's and
 /// CRIU's.
-fn ratio_line(mib: u64, rate: &str, cases: &[[Moves; 2]; 2]) -> String {
+fn ratio_line(mib: u64, rate: &str, cases: &[[Moves; 2]; 3]) -> String {
     let ratio = |tool: usize| -> Result<f64, String> {
         let [stop, pre] = [&cases[0][tool], &cases[1][tool]];
         match (stop.medians(), pre.medians()) {
