@@ -62,7 +62,7 @@ async fn destination(
         .map(|i| 0x100 + i)
         .collect();
     let landed = incoming.land(&frames, false, &dest, |_| {}).await?;
-    landed.finish_with_note(Ok("pid 7".into())).await?;
+    let (_, stream) = landed.resumed_postcopy("pid 7").await?;
     let staging: Vec<u64> = (0x200..0x210).collect();
     let (place_tx, mut place_rx) = mpsc::channel::<PlaceRequest>(1);
     let (fault_tx, fault_rx) = mpsc::unbounded_channel();
@@ -92,7 +92,7 @@ async fn destination(
         place: place_tx,
         faults: fault_rx,
     };
-    let stats = receive_postcopy(&mut stream, &lazy, target, &dest, &timeouts, |_| {}).await;
+    let stats = receive_postcopy(stream, &lazy, target, &dest, &timeouts, |_| {}).await;
     drop(fault_tx);
     agent.await.unwrap();
     Ok((lazy, stats?))
