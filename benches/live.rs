@@ -1,7 +1,8 @@
 //! Live migration of a process between two nodes: ferry's stop-and-copy, pre-copy and
 //! post-copy against CRIU's, side by side, on the same guests in the same host.
 //!
-//! `cargo bench --bench live [-- [--sizes 64,256,1024] [--rounds 1]]`
+//! `cargo bench --bench live [-- [--sizes 64,256,1024] [--rounds 1] [--modes stop,precopy,postcopy]]`
+//! (`--modes`: only those modes' lines; the ratio line needs stop and precopy)
 //!
 //! The setup is the migrate bench's (benches/common/cluster.rs): a cluster of the bench's own
 //! (cluster `benchlive`, nodes `bench-a` and `bench-b` with 1536 MiB each and Debian's `criu`),
@@ -90,17 +91,39 @@ const PREDUMPS: u32 = 3;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let modes = match modes_arg(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("bench: live: --modes: {e}");
+            std::process::exit(2);
+        }
+    };
     let Some((sizes, rounds)) = sizes_and_rounds(&args, 1) else {
-        eprintln!("bench: usage: live [--sizes 64,256,1024] [--rounds N]");
+        eprintln!(
+            "bench: usage: live [--sizes 64,256,1024] [--rounds N] [--modes stop,precopy,postcopy]"
+        );
         std::process::exit(2);
     };
-    std::process::exit(match outer(&sizes, rounds) {
+    std::process::exit(match outer(&sizes, rounds, &modes) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("bench: live: {e:#}");
             1
         }
     });
+}
+
+/// The modes `--modes` names (every one without it).
+fn modes_arg(args: &[String]) -> Result<Vec<MigrationMode>, String> {
+    match args.iter().position(|a| a == "--modes") {
+        None => Ok(MODES.to_vec()),
+        Some(i) => args
+            .get(i + 1)
+            .ok_or("give a list, e.g. --modes postcopy")?
+            .split(',')
+            .map(|m| m.parse::<MigrationMode>())
+            .collect(),
+    }
 }
 
 /// One case's moves by one tool: the figures (downtime, total, in ms) of those that worked,
@@ -247,7 +270,9 @@ fn prepare_criu(bench: &Bench) -> Result<common::criu::Criu, String> {
     criu
 }
 
-fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
+fn outer(sizes: &[u64], rounds: usize, modes: &[MigrationMode]) -> Result<()> {
+    let ratio_wanted =
+        modes.contains(&MigrationMode::Stop) && modes.contains(&MigrationMode::Precopy);
     let mut runner = Runner::up()?;
     let mut ratios = Vec::new();
     for &mib in sizes {
@@ -255,20 +280,25 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
             let skip = runner.gone.clone();
             if let Some(why) = skip.or_else(|| runner.bench().does_not_fit(mib)) {
                 eprintln!("bench: {mib} MiB {rate} skipped: {why}");
-                for mode in ["stop", "precopy", "postcopy"] {
+                for mode in modes {
                     println!(
                         "live mode={mode} mib={mib} rate={rate} not-measured (skipped: {why})"
                     );
                 }
-                ratios.push(format!(
-                    "live precopy/stop downtime ratio=not-measured mib={mib} rate={rate} (skipped: {why})"
-                ));
+                if ratio_wanted {
+                    ratios.push(format!(
+                        "live precopy/stop downtime ratio=not-measured mib={mib} rate={rate} (skipped: {why})"
+                    ));
+                }
                 continue;
             }
             // [mode][ferry, criu]
             let mut cases: [[Moves; 2]; 3] = Default::default();
             for round in 1..=rounds {
                 for (m, mode) in MODES.into_iter().enumerate() {
+                    if !modes.contains(&mode) {
+                        continue;
+                    }
                     let [by_ferry, by_criu] = &mut cases[m];
                     let what = format!("{mib} MiB {rate} round {round}");
                     runner.attempt(&format!("{what}: ferry {mode}"), by_ferry, |bench| {
@@ -307,9 +337,13 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                 }
             }
             for (m, mode) in MODES.into_iter().enumerate() {
-                println!("{}", case_line(mode, mib, rate, &cases[m]));
+                if modes.contains(&mode) {
+                    println!("{}", case_line(mode, mib, rate, &cases[m]));
+                }
             }
-            ratios.push(ratio_line(mib, rate, &cases));
+            if ratio_wanted {
+                ratios.push(ratio_line(mib, rate, &cases));
+            }
         }
     }
     if runner.restarts > 0 {
