@@ -33,7 +33,7 @@ use crate::engine::{
 };
 use crate::protocol::{
     bounded_text, Ack, BatchWriter, Done, Message, MessageType, PageBatchView, PageKind,
-    HEADER_LEN, MAX_BATCH_PAGES, MAX_JOB_PAGES, MAX_PAGE_LIST, PAGE_SIZE,
+    HEADER_LEN, LAZY_WINDOW, MAX_BATCH_PAGES, MAX_JOB_PAGES, MAX_PAGE_LIST, PAGE_SIZE,
 };
 use crate::{MigrationError, PageSink, PageSource, Stats, Timeouts};
 
@@ -82,6 +82,10 @@ where
 struct Queue {
     /// Indexes into the lazy list that the destination asked for, oldest first.
     urgent: VecDeque<usize>,
+    /// Batches the source may still send beyond those the destination placed: starts at
+    /// [`LAZY_WINDOW`], one less per batch sent, one more per batch placed. Asked-for pages
+    /// go regardless (it may drop below zero); the others wait while it is not positive.
+    credit: i64,
 }
 
 /// Streams the lazy pages after [`send_postcopy`]: those the destination asks for first,
@@ -104,7 +108,12 @@ where
     const REQUESTS: &str = "reading the destination's page requests";
     const ACK: &str = "waiting for the destination to confirm every page (Ack)";
     let index: HashMap<u64, usize> = lazy.iter().enumerate().map(|(i, &(v, _))| (v, i)).collect();
-    let queue = Mutex::new(Queue::default());
+    let queue = Mutex::new(Queue {
+        credit: i64::from(LAZY_WINDOW),
+        ..Queue::default()
+    });
+    // Wakes the writer when a request or a credit came.
+    let wake = Notify::new();
     // Set when the reader fails: the writer stops at the next frame boundary.
     let stopping = std::sync::atomic::AtomicBool::new(false);
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -125,6 +134,11 @@ where
                         };
                         q.urgent.push_back(i);
                     }
+                    wake.notify_one();
+                }
+                Message::Placed { batches } => {
+                    queue.lock().unwrap_or_else(|p| p.into_inner()).credit += i64::from(batches);
+                    wake.notify_one();
                 }
                 Message::Ack(ack) => return Ok(ack),
                 other => return Err(unexpected_or_abort(other, REQUESTS, "PageRequest or Ack")),
@@ -150,7 +164,7 @@ where
                 return Err(MigrationError::InvalidJob("stopped".into()));
             }
             picked.clear();
-            {
+            let may_stream = {
                 let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
                 while picked.len() < MAX_BATCH_PAGES {
                     let Some(i) = q.urgent.pop_front() else { break };
@@ -159,9 +173,19 @@ where
                         picked.push((i, true));
                     }
                 }
-            }
-            // A batch of requested pages goes out alone, at once.
+                let may = picked.is_empty() && q.credit > 0;
+                if !picked.is_empty() || may {
+                    q.credit -= 1;
+                }
+                may
+            };
+            // A batch of requested pages goes out alone, at once; the others within the
+            // window.
             if picked.is_empty() {
+                if !may_stream {
+                    wake.notified().await;
+                    continue;
+                }
                 while picked.len() < MAX_BATCH_PAGES && next < lazy.len() {
                     if !sent[next] {
                         sent[next] = true;
@@ -228,6 +252,7 @@ where
                         Err(e) => {
                             // Let a frame being written end, so a farewell can follow it.
                             stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                            wake.notify_one();
                             if written.is_none() {
                                 let _ = timeout(timeouts.io, &mut writer).await;
                             }
@@ -357,6 +382,8 @@ where
         asked: vec![false; lazy.len()],
     });
     let stop = Notify::new();
+    // Batches placed, for the requester to report (Placed).
+    let (placed_tx, mut placed_rx) = mpsc::unbounded_channel::<u32>();
     let placer = place.clone();
     let (mut rd, mut wr) = tokio::io::split(stream);
 
@@ -470,6 +497,7 @@ where
                     }
                     stats.pages += indexes.len() as u64;
                 }
+                let _ = placed_tx.send(1);
                 clock.update(&mut stats);
                 progress(&stats);
             }
@@ -481,16 +509,27 @@ where
 
     let requester = async {
         let mut counted = Stats::default();
+        let mut reporting = true;
         loop {
             let vaddrs = tokio::select! {
                 biased;
                 () = stop.notified() => return Ok(()),
-                f = faults.recv() => match f {
+                Some(n) = placed_rx.recv() => {
+                    let mut batches = n;
+                    while let Ok(more) = placed_rx.try_recv() {
+                        batches += more;
+                    }
+                    let placed = Message::Placed { batches };
+                    write_message(&mut wr, &placed, &mut counted, timeouts.io, ASKING).await?;
+                    flush(&mut wr, timeouts.io, ASKING).await?;
+                    continue;
+                }
+                f = faults.recv(), if reporting => match f {
                     Some(v) => v,
-                    // The caller stopped reporting faults: wait for the end.
+                    // The caller stopped reporting faults.
                     None => {
-                        stop.notified().await;
-                        return Ok(());
+                        reporting = false;
+                        continue;
                     }
                 },
             };

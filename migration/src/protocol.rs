@@ -66,6 +66,9 @@
 //! source sends first those the destination asks for with [`Message::PageRequest`] (its
 //! process waits for them), and the rest in list order meanwhile; a second `Done` (counts and
 //! checksum over the lazy pages in the order they travelled) and a second `Ack` end the job.
+//! The destination says [`Message::Placed`] for every batch it placed; the source keeps at
+//! most [`LAZY_WINDOW`] batches of the rest beyond those, so that an asked-for page never
+//! waits behind much more than that in the connection's buffers.
 //!
 //! ```text
 //! Postcopy {vaddrs} ...               ->   (the lazy pages' vaddrs)
@@ -73,6 +76,7 @@
 //!                                     <-   Ack {ok: true}: the process runs there
 //! LazyBatch {entries, data} ...       ->
 //!                                     <-   PageRequest {vaddrs} ... (at any time)
+//!                                     <-   Placed {batches} ... (as batches are placed)
 //! Done {pages, zero_pages, checksum}  ->   (the lazy pages)
 //!                                     <-   Ack {ok, message}
 //! ```
@@ -105,6 +109,10 @@ pub const MAX_BATCH_PAGES: usize = 256;
 
 /// Bytes of one [`PageEntry`] in a batch: vaddr u64, kind u8.
 pub const ENTRY_LEN: usize = 9;
+
+/// Post-copy: the most [`Message::LazyBatch`] frames of pages nobody asked for that the
+/// source sends beyond those the destination said it placed ([`Message::Placed`]).
+pub const LAZY_WINDOW: u32 = 4;
 
 /// The most vaddrs in one [`Message::PageList`] frame (1 MiB of vaddrs).
 pub const MAX_PAGE_LIST: usize = 128 * 1024;
@@ -230,6 +238,8 @@ pub enum MessageType {
     LazyBatch = 10,
     /// [`Message::PageRequest`], destination to source.
     PageRequest = 11,
+    /// [`Message::Placed`], destination to source.
+    Placed = 12,
 }
 
 impl MessageType {
@@ -248,6 +258,7 @@ impl MessageType {
             9 => Postcopy,
             10 => LazyBatch,
             11 => PageRequest,
+            12 => Placed,
             _ => return None,
         })
     }
@@ -265,6 +276,7 @@ impl MessageType {
                 4 + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE_SIZE)
             }
             MessageType::Done => 8 + 8 + 8,
+            MessageType::Placed => 4,
             MessageType::Abort => 4 + MAX_TEXT,
             MessageType::Ack => 1 + 4 + MAX_TEXT,
         }
@@ -457,6 +469,14 @@ pub enum Message {
     /// [`Message::Postcopy`] list); send them before the others. A page already sent is not
     /// sent again. Encoded as [`Message::PageList`].
     PageRequest(Vec<u64>),
+    /// Destination → source, post-copy: this many more [`Message::LazyBatch`] frames are in
+    /// the process (see [`LAZY_WINDOW`]).
+    ///
+    /// Encoded as: `batches` u32.
+    Placed {
+        /// Batches placed since the last `Placed`.
+        batches: u32,
+    },
 }
 
 impl Message {
@@ -474,6 +494,7 @@ impl Message {
             Message::Postcopy(_) => MessageType::Postcopy,
             Message::LazyBatch(_) => MessageType::LazyBatch,
             Message::PageRequest(_) => MessageType::PageRequest,
+            Message::Placed { .. } => MessageType::Placed,
         }
     }
 
@@ -552,6 +573,7 @@ impl Message {
                 p.u64(d.checksum);
             }
             Message::Abort { reason } => p.str(reason),
+            Message::Placed { batches } => p.u32(*batches),
             Message::Ack(a) => {
                 p.u8(u8::from(a.ok));
                 p.str(&a.message);
@@ -653,6 +675,7 @@ impl Message {
             MessageType::Abort => Message::Abort {
                 reason: r.string()?,
             },
+            MessageType::Placed => Message::Placed { batches: r.u32()? },
             MessageType::Ack => Message::Ack(Ack {
                 ok: r.flag()?,
                 message: r.string()?,

@@ -231,3 +231,69 @@ fn lazy_ranges_are_the_mappings_with_lazy_pages() {
     assert_eq!(lazy_ranges(&maps, &[0x0]), Err(0x0));
     assert_eq!(lazy_ranges(&maps, &[]), Ok(vec![]));
 }
+
+#[tokio::test]
+async fn the_source_keeps_within_the_window_but_sends_asked_pages_at_once() {
+    let (mem, _, lazy) = source(8 + 10 * MAX_BATCH_PAGES);
+    // A pipe far larger than the job: only the window holds the source back.
+    let (mut a, mut b) = duplex(64 << 20);
+    let last = lazy.last().unwrap().0;
+    let peer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut batches = Vec::new();
+        while let Ok(m) = next(&mut b, &mut buf).await {
+            match m.unwrap() {
+                Message::LazyBatch(batch) => batches.push(batch.entries.len()),
+                other => panic!("{other:?} before Done"),
+            }
+        }
+        let within_window = batches.len();
+        b.write_all(&Message::PageRequest(vec![last]).encode().unwrap())
+            .await
+            .unwrap();
+        let asked = match next(&mut b, &mut buf).await.unwrap().unwrap() {
+            Message::LazyBatch(batch) => batch.entries.iter().map(|e| e.vaddr).collect(),
+            other => panic!("{other:?} instead of the asked page"),
+        };
+        b.write_all(&Message::Placed { batches: 100 }.encode().unwrap())
+            .await
+            .unwrap();
+        let mut rest = 0;
+        loop {
+            match next(&mut b, &mut buf).await.unwrap().unwrap() {
+                Message::LazyBatch(batch) => rest += batch.entries.len(),
+                Message::Done(_) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        let ack = Message::Ack(Ack {
+            ok: true,
+            message: String::new(),
+        });
+        b.write_all(&ack.encode().unwrap()).await.unwrap();
+        (within_window, asked, rest)
+    });
+    let stats = serve_postcopy(&mut a, &lazy, &mem, &Timeouts::default(), |_| {})
+        .await
+        .unwrap();
+    let (within_window, asked, rest): (usize, Vec<u64>, usize) = peer.await.unwrap();
+    assert_eq!(within_window, LAZY_WINDOW as usize);
+    assert_eq!(asked, vec![last]);
+    assert_eq!(
+        LAZY_WINDOW as usize * MAX_BATCH_PAGES + 1 + rest,
+        lazy.len()
+    );
+    assert_eq!(stats.requested_pages, 1);
+}
+
+/// The next message within 300 ms.
+async fn next(
+    b: &mut tokio::io::DuplexStream,
+    buf: &mut Vec<u8>,
+) -> Result<Result<Message, MigrationError>, tokio::time::error::Elapsed> {
+    timeout(
+        std::time::Duration::from_millis(300),
+        read_message(b, buf, "test"),
+    )
+    .await
+}

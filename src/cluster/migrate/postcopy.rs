@@ -31,6 +31,10 @@ use crate::cluster::daemon::{lock, log, Node};
 /// How long the agent thread waits for a page fault before it looks for pages to place.
 const FAULT_POLL_MS: u32 = 2;
 
+/// How many milliseconds the agent thread waits for the next batch to place before it asks
+/// the agent for faults instead (the answers to `Place` bring the faults while batches flow).
+const IDLE_MS: u32 = 3;
+
 /// The `(start, end)` of the image's private anonymous mappings (anonymous, heap, stack):
 /// their pages travel after the resume.
 fn anonymous_ranges(image: &ProcessImage) -> Vec<(u64, u64)> {
@@ -270,9 +274,11 @@ impl Node {
                 }
                 // Place what arrives, report what the process waits for, until the engine
                 // is done.
+                let mut idle = 0;
                 loop {
                     match place_rx.try_recv() {
                         Ok(req) => {
+                            idle = 0;
                             let pages: Vec<Placement> = req
                                 .pages
                                 .iter()
@@ -294,6 +300,12 @@ impl Node {
                         Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
                         Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
                     }
+                    if idle < IDLE_MS {
+                        idle += 1;
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    idle = 0;
                     match conn.wait_faults(FAULT_POLL_MS) {
                         Ok(faults) if !faults.is_empty() => {
                             let _ = fault_tx.send(faults);
