@@ -16,6 +16,9 @@ use super::criu::CriuMove;
 
 const PORT: u16 = 27010;
 
+/// The dump's page server listens on every address: with `--address`, CRIU checks the
+/// client's certificate against that address (its own), which bench-b's cannot match.
+///
 /// The move, run in bench-a: `sh criu-lazy.sh PID`; prints the restored pid and
 /// `criu-lazy-times T0 T1 T2 T3` (ns: dump started, its images written and its page server
 /// ready, process restored at bench-b, every page fetched).
@@ -38,7 +41,7 @@ $SSH "pkill -KILL -f '^criu (page-server|lazy-pages)'; $PREP && rm -f /root/prog
 $SSH "[ ! -e /proc/$PID ] && { [ \$(cat /proc/sys/kernel/ns_last_pid) -ge $PID ] || echo $((PID + 1000)) > /proc/sys/kernel/ns_last_pid; }" || fail "pid $PID is in use on bench-b"
 mkfifo $W/ready || fail "mkfifo"
 t0=$(date +%s%N)
-criu dump -t $PID -D $I/d -W $W -o dump.log --lazy-pages --address $A --port $P $TLS --tls-cert $T/criu-a.pem --tls-key $T/criu-a.key --status-fd 9 9>$W/ready &
+criu dump -t $PID -D $I/d -W $W -o dump.log --lazy-pages --port $P $TLS --tls-cert $T/criu-a.pem --tls-key $T/criu-a.key --status-fd 9 9>$W/ready &
 DUMP=$!
 head -c 1 $W/ready >/dev/null
 kill -0 $DUMP 2>/dev/null || fail "criu dump --lazy-pages"
