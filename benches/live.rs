@@ -1,7 +1,8 @@
-//! Live migration of a process between two nodes: ferry's stop-and-copy and pre-copy against
-//! CRIU's, side by side, on the same guests in the same host.
+//! Live migration of a process between two nodes: ferry's stop-and-copy, pre-copy and
+//! post-copy against CRIU's, side by side, on the same guests in the same host.
 //!
-//! `cargo bench --bench live [-- [--sizes 64,256,1024] [--rounds 1]]`
+//! `cargo bench --bench live [-- [--sizes 64,256,1024] [--rounds 1] [--modes stop,precopy,postcopy]]`
+//! (`--modes`: only those modes' lines; the ratio line needs stop and precopy)
 //!
 //! The setup is the migrate bench's (benches/common/cluster.rs): a cluster of the bench's own
 //! (cluster `benchlive`, nodes `bench-a` and `bench-b` with 1536 MiB each and Debian's `criu`),
@@ -28,11 +29,15 @@
 //!   256 pages or not a tenth fewer than the one before), each to a page server over TLS with
 //!   the previous images as parent, then the final `criu dump --prev-images-dir ..
 //!   --track-mem` and `criu restore` (benches/common/criu.rs);
-//! - `postcopy`: not measured: ferry has no post-copy yet, and CRIU's lazy-pages is not run.
+//! - `postcopy`: ferry's post-copy (`MigrationMode::Postcopy`): frozen, resumed at bench-b with
+//!   its anonymous memory still at bench-a, which follows on fault and in the background;
+//!   CRIU's lazy pages: `criu dump --lazy-pages` serving the memory from bench-a, `criu
+//!   lazy-pages` and `criu restore --lazy-pages` at bench-b (benches/common/criu_lazy.rs).
 //!
 //! Downtime is the time the process does not run: ferry's job `frozen_ms` (from freezing it to
 //! it running at the destination, as the source's daemon measured it); CRIU's from the final
-//! `criu dump` starting to `criu restore` returning. Total is ferry's job `total_ms` (from the
+//! `criu dump` starting to `criu restore` returning. With post-copy, the total includes the
+//! pages that followed the resume: until the last one arrived. Total is ferry's job `total_ms` (from the
 //! request to the end); CRIU's from starting the first page server to the restore's end. A
 //! figure counts only for a move after which the process counts on at bench-b from where it
 //! was; medians over the rounds. Per-move details (ferry's rounds, pages held from pre-copy,
@@ -76,23 +81,49 @@ const SPEC: Spec = Spec {
     peer_port: 7597,
 };
 const RATES: [&str; 2] = ["light", "heavy"];
-const MODES: [MigrationMode; 2] = [MigrationMode::Stop, MigrationMode::Precopy];
+const MODES: [MigrationMode; 3] = [
+    MigrationMode::Stop,
+    MigrationMode::Precopy,
+    MigrationMode::Postcopy,
+];
 /// The most pre-dumps of CRIU's pre-copy.
 const PREDUMPS: u32 = 3;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let modes = match modes_arg(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("bench: live: --modes: {e}");
+            std::process::exit(2);
+        }
+    };
     let Some((sizes, rounds)) = sizes_and_rounds(&args, 1) else {
-        eprintln!("bench: usage: live [--sizes 64,256,1024] [--rounds N]");
+        eprintln!(
+            "bench: usage: live [--sizes 64,256,1024] [--rounds N] [--modes stop,precopy,postcopy]"
+        );
         std::process::exit(2);
     };
-    std::process::exit(match outer(&sizes, rounds) {
+    std::process::exit(match outer(&sizes, rounds, &modes) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("bench: live: {e:#}");
             1
         }
     });
+}
+
+/// The modes `--modes` names (every one without it).
+fn modes_arg(args: &[String]) -> Result<Vec<MigrationMode>, String> {
+    match args.iter().position(|a| a == "--modes") {
+        None => Ok(MODES.to_vec()),
+        Some(i) => args
+            .get(i + 1)
+            .ok_or("give a list, e.g. --modes postcopy")?
+            .split(',')
+            .map(|m| m.parse::<MigrationMode>())
+            .collect(),
+    }
 }
 
 /// One case's moves by one tool: the figures (downtime, total, in ms) of those that worked,
@@ -239,7 +270,9 @@ fn prepare_criu(bench: &Bench) -> Result<common::criu::Criu, String> {
     criu
 }
 
-fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
+fn outer(sizes: &[u64], rounds: usize, modes: &[MigrationMode]) -> Result<()> {
+    let ratio_wanted =
+        modes.contains(&MigrationMode::Stop) && modes.contains(&MigrationMode::Precopy);
     let mut runner = Runner::up()?;
     let mut ratios = Vec::new();
     for &mib in sizes {
@@ -247,20 +280,25 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
             let skip = runner.gone.clone();
             if let Some(why) = skip.or_else(|| runner.bench().does_not_fit(mib)) {
                 eprintln!("bench: {mib} MiB {rate} skipped: {why}");
-                for mode in ["stop", "precopy", "postcopy"] {
+                for mode in modes {
                     println!(
                         "live mode={mode} mib={mib} rate={rate} not-measured (skipped: {why})"
                     );
                 }
-                ratios.push(format!(
-                    "live precopy/stop downtime ratio=not-measured mib={mib} rate={rate} (skipped: {why})"
-                ));
+                if ratio_wanted {
+                    ratios.push(format!(
+                        "live precopy/stop downtime ratio=not-measured mib={mib} rate={rate} (skipped: {why})"
+                    ));
+                }
                 continue;
             }
             // [mode][ferry, criu]
-            let mut cases: [[Moves; 2]; 2] = Default::default();
+            let mut cases: [[Moves; 2]; 3] = Default::default();
             for round in 1..=rounds {
                 for (m, mode) in MODES.into_iter().enumerate() {
+                    if !modes.contains(&mode) {
+                        continue;
+                    }
                     let [by_ferry, by_criu] = &mut cases[m];
                     let what = format!("{mib} MiB {rate} round {round}");
                     runner.attempt(&format!("{what}: ferry {mode}"), by_ferry, |bench| {
@@ -271,6 +309,7 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                     let predumps = match mode {
                         MigrationMode::Stop => 0,
                         MigrationMode::Precopy => PREDUMPS,
+                        MigrationMode::Postcopy => 0,
                     };
                     let unable = match &runner.criu {
                         Err(why) => Some(why.clone()),
@@ -283,7 +322,11 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                     }
                     runner.attempt(&format!("{what}: criu {mode}"), by_criu, |bench| {
                         bench.move_workload(mib, Some(rate), |pid| {
-                            let m = common::criu::move_process(bench, pid, mib, predumps)?;
+                            let m = if mode == MigrationMode::Postcopy {
+                                common::criu_lazy::move_process(bench, pid, mib)?
+                            } else {
+                                common::criu::move_process(bench, pid, mib, predumps)?
+                            };
                             eprintln!(
                                 "bench: {mib} MiB {rate} round {round}: criu {mode}: downtime {:.0} ms, total {:.0} ms",
                                 m.downtime_ms, m.total_ms
@@ -294,12 +337,13 @@ fn outer(sizes: &[u64], rounds: usize) -> Result<()> {
                 }
             }
             for (m, mode) in MODES.into_iter().enumerate() {
-                println!("{}", case_line(mode, mib, rate, &cases[m]));
+                if modes.contains(&mode) {
+                    println!("{}", case_line(mode, mib, rate, &cases[m]));
+                }
             }
-            println!(
-                "live mode=postcopy mib={mib} rate={rate} not-measured (ferry has no post-copy yet; CRIU's lazy-pages is not run by this bench)"
-            );
-            ratios.push(ratio_line(mib, rate, &cases));
+            if ratio_wanted {
+                ratios.push(ratio_line(mib, rate, &cases));
+            }
         }
     }
     if runner.restarts > 0 {
@@ -351,6 +395,12 @@ fn ferry_move(
         job.bytes_sent as f64 / (1 << 20) as f64,
         job.throughput_mib_s
     );
+    if let Some(p) = &job.postcopy {
+        eprintln!(
+            "bench: {mib} MiB {rate} round {round}: ferry {mode}: running at bench-b after {} ms; {} of {} pages followed the resume, {} on demand",
+            p.resumed_ms, p.pages_after_resume, p.lazy_pages, p.pages_on_demand
+        );
+    }
     eprint!("{}", daemon_lines_since(b, asked));
     Ok((job.frozen_ms as f64, job.total_ms as f64))
 }
@@ -407,7 +457,7 @@ fn case_line(mode: MigrationMode, mib: u64, rate: &str, moves: &[Moves; 2]) -> S
 
 /// The ratio line of one size and rate: pre-copy's downtime over stop-and-copy's, ferry's and
 /// CRIU's.
-fn ratio_line(mib: u64, rate: &str, cases: &[[Moves; 2]; 2]) -> String {
+fn ratio_line(mib: u64, rate: &str, cases: &[[Moves; 2]; 3]) -> String {
     let ratio = |tool: usize| -> Result<f64, String> {
         let [stop, pre] = [&cases[0][tool], &cases[1][tool]];
         match (stop.medians(), pre.medians()) {

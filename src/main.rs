@@ -112,7 +112,9 @@ enum Command {
         #[arg(required_unless_present = "cancel")]
         to: Option<String>,
         /// precopy (the default: pages stream while the process runs, then a short pause for
-        /// the rest) or stop (frozen for the whole copy).
+        /// the rest), postcopy (it resumes at the destination at once and its memory follows,
+        /// the pages it touches first; a failure after the resume loses it) or stop (frozen
+        /// for the whole copy).
         #[arg(long, default_value = "precopy")]
         mode: cluster::api::MigrationMode,
         /// Pre-copy: the longest pause the process may see, in ms.
@@ -1037,6 +1039,11 @@ fn cmd_migrate(
                     if job.round == 1 { "" } else { "s" },
                     job.held_pages
                 )
+            } else if let Some(p) = &job.postcopy {
+                format!(
+                    " running there after {} ms; {} pages followed, {} on demand",
+                    p.resumed_ms, p.pages_after_resume, p.pages_on_demand
+                )
             } else {
                 String::new()
             };
@@ -1080,7 +1087,14 @@ fn progress_line(job: &cluster::api::MigrationJob, node: &str, pid: u32, to: &st
             job.round, job.dirty_pages_s, job.expected_downtime_ms, job.downtime_budget_ms
         ),
         JobState::Precopy => format!("pre-copy round {}", job.round.max(1)),
-        _ => "frozen, final copy".into(),
+        _ => match &job.postcopy {
+            Some(p) if p.resumed_ms > 0 => format!(
+                "runs on {to} since {} ms, pages follow ({} on demand)",
+                p.resumed_ms, p.pages_on_demand
+            ),
+            Some(_) => "frozen, registers and file pages first".into(),
+            None => "frozen, final copy".into(),
+        },
     };
     const WIDTH: u64 = 20;
     let filled = (pct.min(100) * WIDTH / 100) as usize;

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 mod balance;
 #[path = "e2e/dashboard.rs"]
 mod dashboard;
+#[path = "e2e/postcopy.rs"]
+mod postcopy;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
@@ -1748,6 +1750,10 @@ const CASES: &[Case] = &[
     (
         "user_tools_run_lock_block_and_bring_home",
         tools::user_tools_run_lock_block_and_bring_home,
+    ),
+    (
+        "a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive",
+        postcopy::a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive,
     ),
 ];
 

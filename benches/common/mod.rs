@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod criu;
+pub mod criu_lazy;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

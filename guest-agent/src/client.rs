@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::migrate::image::{PageRef, ProcessImage};
+use crate::migrate::lazy::Placement;
 use crate::protocol::{
     Decoder, ExecRequest, Hello, LoadInfo, Message, MessageType, ProcessInfo, ProcessList,
     ProtocolError, PAGE_FRAMES_BATCH, PROTOCOL_VERSION, STREAM_CHUNK,
@@ -415,6 +416,54 @@ impl<S: Stream> AgentConnection<S> {
                 _ => None,
             },
         )?
+    }
+
+    /// Post-copy: registers `ranges` of the skeleton for missing-page faults and returns
+    /// the frames of the agent's staging slots, in slot order (the `vaddr` of each is the
+    /// slot's address in the agent).
+    pub fn lazy(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<PageRef>, ClientError> {
+        self.request(
+            Message::Lazy(ranges.to_vec()),
+            "waiting for the post-copy staging frames",
+            |m| match m {
+                Message::PageFrames(pages) => Some(pages),
+                _ => None,
+            },
+        )
+    }
+
+    /// Post-copy: has the agent copy staged pages into the process; returns the pages the
+    /// process waits for now.
+    pub fn place(&mut self, pages: &[Placement]) -> Result<Vec<u64>, ClientError> {
+        self.request(
+            Message::Place(pages.to_vec()),
+            "waiting for pages to be placed",
+            |m| match m {
+                Message::Faults(f) => Some(f),
+                _ => None,
+            },
+        )
+    }
+
+    /// Post-copy: the pages the process waits for, waiting up to `wait_ms` for one.
+    pub fn wait_faults(&mut self, wait_ms: u32) -> Result<Vec<u64>, ClientError> {
+        self.request(
+            Message::WaitFaults { wait_ms },
+            "waiting for the process's page faults",
+            |m| match m {
+                Message::Faults(f) => Some(f),
+                _ => None,
+            },
+        )
+    }
+
+    /// Post-copy: every page of `pid` was placed; the agent closes its userfaultfd.
+    pub fn lazy_end(&mut self, pid: u32) -> Result<(), ClientError> {
+        self.request(
+            Message::LazyEnd { pid },
+            "waiting for the end of post-copy",
+            |m| matches!(m, Message::Released { pid: p } if p == pid).then_some(()),
+        )
     }
 
     /// Removes the skeleton `pid` (a migration that failed).

@@ -41,7 +41,8 @@
 //! `LoadReport`, `Unsupported`, `RequestFailed` (type bytes 13 to 18); for process migration
 //! `Freeze`, `Frozen`, `PageFrames`, `PageFramesEnd`, `CantMove`, `Recheck`, `Release`,
 //! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32); for
-//! pre-copy `Survey` (33); for the user tools `Start`, `Started` (34, 35).
+//! pre-copy `Survey` (33); for the user tools `Start`, `Started` (34, 35); for post-copy
+//! `Lazy`, `Place`, `WaitFaults`, `Faults`, `LazyEnd` (36 to 40).
 //!
 //! # Starting a process
 //!
@@ -63,7 +64,13 @@
 //! `Release { pid, kill }` thaws (or kills) a frozen process: `Released { pid }`.
 //! Destination agent: `Rebuild(image)` → `Rebuilt { pid }`; `WantFrames(vaddrs)` (at most
 //! [`PAGE_FRAMES_BATCH`]) → one `PageFrames` with a frame for each address, in order;
-//! `Resume { pid }` → `Resumed { pid }`; `Abort { pid }` → `Released { pid }`. Failures are
+//! `Resume { pid }` → `Resumed { pid }`; `Abort { pid }` → `Released { pid }`. Post-copy,
+//! between `Rebuild` and `WantFrames`: `Lazy(ranges)` (u32 count, then start and end as u64
+//! each) → one `PageFrames` with the staging buffer's frames (vaddr: the slot's address in
+//! the agent); after `Resume`, `Place(placements)` (u32 count, then vaddr u64 and slot u32
+//! each, slot `u32::MAX` for zeros) and `WaitFaults { wait_ms }` (u32) → `Faults(vaddrs)`
+//! (u32 count, u64 each: the pages the process waits for); `LazyEnd { pid }` → `Released
+//! { pid }`. Failures are
 //! `RequestFailed` naming the request. A [`crate::migrate::image::ProcessImage`] and a
 //! [`crate::migrate::image::PageRef`] are encoded as [`crate::migrate::image`] says; a
 //! `WantFrames` is a u32 count and the u64 addresses.
@@ -75,6 +82,7 @@
 use std::fmt;
 
 use crate::migrate::image::{PageRef, ProcessImage};
+use crate::migrate::lazy::Placement;
 
 /// The protocol version this code speaks; carried in every frame header and in [`Hello`].
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -224,6 +232,16 @@ pub enum MessageType {
     Start = 34,
     /// [`Message::Started`].
     Started = 35,
+    /// [`Message::Lazy`].
+    Lazy = 36,
+    /// [`Message::Place`].
+    Place = 37,
+    /// [`Message::WaitFaults`].
+    WaitFaults = 38,
+    /// [`Message::Faults`].
+    Faults = 39,
+    /// [`Message::LazyEnd`].
+    LazyEnd = 40,
 }
 
 impl MessageType {
@@ -266,6 +284,11 @@ impl MessageType {
             33 => Survey,
             34 => Start,
             35 => Started,
+            36 => Lazy,
+            37 => Place,
+            38 => WaitFaults,
+            39 => Faults,
+            40 => LazyEnd,
             _ => return None,
         })
     }
@@ -581,6 +604,29 @@ pub enum Message {
         /// Where its stdout and stderr go, as a path in the guest.
         log: String,
     },
+    /// Host → destination agent, post-copy, after [`Message::Rebuild`]: register these
+    /// `(start, end)` ranges of the skeleton (inside its private anonymous mappings) with a
+    /// userfaultfd, so their pages may arrive after it resumed, and make the staging buffer.
+    /// Answered with one [`Message::PageFrames`]: the staging slots' frames, in slot order.
+    Lazy(Vec<(u64, u64)>),
+    /// Host → destination agent, post-copy: the staging slots now hold these pages; copy
+    /// them into the process. Answered with [`Message::Faults`].
+    Place(Vec<Placement>),
+    /// Host → destination agent, post-copy: report the pages the process waits for, waiting
+    /// up to `wait_ms` for a first one. Answered with [`Message::Faults`].
+    WaitFaults {
+        /// The longest wait, in ms.
+        wait_ms: u32,
+    },
+    /// Agent → host: the pages the migrated process waits for (possibly none, possibly
+    /// repeated), at most [`crate::migrate::lazy::MAX_FAULTS`].
+    Faults(Vec<u64>),
+    /// Host → destination agent: every page was placed; close the userfaultfd. Answered with
+    /// [`Message::Released`].
+    LazyEnd {
+        /// The process.
+        pid: u32,
+    },
 }
 
 impl Message {
@@ -622,6 +668,11 @@ impl Message {
             Message::Abort { .. } => MessageType::Abort,
             Message::Start(_) => MessageType::Start,
             Message::Started { .. } => MessageType::Started,
+            Message::Lazy(_) => MessageType::Lazy,
+            Message::Place(_) => MessageType::Place,
+            Message::WaitFaults { .. } => MessageType::WaitFaults,
+            Message::Faults(_) => MessageType::Faults,
+            Message::LazyEnd { .. } => MessageType::LazyEnd,
         }
     }
 
@@ -717,7 +768,8 @@ impl Message {
             | Message::Rebuilt { pid }
             | Message::Resume { pid }
             | Message::Resumed { pid }
-            | Message::Abort { pid } => p.u32(*pid),
+            | Message::Abort { pid }
+            | Message::LazyEnd { pid } => p.u32(*pid),
             Message::Frozen(image) | Message::Rebuild(image) => image.write(&mut p),
             Message::PageFrames(pages) => p.list(pages, |p, page| page.write(p)),
             Message::PageFramesEnd { count } => p.u64(*count),
@@ -726,7 +778,18 @@ impl Message {
                 p.u32(*pid);
                 p.flag(*kill);
             }
-            Message::WantFrames(vaddrs) => p.list(vaddrs, |p, v| p.u64(*v)),
+            Message::WantFrames(vaddrs) | Message::Faults(vaddrs) => {
+                p.list(vaddrs, |p, v| p.u64(*v))
+            }
+            Message::Lazy(ranges) => p.list(ranges, |p, &(s, e)| {
+                p.u64(s);
+                p.u64(e);
+            }),
+            Message::Place(pages) => p.list(pages, |p, pl| {
+                p.u64(pl.vaddr);
+                p.u32(pl.slot);
+            }),
+            Message::WaitFaults { wait_ms } => p.u32(*wait_ms),
             Message::HelloRequest
             | Message::StdinClosed
             | Message::PowerOff
@@ -883,6 +946,16 @@ impl Message {
                 pid: r.u32()?,
                 log: r.string()?,
             },
+            MessageType::Lazy => Message::Lazy(r.list(|r| Ok((r.u64()?, r.u64()?)))?),
+            MessageType::Place => Message::Place(r.list(|r| {
+                Ok(Placement {
+                    vaddr: r.u64()?,
+                    slot: r.u32()?,
+                })
+            })?),
+            MessageType::WaitFaults => Message::WaitFaults { wait_ms: r.u32()? },
+            MessageType::Faults => Message::Faults(r.list(|r| r.u64())?),
+            MessageType::LazyEnd => Message::LazyEnd { pid: r.u32()? },
         };
         r.finish()?;
         Ok(msg)
@@ -1225,6 +1298,22 @@ mod tests {
                 pid: 4242,
                 log: "/var/log/ferry/4242.log".into(),
             },
+            Message::Lazy(vec![(0x1000, 0x3000), (0x7fff_f000_0000, 0x7fff_f002_1000)]),
+            Message::Lazy(vec![]),
+            Message::Place(vec![
+                Placement {
+                    vaddr: 0x5555_0000_0000,
+                    slot: 0,
+                },
+                Placement {
+                    vaddr: 0x5555_0000_1000,
+                    slot: u32::MAX,
+                },
+            ]),
+            Message::WaitFaults { wait_ms: 5 },
+            Message::Faults(vec![0x7fff_0000_0000, 0x1000]),
+            Message::Faults(vec![]),
+            Message::LazyEnd { pid: 9 },
         ]
     }
 
@@ -1710,10 +1799,10 @@ mod tests {
         assert_eq!(PROTOCOL_VERSION, 1);
         assert_eq!(MessageType::Hello as u8, 1);
         assert_eq!(MessageType::Pong as u8, 12);
-        for b in 1..=35 {
+        for b in 1..=40 {
             assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
         }
-        assert_eq!(MessageType::from_byte(36), None);
+        assert_eq!(MessageType::from_byte(41), None);
         assert_eq!(MessageType::from_byte(0), None);
     }
 

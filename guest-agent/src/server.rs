@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::client::Stream;
 use crate::migrate::dump::{self, DumpError, Frozen};
-use crate::migrate::image::PageRef;
+use crate::migrate::image::{PageRef, PAGE_SIZE};
+use crate::migrate::lazy::LazyPages;
 use crate::migrate::restore::{self, Skeleton};
 use crate::procfs;
 use crate::protocol::{
@@ -373,8 +374,93 @@ impl Agent {
                     )
                 }
             },
+            Message::Lazy(ranges) => {
+                let Some(skeleton) = session.skeleton.as_mut() else {
+                    return send(
+                        writer,
+                        &Message::RequestFailed {
+                            request: MessageType::Lazy as u8,
+                            message: "ferry-agent: no process is being rebuilt on this connection"
+                                .into(),
+                        },
+                    );
+                };
+                let pid = skeleton.pid();
+                let lazy = skeleton
+                    .userfaultfd(&ranges)
+                    .map_err(|e| e.to_string())
+                    .and_then(|fd| LazyPages::new(pid, fd).map_err(|e| e.to_string()));
+                match lazy {
+                    Ok(lazy) => {
+                        let base = lazy.staging_addr();
+                        let refs: Vec<PageRef> = (0u64..)
+                            .zip(lazy.frames())
+                            .map(|(i, &pfn)| PageRef {
+                                vaddr: base + i * PAGE_SIZE,
+                                pfn,
+                                anon: true,
+                            })
+                            .collect();
+                        session.lazy = Some(lazy);
+                        send_pages(writer, &refs)
+                    }
+                    Err(e) => send(writer, &migration_failed(MessageType::Lazy, pid, &e)),
+                }
+            }
+            Message::Place(pages) => {
+                let Some(lazy) = session.lazy.as_mut() else {
+                    return send(writer, &no_lazy(MessageType::Place));
+                };
+                let reply = lazy
+                    .place(&pages)
+                    .and_then(|_| lazy.faults(0))
+                    .map(Message::Faults);
+                match reply {
+                    Ok(m) => send(writer, &m),
+                    Err(e) => {
+                        let pid = lazy.pid();
+                        send(
+                            writer,
+                            &migration_failed(MessageType::Place, pid, &e.to_string()),
+                        )
+                    }
+                }
+            }
+            Message::WaitFaults { wait_ms } => {
+                let Some(lazy) = session.lazy.as_mut() else {
+                    return send(writer, &no_lazy(MessageType::WaitFaults));
+                };
+                match lazy.faults(wait_ms.min(1000)) {
+                    Ok(faults) => send(writer, &Message::Faults(faults)),
+                    Err(e) => {
+                        let pid = lazy.pid();
+                        send(
+                            writer,
+                            &migration_failed(MessageType::WaitFaults, pid, &e.to_string()),
+                        )
+                    }
+                }
+            }
+            Message::LazyEnd { pid } => match session.lazy.take() {
+                Some(lazy) if lazy.pid() == pid => {
+                    log(format_args!(
+                        "pid {pid}: post-copy done, {} pages placed",
+                        lazy.placed()
+                    ));
+                    drop(lazy);
+                    send(writer, &Message::Released { pid })
+                }
+                other => {
+                    session.lazy = other;
+                    send(
+                        writer,
+                        &migration_failed(MessageType::LazyEnd, pid, "is not in post-copy here"),
+                    )
+                }
+            },
             Message::Abort { pid } => match session.skeleton.take() {
                 Some(skeleton) if skeleton.pid() == pid => {
+                    session.lazy = None;
                     skeleton.abort();
                     send(writer, &Message::Released { pid })
                 }
@@ -402,7 +488,8 @@ impl Agent {
             | Message::Released { .. }
             | Message::Rebuilt { .. }
             | Message::Resumed { .. }
-            | Message::Started { .. }) => {
+            | Message::Started { .. }
+            | Message::Faults(_)) => {
                 log(format_args!(
                     "ignoring {} message, which only agents send",
                     other.message_type()
@@ -468,6 +555,7 @@ impl Agent {
             stdin,
             frozen: Default::default(),
             skeleton: None,
+            lazy: None,
         })
     }
 
@@ -602,6 +690,15 @@ fn migration_failed(request: MessageType, pid: u32, why: &str) -> Message {
     }
 }
 
+/// The answer to a post-copy request on a connection with no post-copy going on.
+fn no_lazy(request: MessageType) -> Message {
+    Message::RequestFailed {
+        request: request as u8,
+        message: "ferry-agent: no process receives its pages after resuming on this connection"
+            .into(),
+    }
+}
+
 /// The answer to a `request` about `pid` that the dump refused: the reason it cannot move, or
 /// what failed.
 fn dump_failed(request: MessageType, pid: u32, e: DumpError) -> Message {
@@ -666,6 +763,9 @@ struct Session {
     frozen: std::collections::HashMap<u32, Frozen>,
     /// The process being rebuilt here (destination side), aborted if the connection ends.
     skeleton: Option<Skeleton>,
+    /// The migrated process whose pages still arrive (post-copy): killed if the connection
+    /// ends first, since nothing else can bring them.
+    lazy: Option<LazyPages>,
 }
 
 impl Session {
@@ -683,6 +783,14 @@ impl Session {
                 skeleton.pid()
             ));
             skeleton.abort();
+        }
+        if let Some(lazy) = self.lazy.take() {
+            let pid = lazy.pid();
+            log(format_args!(
+                "killing pid {pid}: its connection ended before all its pages arrived (post-copy)"
+            ));
+            sys::kill(pid, libc::SIGKILL);
+            drop(lazy);
         }
         for (pid, frozen) in self.frozen.drain() {
             log(format_args!("thawing pid {pid}: its connection ended"));

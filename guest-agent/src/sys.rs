@@ -741,6 +741,213 @@ fn decode_wait_status(status: libc::c_int) -> WaitStatus {
 
 // --- end migration: dump ---
 
+// --- migration: post-copy ---
+
+/// `UFFD_API`, the userfaultfd API version.
+const UFFD_API: u64 = 0xaa;
+/// `UFFDIO_API`: `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
+pub const UFFDIO_API: u64 = 0xc018_aa3f;
+/// `UFFDIO_REGISTER`: `_IOWR(0xaa, 0x00, struct uffdio_register)`.
+pub const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+/// `UFFDIO_COPY`: `_IOWR(0xaa, 0x03, struct uffdio_copy)`.
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+/// `UFFDIO_ZEROPAGE`: `_IOWR(0xaa, 0x04, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFD_EVENT_PAGEFAULT`.
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// Bytes of one `struct uffd_msg`.
+const UFFD_MSG_LEN: usize = 32;
+
+/// Takes descriptor `fd` of process `pid` into this one (pidfd_open + pidfd_getfd, Linux
+/// 5.6+; needs ptrace rights over it).
+pub fn take_fd(pid: u32, fd: u64) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = pid_arg(pid)?;
+    // SAFETY: pidfd_open with integer arguments; the result is a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `pidfd` is a descriptor this call just opened and nothing else owns.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd with integer arguments; the result is a new descriptor or -1.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `got` is a descriptor the call just installed here and nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// The `struct uffdio_api` for [`UFFD_API`] with no optional features (the bytes for
+/// UFFDIO_API inside another process).
+pub fn uffdio_api_bytes() -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&UFFD_API.to_le_bytes());
+    b
+}
+
+/// A `struct uffdio_register` for `start..start+len` in missing-page mode.
+pub fn uffdio_register_bytes(start: u64, len: u64) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&start.to_le_bytes());
+    b[8..16].copy_from_slice(&len.to_le_bytes());
+    b[16..24].copy_from_slice(&UFFDIO_REGISTER_MODE_MISSING.to_le_bytes());
+    b
+}
+
+/// Copies `len` bytes at `src` (this process's memory) into the registered range at `dst` of
+/// the userfaultfd's process, waking any thread that waits for them. Returns the bytes
+/// copied; on an error, the bytes copied before it and the error.
+pub fn uffd_copy(uffd: &impl AsRawFd, dst: u64, src: &[u8]) -> Result<u64, (u64, io::Error)> {
+    let mut arg = [0u64; 5];
+    arg[0] = dst;
+    arg[1] = src.as_ptr() as u64;
+    arg[2] = src.len() as u64;
+    // SAFETY: UFFDIO_COPY reads `src.len()` bytes from `src` (a live slice) and reads and
+    // writes the 40-byte `struct uffdio_copy` at `arg`, valid and writable for the call; it
+    // writes only into the other process's registered range.
+    let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY, arg.as_mut_ptr()) };
+    let copied = if (arg[4] as i64) > 0 { arg[4] } else { 0 };
+    if rc != 0 {
+        return Err((copied, io::Error::last_os_error()));
+    }
+    Ok(copied)
+}
+
+/// Maps the zero page at `dst..dst+len` of the userfaultfd's process, waking waiters.
+pub fn uffd_zeropage(uffd: &impl AsRawFd, dst: u64, len: u64) -> Result<u64, (u64, io::Error)> {
+    let mut arg = [dst, len, 0, 0];
+    // SAFETY: UFFDIO_ZEROPAGE reads and writes the 32-byte `struct uffdio_zeropage` at
+    // `arg`, valid and writable for the call.
+    let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE, arg.as_mut_ptr()) };
+    let done = if (arg[3] as i64) > 0 { arg[3] } else { 0 };
+    if rc != 0 {
+        return Err((done, io::Error::last_os_error()));
+    }
+    Ok(done)
+}
+
+/// Waits up to `wait_ms` for page faults on a (non-blocking) userfaultfd and returns the
+/// page addresses of those pending, at most `max`.
+pub fn uffd_faults(uffd: &impl AsRawFd, wait_ms: i32, max: usize) -> io::Result<Vec<u64>> {
+    let mut pfd = libc::pollfd {
+        fd: uffd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd that outlives the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(Vec::new())
+        } else {
+            Err(e)
+        };
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; UFFD_MSG_LEN * 64];
+    while out.len() < max {
+        // SAFETY: read(2) into `buf`, valid and writable for its whole length.
+        let n = unsafe { libc::read(uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => break,
+                Some(libc::EINTR) => continue,
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        for msg in buf[..n as usize].chunks_exact(UFFD_MSG_LEN) {
+            if msg[0] == UFFD_EVENT_PAGEFAULT {
+                let addr = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
+                out.push(addr & !4095);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Anonymous memory of this process that stays in place: mapped, every page faulted in,
+/// locked (mlock) and kept out of transparent huge pages, so the guest frames behind it
+/// stay the same while the VMM writes into them.
+#[derive(Debug)]
+pub struct PinnedBuffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl PinnedBuffer {
+    /// A buffer of `len` bytes (a multiple of the page size).
+    pub fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing;
+        // nothing else refers to it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = PinnedBuffer {
+            ptr: ptr.cast(),
+            len,
+        };
+        // SAFETY: madvise and mlock over the mapping just made, which `buf` owns.
+        unsafe {
+            libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE);
+            if libc::mlock(ptr, len) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // mlock faults every page in; write them so each is this process's own.
+        for page in buf.as_slice_mut().chunks_mut(4096) {
+            page[0] = 0;
+        }
+        Ok(buf)
+    }
+
+    /// The buffer's address in this process.
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// The buffer's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` is a live read-write mapping that this value owns.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The buffer's bytes, for writing.
+    pub fn as_slice_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `as_slice`, borrowed mutably through `self`. (The VMM writes these
+        // frames from outside the guest; the agent reads them only once the VMM said it is
+        // done, by a request on the connection.)
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping this value owns; no reference to it outlives `self`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// --- end migration: post-copy ---
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -202,6 +202,21 @@ pub enum MigrationError {
         /// The page's virtual address.
         vaddr: u64,
     },
+    /// Post-copy: a page named in a request or a lazy batch that is not one of the job's
+    /// lazy pages, or a lazy page that arrived twice.
+    #[error(
+        "post-copy page {vaddr:#x} {what}; the two nodes disagree on the protocol (run the \
+         same ferry build on both)"
+    )]
+    NotLazy {
+        /// The page's virtual address.
+        vaddr: u64,
+        /// What is wrong with it.
+        what: &'static str,
+    },
+    /// Post-copy: the destination's agent could not place pages into the process.
+    #[error("placing pages into the resumed process: {0}")]
+    Place(String),
     /// The pages that arrived do not hash to the source's checksum.
     #[error(
         "the pages that arrived have checksum {got:#018x}, the source sent {expected:#018x}; \
@@ -262,6 +277,9 @@ pub struct Stats {
     /// At the destination: pages that arrived in pre-copy rounds (a page sent in several
     /// rounds counts each time).
     pub precopy_pages: u64,
+    /// Post-copy, after the process resumed: of `pages`, those the destination asked for
+    /// (its process waited for them) and that went ahead of the others.
+    pub requested_pages: u64,
     /// Bytes of frames from source to destination so far, headers included: written by the
     /// source, read by the destination.
     pub bytes: u64,
@@ -290,14 +308,14 @@ impl Stats {
 }
 
 /// Throughput bookkeeping for [`Stats`].
-struct Clock {
+pub(crate) struct Clock {
     start: Instant,
     stream_start: Instant,
     stream_bytes_before: u64,
 }
 
 impl Clock {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let now = Instant::now();
         Clock {
             start: now,
@@ -307,14 +325,14 @@ impl Clock {
     }
 
     /// The page stream starts now.
-    fn streaming(&mut self, stats: &mut Stats) {
+    pub(crate) fn streaming(&mut self, stats: &mut Stats) {
         self.stream_start = Instant::now();
         self.stream_bytes_before = stats.bytes;
         stats.setup = self.start.elapsed();
         stats.elapsed = stats.setup;
     }
 
-    fn update(&self, stats: &mut Stats) {
+    pub(crate) fn update(&self, stats: &mut Stats) {
         stats.elapsed = self.start.elapsed();
         let secs = self.stream_start.elapsed().as_secs_f64();
         if secs > 0.0 {
@@ -325,10 +343,10 @@ impl Clock {
 }
 
 /// A zero page, written where the destination's frames are not known to be zero.
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+pub(crate) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 /// The most a best-effort farewell (`Abort`, or an answer after a failed write) may take.
-const FAREWELL: Duration = Duration::from_secs(2);
+pub(crate) const FAREWELL: Duration = Duration::from_secs(2);
 
 /// What the destination holds from a job's pre-copy rounds, as the source knows it: for each
 /// page sent, the guest frame it was read from and its checksum digest.
@@ -685,6 +703,8 @@ pub struct Incoming<'s, S> {
     hello: Hello,
     held: HeldPages,
     vaddrs: Vec<u64>,
+    /// Post-copy: the pages that come after the process resumed ([`Message::Postcopy`]).
+    lazy: Vec<u64>,
     timeouts: Timeouts,
     buf: Vec<u8>,
     stats: Stats,
@@ -749,6 +769,7 @@ where
     let mut buf = Vec::new();
     let mut stats = Stats::default();
     let mut held = HeldPages::default();
+    let mut lazy = Vec::new();
     let result = async {
         const PRECOPY: &str = "receiving pre-copied pages";
         let hello = loop {
@@ -775,7 +796,24 @@ where
             }
             match Message::decode(header.message, payload).map_err(protocol)? {
                 Message::Hello(h) => break h,
-                other => return Err(unexpected_or_abort(other, DESCRIBING, "Precopy or Hello")),
+                Message::Postcopy(list) => {
+                    if lazy.len() + list.len() > MAX_JOB_PAGES as usize {
+                        return Err(protocol(ProtocolError::TooMany {
+                            message: MessageType::Postcopy,
+                            what: "vaddrs in all",
+                            count: (lazy.len() + list.len()) as u64,
+                            max: MAX_JOB_PAGES,
+                        }));
+                    }
+                    lazy.extend(list);
+                }
+                other => {
+                    return Err(unexpected_or_abort(
+                        other,
+                        DESCRIBING,
+                        "Precopy, Postcopy or Hello",
+                    ))
+                }
             }
         };
         // The list grows with what arrives, not with what Hello announced.
@@ -817,6 +855,7 @@ where
         hello,
         held,
         vaddrs,
+        lazy,
         timeouts: timeouts.clone(),
         buf,
         stats,
@@ -842,6 +881,12 @@ where
     /// build the skeleton); [`Incoming::land`] takes one frame per vaddr in this order.
     pub fn vaddrs(&self) -> &[u64] {
         &self.vaddrs
+    }
+
+    /// Post-copy: the vaddrs of the pages that arrive only after the process resumed here
+    /// (see [`crate::postcopy`]); empty for any other job.
+    pub fn lazy_vaddrs(&self) -> &[u64] {
+        &self.lazy
     }
 
     /// Refuses the job (e.g. the skeleton could not be built): sends `Abort` with `reason`,
@@ -1081,8 +1126,28 @@ where
     }
 }
 
+impl<'s, S> Landed<'s, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Post-copy: tells the source the process runs here (`Ack {ok: true}` with `note`) and
+    /// hands the stream back for [`crate::receive_postcopy`], which receives the pages that
+    /// follow.
+    pub async fn resumed_postcopy(self, note: &str) -> Result<(Stats, &'s mut S), MigrationError> {
+        const ANSWERING: &str = "telling the source the process runs here (Ack)";
+        let ack = Message::Ack(Ack {
+            ok: true,
+            message: bounded_text(note),
+        });
+        let mut written = Stats::default();
+        write_message(self.stream, &ack, &mut written, self.timeouts.io, ANSWERING).await?;
+        flush(self.stream, self.timeouts.io, ANSWERING).await?;
+        Ok((self.stats, self.stream))
+    }
+}
+
 /// The error for a message other than the expected one (the peer's `Abort` carries its reason).
-fn unexpected_or_abort(
+pub(crate) fn unexpected_or_abort(
     got: Message,
     during: &'static str,
     expected: &'static str,
@@ -1100,7 +1165,7 @@ fn unexpected_or_abort(
 /// Tells the source why the destination gives up, where that can still reach it: `Ack {ok:
 /// false}` for a bad `Done` (the source waits for an Ack), `Abort` otherwise. Nothing when the
 /// peer gave up itself or the connection is gone.
-async fn farewell_on_error<W: AsyncWrite + Unpin>(stream: &mut W, e: &MigrationError) {
+pub(crate) async fn farewell_on_error<W: AsyncWrite + Unpin>(stream: &mut W, e: &MigrationError) {
     let message = bounded_text(&error_chain(e));
     let farewell_message = match e {
         MigrationError::PeerAborted(_)
@@ -1116,7 +1181,7 @@ async fn farewell_on_error<W: AsyncWrite + Unpin>(stream: &mut W, e: &MigrationE
 }
 
 /// Sends a last message, best effort and briefly.
-async fn farewell<W: AsyncWrite + Unpin>(stream: &mut W, message: &Message) {
+pub(crate) async fn farewell<W: AsyncWrite + Unpin>(stream: &mut W, message: &Message) {
     if let Ok(frame) = message.encode() {
         let _ = timeout(FAREWELL, async {
             stream.write_all(&frame).await?;
@@ -1127,7 +1192,7 @@ async fn farewell<W: AsyncWrite + Unpin>(stream: &mut W, message: &Message) {
 }
 
 /// An error and its sources, one line, for the peer.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -1138,7 +1203,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn io_error(during: &'static str, e: io::Error) -> MigrationError {
+pub(crate) fn io_error(during: &'static str, e: io::Error) -> MigrationError {
     match e.kind() {
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::BrokenPipe
@@ -1150,7 +1215,7 @@ fn io_error(during: &'static str, e: io::Error) -> MigrationError {
 
 /// Reads one frame into `buf` (grown to the payload, which the header has bounded); returns its
 /// header, the payload being `buf[..header.len]`.
-async fn read_frame<R: AsyncRead + Unpin>(
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     during: &'static str,
@@ -1171,7 +1236,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Reads and decodes one frame.
-async fn read_message<R: AsyncRead + Unpin>(
+pub(crate) async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     during: &'static str,
@@ -1201,7 +1266,7 @@ async fn read_counted<R: AsyncRead + Unpin>(
 }
 
 /// Encodes and writes one message within `limit`, counting its bytes.
-async fn write_message<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
     w: &mut W,
     message: &Message,
     stats: &mut Stats,
@@ -1222,7 +1287,7 @@ async fn write_message<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn flush<W: AsyncWrite + Unpin>(
+pub(crate) async fn flush<W: AsyncWrite + Unpin>(
     w: &mut W,
     limit: Duration,
     during: &'static str,

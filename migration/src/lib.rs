@@ -8,14 +8,20 @@
 //!   guest pages through
 //!   [`engine::PageSource`] and [`engine::PageSink`] (implemented for vm-memory's
 //!   `GuestMemoryMmap`).
+//! - [`postcopy`]: the process resumes at the destination first and its anonymous pages
+//!   follow, those it waits for ahead of the rest ([`postcopy::send_postcopy`],
+//!   [`postcopy::serve_postcopy`] at the source; [`postcopy::receive_postcopy`] at the
+//!   destination, placing pages through the guest agent's staging buffer).
 //! - [`checksum`]: the end-to-end checksum over a job's pages, and the zero-page test.
 
 pub mod checksum;
 pub mod engine;
+pub mod postcopy;
 pub mod protocol;
 
 pub use engine::{
     precopy, receive, send, send_after_precopy, Incoming, Landed, MigrationError, PageError,
     PageSink, PageSource, Precopied, Stats, Timeouts,
 };
+pub use postcopy::{receive_postcopy, send_postcopy, serve_postcopy, LazyTarget, PlaceRequest};
 pub use protocol::PROTOCOL_VERSION;

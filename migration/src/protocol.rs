@@ -56,6 +56,34 @@
 //! only answer is [`Message::Ack`]. Every outcome but `Ack {ok: true}` leaves the source to
 //! thaw the original process.
 //!
+//! # Post-copy
+//!
+//! A job may begin with [`Message::Postcopy`] frames: the vaddrs of pages that come only
+//! after the process resumed at the destination (its private anonymous memory). The job then
+//! goes on as above for the other pages (the eager ones: private copies of file pages), and
+//! `Ack {ok: true}` says the process runs at the destination, its lazy pages missing. Then the
+//! lazy pages travel in [`Message::LazyBatch`] frames, each exactly once, in any order: the
+//! source sends first those the destination asks for with [`Message::PageRequest`] (its
+//! process waits for them), and the rest in list order meanwhile; a second `Done` (counts and
+//! checksum over the lazy pages in the order they travelled) and a second `Ack` end the job.
+//! The destination says [`Message::Placed`] for every batch it placed; the source keeps at
+//! most [`LAZY_WINDOW`] batches of the rest beyond those, so that an asked-for page never
+//! waits behind much more than that in the connection's buffers.
+//!
+//! ```text
+//! Postcopy {vaddrs} ...               ->   (the lazy pages' vaddrs)
+//! Hello ... Done as above, for the eager pages
+//!                                     <-   Ack {ok: true}: the process runs there
+//! LazyBatch {entries, data} ...       ->
+//!                                     <-   PageRequest {vaddrs} ... (at any time)
+//!                                     <-   Placed {batches} ... (as batches are placed)
+//! Done {pages, zero_pages, checksum}  ->   (the lazy pages)
+//!                                     <-   Ack {ok, message}
+//! ```
+//!
+//! Once the first `Ack` said ok, the process runs at the destination only: a failure after
+//! that loses it (the source's frozen copy is behind the running one), as in QEMU.
+//!
 //! # Versions
 //!
 //! The version byte is in every frame header, so a peer of another version fails on the first
@@ -81,6 +109,10 @@ pub const MAX_BATCH_PAGES: usize = 256;
 
 /// Bytes of one [`PageEntry`] in a batch: vaddr u64, kind u8.
 pub const ENTRY_LEN: usize = 9;
+
+/// Post-copy: the most [`Message::LazyBatch`] frames of pages nobody asked for that the
+/// source sends beyond those the destination said it placed ([`Message::Placed`]).
+pub const LAZY_WINDOW: u32 = 4;
 
 /// The most vaddrs in one [`Message::PageList`] frame (1 MiB of vaddrs).
 pub const MAX_PAGE_LIST: usize = 128 * 1024;
@@ -200,6 +232,14 @@ pub enum MessageType {
     Ack = 7,
     /// [`Message::Precopy`], source to destination.
     Precopy = 8,
+    /// [`Message::Postcopy`], source to destination.
+    Postcopy = 9,
+    /// [`Message::LazyBatch`], source to destination.
+    LazyBatch = 10,
+    /// [`Message::PageRequest`], destination to source.
+    PageRequest = 11,
+    /// [`Message::Placed`], destination to source.
+    Placed = 12,
 }
 
 impl MessageType {
@@ -215,6 +255,10 @@ impl MessageType {
             6 => Abort,
             7 => Ack,
             8 => Precopy,
+            9 => Postcopy,
+            10 => LazyBatch,
+            11 => PageRequest,
+            12 => Placed,
             _ => return None,
         })
     }
@@ -224,12 +268,15 @@ impl MessageType {
         match self {
             // job_id, page_count, image length, image.
             MessageType::Hello => 8 + 8 + 4 + MAX_IMAGE,
-            MessageType::PageList => 4 + 8 * MAX_PAGE_LIST,
+            MessageType::PageList | MessageType::Postcopy | MessageType::PageRequest => {
+                4 + 8 * MAX_PAGE_LIST
+            }
             MessageType::Ready => 0,
-            MessageType::PageBatch | MessageType::Precopy => {
+            MessageType::PageBatch | MessageType::Precopy | MessageType::LazyBatch => {
                 4 + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE_SIZE)
             }
             MessageType::Done => 8 + 8 + 8,
+            MessageType::Placed => 4,
             MessageType::Abort => 4 + MAX_TEXT,
             MessageType::Ack => 1 + 4 + MAX_TEXT,
         }
@@ -410,6 +457,26 @@ pub enum Message {
     },
     /// Destination → source: the answer to [`Message::Done`].
     Ack(Ack),
+    /// Source → destination, first, for a post-copy job: the next vaddrs of the pages that
+    /// travel after the process resumed (at most [`MAX_PAGE_LIST`] per frame, page-aligned;
+    /// repeated as needed). Encoded as [`Message::PageList`].
+    Postcopy(Vec<u64>),
+    /// Source → destination, post-copy, after the first [`Ack`]: pages of the
+    /// [`Message::Postcopy`] list, each once, in any order. Encoded as a [`PageBatch`];
+    /// entries are of kind Data or Zero.
+    LazyBatch(PageBatch),
+    /// Destination → source, post-copy: the process waits for these pages (vaddrs of the
+    /// [`Message::Postcopy`] list); send them before the others. A page already sent is not
+    /// sent again. Encoded as [`Message::PageList`].
+    PageRequest(Vec<u64>),
+    /// Destination → source, post-copy: this many more [`Message::LazyBatch`] frames are in
+    /// the process (see [`LAZY_WINDOW`]).
+    ///
+    /// Encoded as: `batches` u32.
+    Placed {
+        /// Batches placed since the last `Placed`.
+        batches: u32,
+    },
 }
 
 impl Message {
@@ -424,6 +491,10 @@ impl Message {
             Message::Precopy(_) => MessageType::Precopy,
             Message::Abort { .. } => MessageType::Abort,
             Message::Ack(_) => MessageType::Ack,
+            Message::Postcopy(_) => MessageType::Postcopy,
+            Message::LazyBatch(_) => MessageType::LazyBatch,
+            Message::PageRequest(_) => MessageType::PageRequest,
+            Message::Placed { .. } => MessageType::Placed,
         }
     }
 
@@ -454,7 +525,9 @@ impl Message {
                 p.u64(h.page_count);
                 p.bytes(&h.image);
             }
-            Message::PageList(vaddrs) => {
+            Message::PageList(vaddrs)
+            | Message::Postcopy(vaddrs)
+            | Message::PageRequest(vaddrs) => {
                 if vaddrs.len() > MAX_PAGE_LIST {
                     return Err(too_many("vaddrs", vaddrs.len(), MAX_PAGE_LIST));
                 }
@@ -464,8 +537,8 @@ impl Message {
                 }
             }
             Message::Ready => {}
-            Message::PageBatch(b) | Message::Precopy(b) => {
-                if matches!(self, Message::Precopy(_))
+            Message::PageBatch(b) | Message::Precopy(b) | Message::LazyBatch(b) => {
+                if matches!(self, Message::Precopy(_) | Message::LazyBatch(_))
                     && b.entries.iter().any(|e| e.kind == PageKind::Held)
                 {
                     return Err(ProtocolError::InvalidTag {
@@ -500,6 +573,7 @@ impl Message {
                 p.u64(d.checksum);
             }
             Message::Abort { reason } => p.str(reason),
+            Message::Placed { batches } => p.u32(*batches),
             Message::Ack(a) => {
                 p.u8(u8::from(a.ok));
                 p.str(&a.message);
@@ -561,13 +635,18 @@ impl Message {
                     image,
                 })
             }
-            MessageType::PageList => {
+            MessageType::PageList | MessageType::Postcopy | MessageType::PageRequest => {
                 let n = r.count("vaddrs", MAX_PAGE_LIST)?;
                 let raw = r.take(n * 8)?;
-                Message::PageList(raw.chunks_exact(8).map(le_u64).collect())
+                let vaddrs = raw.chunks_exact(8).map(le_u64).collect();
+                match ty {
+                    MessageType::Postcopy => Message::Postcopy(vaddrs),
+                    MessageType::PageRequest => Message::PageRequest(vaddrs),
+                    _ => Message::PageList(vaddrs),
+                }
             }
             MessageType::Ready => Message::Ready,
-            MessageType::PageBatch | MessageType::Precopy => {
+            MessageType::PageBatch | MessageType::Precopy | MessageType::LazyBatch => {
                 let view = PageBatchView::parse_as(ty, r.rest())?;
                 let mut batch = PageBatch {
                     entries: Vec::with_capacity(view.len()),
@@ -582,10 +661,10 @@ impl Message {
                         batch.data.extend_from_slice(d);
                     }
                 }
-                if ty == MessageType::Precopy {
-                    Message::Precopy(batch)
-                } else {
-                    Message::PageBatch(batch)
+                match ty {
+                    MessageType::Precopy => Message::Precopy(batch),
+                    MessageType::LazyBatch => Message::LazyBatch(batch),
+                    _ => Message::PageBatch(batch),
                 }
             }
             MessageType::Done => Message::Done(Done {
@@ -596,6 +675,7 @@ impl Message {
             MessageType::Abort => Message::Abort {
                 reason: r.string()?,
             },
+            MessageType::Placed => Message::Placed { batches: r.u32()? },
             MessageType::Ack => Message::Ack(Ack {
                 ok: r.flag()?,
                 message: r.string()?,
@@ -638,8 +718,9 @@ impl<'a> PageBatchView<'a> {
         Self::parse_as(MessageType::PageBatch, payload)
     }
 
-    /// [`PageBatchView::parse`] for a frame of type `ty`: a [`Message::PageBatch`] or a
-    /// [`Message::Precopy`] (which may not hold [`PageKind::Held`] entries).
+    /// [`PageBatchView::parse`] for a frame of type `ty`: a [`Message::PageBatch`], or a
+    /// [`Message::Precopy`] or [`Message::LazyBatch`] (which may not hold [`PageKind::Held`]
+    /// entries).
     pub fn parse_as(ty: MessageType, payload: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader { buf: payload, ty };
         let n = r.count("pages", MAX_BATCH_PAGES)?;
@@ -717,6 +798,11 @@ impl BatchWriter {
         Self::of(MessageType::Precopy)
     }
 
+    /// A writer of [`Message::LazyBatch`] frames.
+    pub fn lazy() -> Self {
+        Self::of(MessageType::LazyBatch)
+    }
+
     fn of(message: MessageType) -> Self {
         BatchWriter {
             message,
@@ -750,10 +836,11 @@ impl BatchWriter {
     }
 
     /// Records the next page: its vaddr, and whether the slot's bytes are its data. Pages past
-    /// `count` are ignored, and so is a [`PageKind::Held`] page in a Precopy frame.
+    /// `count` are ignored, and so is a [`PageKind::Held`] page in a Precopy or LazyBatch
+    /// frame.
     pub fn push(&mut self, vaddr: u64, kind: PageKind) {
         if self.pushed >= self.count
-            || (kind == PageKind::Held && self.message == MessageType::Precopy)
+            || (kind == PageKind::Held && self.message != MessageType::PageBatch)
         {
             return;
         }

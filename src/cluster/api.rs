@@ -255,6 +255,11 @@ pub enum MigrationMode {
     /// then freeze it for the rest.
     #[default]
     Precopy,
+    /// Freeze the process, copy its registers, mappings and file-page copies, resume it at
+    /// the destination at once; its anonymous memory follows while it runs, the pages it
+    /// waits for first (userfaultfd in the destination guest). A failure after the resume
+    /// loses the process.
+    Postcopy,
 }
 
 impl std::fmt::Display for MigrationMode {
@@ -262,6 +267,7 @@ impl std::fmt::Display for MigrationMode {
         f.write_str(match self {
             MigrationMode::Stop => "stop",
             MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
         })
     }
 }
@@ -272,9 +278,9 @@ impl std::str::FromStr for MigrationMode {
         match s {
             "stop" => Ok(MigrationMode::Stop),
             "precopy" => Ok(MigrationMode::Precopy),
-            "postcopy" => Err("post-copy is not available yet; use precopy or stop".into()),
+            "postcopy" => Ok(MigrationMode::Postcopy),
             other => Err(format!(
-                "`{other}` is not a migration mode: use precopy or stop"
+                "`{other}` is not a migration mode: use precopy, postcopy or stop"
             )),
         }
     }
@@ -355,6 +361,24 @@ pub struct MigrationJob {
     pub throughput_mib_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Post-copy: when the process ran at the destination and how its anonymous pages
+    /// followed (absent in the other modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyProgress>,
+}
+
+/// The post-copy part of a [`MigrationJob`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyProgress {
+    /// From the request to the process running at the destination (0 until it does).
+    pub resumed_ms: u64,
+    /// Pages that travel after the resume (the process's anonymous memory).
+    pub lazy_pages: u64,
+    /// Of those, sent so far (after the process resumed).
+    pub pages_after_resume: u64,
+    /// Of those, sent ahead of the others because the process waited for them (its page
+    /// faults served on demand).
+    pub pages_on_demand: u64,
 }
 
 /// An error body.
@@ -678,7 +702,7 @@ fn core_openapi() -> serde_json::Value {
                         "moves": {"type": "integer"}}},
                 "MigrationRequest": {"type": "object", "required": ["pid", "to"], "additionalProperties": false,
                     "properties": {"pid": {"type": "integer"}, "node": {"type": "string", "description": "the node that runs it (default: this one)"}, "to": {"type": "string"},
-                        "mode": {"type": "string", "enum": ["precopy", "stop"], "default": "precopy"},
+                        "mode": {"type": "string", "enum": ["precopy", "postcopy", "stop"], "default": "precopy"},
                         "downtime_ms": {"type": "integer", "default": 300, "description": "pre-copy: the longest pause the process may see"},
                         "bandwidth_mib_s": {"type": "number", "description": "pre-copy: the most MiB/s while the process runs"}}},
                 "MigrationJob": {"type": "object",
@@ -686,7 +710,7 @@ fn core_openapi() -> serde_json::Value {
                     "properties": {
                         "id": {"type": "integer"}, "pid": {"type": "integer"}, "from": {"type": "string"}, "to": {"type": "string"},
                         "state": {"type": "string", "enum": ["precopy", "running", "done", "failed", "cancelled"]}, "new_pid": {"type": "integer"},
-                        "mode": {"type": "string", "enum": ["precopy", "stop"]}, "round": {"type": "integer"},
+                        "mode": {"type": "string", "enum": ["precopy", "postcopy", "stop"]}, "round": {"type": "integer"},
                         "pages_total": {"type": "integer"}, "pages_sent": {"type": "integer"}, "zero_pages": {"type": "integer"},
                         "held_pages": {"type": "integer"}, "bytes_total": {"type": "integer"}, "bytes_sent": {"type": "integer"}, "bytes_remaining": {"type": "integer"},
                         "dirty_pages_s": {"type": "number"}, "expected_downtime_ms": {"type": "integer"}, "downtime_budget_ms": {"type": "integer"},
@@ -724,6 +748,13 @@ fn core_openapi() -> serde_json::Value {
         }
     });
     let schemas = &mut doc["components"]["schemas"];
+    schemas["MigrationJob"]["properties"]["postcopy"] = json!({"type": "object", "description": "post-copy only",
+        "required": ["resumed_ms", "lazy_pages", "pages_after_resume", "pages_on_demand"],
+        "properties": {
+            "resumed_ms": {"type": "integer", "description": "from the request to the process running at the destination"},
+            "lazy_pages": {"type": "integer", "description": "pages that travel after the resume"},
+            "pages_after_resume": {"type": "integer", "description": "of those, sent so far"},
+            "pages_on_demand": {"type": "integer", "description": "of those, sent first because the process waited for them"}}});
     schemas["NodeStatus"]["properties"]["accepting"] =
         json!({"type": "boolean", "description": "whether it takes processes other nodes send"});
     schemas["Load"]["properties"]["busy"] = json!({"type": "integer", "description": "CPU-bound processes, as the node's balancer counts them"});
@@ -972,8 +1003,12 @@ mod tests {
                 .unwrap_err();
         assert!(e.to_string().contains("precopy"), "{e}");
         assert_eq!("stop".parse(), Ok(MigrationMode::Stop));
-        let e = "postcopy".parse::<MigrationMode>().unwrap_err();
-        assert!(e.contains("not available yet"), "{e}");
+        assert_eq!("postcopy".parse(), Ok(MigrationMode::Postcopy));
+        let r: MigrationRequest =
+            serde_json::from_str(r#"{"pid": 7, "to": "node-2", "mode": "postcopy"}"#).unwrap();
+        assert_eq!(r.mode, MigrationMode::Postcopy);
+        let e = "fast".parse::<MigrationMode>().unwrap_err();
+        assert!(e.contains("precopy, postcopy or stop"), "{e}");
     }
 
     #[test]
@@ -1089,11 +1124,19 @@ mod tests {
             total_ms: 1,
             throughput_mib_s: 1.0,
             error: Some("e".into()),
+            postcopy: Some(PostcopyProgress::default()),
         })
         .unwrap();
         let props = &doc["components"]["schemas"]["MigrationJob"]["properties"];
         for k in job.as_object().unwrap().keys() {
             assert!(props.get(k).is_some(), "MigrationJob.{k} undocumented");
+        }
+        let post = serde_json::to_value(PostcopyProgress::default()).unwrap();
+        for k in post.as_object().unwrap().keys() {
+            assert!(
+                props["postcopy"]["properties"].get(k).is_some(),
+                "MigrationJob.postcopy.{k} undocumented"
+            );
         }
         let policy = serde_json::to_value(super::super::balancer::Policy::default()).unwrap();
         let props = &doc["components"]["schemas"]["BalancerPolicy"]["properties"];

@@ -10,6 +10,9 @@
 //! Destination (`POST /v1/peer/migrations`, peers only): the agent builds the skeleton (same
 //! mappings at the same addresses, pinned) and reports its frames; the pages land in them
 //! ([`ferry_migration::Incoming::land`]); the agent restores the registers and lets it run.
+//!
+//! Post-copy ([`postcopy`]): the process runs at the destination before its anonymous pages
+//! arrived; they follow, those it waits for first.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +33,8 @@ use hyper_util::rt::TokioIo;
 use super::api::{JobState, MigrationJob, MigrationMode, MigrationRequest, DEFAULT_DOWNTIME_MS};
 use super::config::NodeConfig;
 use super::daemon::{error_response, json_response, lock, log, Node};
+
+mod postcopy;
 
 /// The protocol name of the upgraded peer connection.
 pub const UPGRADE_PROTOCOL: &str = "ferry-migration/2";
@@ -196,6 +201,7 @@ struct Plan {
     /// Pre-copy bandwidth cap, bytes per second.
     cap: Option<u64>,
     started: Instant,
+    mode: MigrationMode,
 }
 
 /// A job's first step: the frozen process (stop mode), or its pages while it runs (pre-copy).
@@ -208,6 +214,8 @@ enum First {
 enum JobFailure {
     Cancelled,
     Failed(String),
+    /// Post-copy failed after the process resumed at the destination: it is lost.
+    Lost(String),
 }
 
 impl From<String> for JobFailure {
@@ -491,7 +499,7 @@ impl Node {
             AgentFailure::Other(e) => (502, e),
         };
         let (first, tracking) = match request.mode {
-            MigrationMode::Stop => (
+            MigrationMode::Stop | MigrationMode::Postcopy => (
                 First::Frozen(Box::new(agent.freeze().await.map_err(refused)?)),
                 None,
             ),
@@ -531,7 +539,7 @@ impl Node {
             dirty_pages_s: 0.0,
             expected_downtime_ms: 0,
             downtime_budget_ms: match request.mode {
-                MigrationMode::Stop => 0,
+                MigrationMode::Stop | MigrationMode::Postcopy => 0,
                 MigrationMode::Precopy => budget_ms,
             },
             frozen_ms: 0,
@@ -539,6 +547,8 @@ impl Node {
             total_ms: 0,
             throughput_mib_s: 0.0,
             error: None,
+            postcopy: (request.mode == MigrationMode::Postcopy)
+                .then(super::api::PostcopyProgress::default),
         });
         match &first {
             First::Frozen(frozen) => log(format!(
@@ -568,6 +578,7 @@ impl Node {
             budget_ms,
             cap,
             started,
+            mode: request.mode,
         };
         // Streaming keeps a CPU busy (reading guest memory, checksums, encryption): it runs on
         // a thread and runtime of its own, so the API stays responsive meanwhile.
@@ -595,19 +606,25 @@ impl Node {
     ) {
         let id = plan.id;
         let mut frozen_at = matches!(first, First::Frozen(_)).then_some(plan.started);
-        let result = self
-            .stream_job(&plan, &agent, first, tracking, &cancel, &mut frozen_at)
-            .await;
+        let mut resumed_at = None;
+        let result = if plan.mode == MigrationMode::Postcopy {
+            self.stream_postcopy(&plan, first, &mut resumed_at).await
+        } else {
+            self.stream_job(&plan, &agent, first, tracking, &cancel, &mut frozen_at)
+                .await
+        };
         let moved = result.is_ok();
-        // Only a frozen process has anything to release.
+        // Only a frozen process has anything to release. One that resumed at the destination
+        // (post-copy) never runs here again, even when it is lost there.
+        let kill = moved || matches!(result, Err(JobFailure::Lost(_)));
         let released = match frozen_at {
-            Some(_) => agent.release(moved).await,
+            Some(_) => agent.release(kill).await,
             None => Ok(()),
         };
         let now = Instant::now();
         self.jobs.finish(id, |j| {
             j.total_ms = (now - plan.started).as_millis() as u64;
-            j.frozen_ms = frozen_at.map_or(0, |t| (now - t).as_millis() as u64);
+            j.frozen_ms = frozen_at.map_or(0, |t| (resumed_at.unwrap_or(now) - t).as_millis() as u64);
             j.bytes_remaining = 0;
             match (&result, &released) {
                 (Ok(stats), _) => {
@@ -626,6 +643,13 @@ impl Node {
                 (Err(JobFailure::Cancelled), _) => {
                     j.state = JobState::Cancelled;
                     j.error = Some(format!("cancelled; the process runs on at {}", j.from));
+                }
+                (Err(JobFailure::Lost(e)), _) => {
+                    j.state = JobState::Failed;
+                    j.error = Some(format!(
+                        "{e}; the process had resumed at {} and is lost with it (post-copy cannot go back after the resume)",
+                        j.to
+                    ));
                 }
                 (Err(JobFailure::Failed(e)), Ok(())) => {
                     j.state = JobState::Failed;
@@ -657,6 +681,28 @@ impl Node {
         }
     }
 
+    /// The upgraded connection to the destination's peer port that carries one job.
+    async fn open_migration_stream(
+        &self,
+        plan: &Plan,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+        let dest = &plan.dest;
+        let origin = plan.origin.clone().unwrap_or(Origin {
+            home: self.me.name.clone(),
+            moves: 0,
+        });
+        let path = format!(
+            "/v1/peer/migrations?home={}&moves={}",
+            origin.home,
+            origin.moves + 1
+        );
+        self.peer_client(dest)
+            .with_timeout(Duration::from_secs(30))
+            .upgrade(&path, UPGRADE_PROTOCOL)
+            .await
+            .map_err(|e| format!("opening the migration stream to {}: {e}", dest.name))
+    }
+
     /// The stream of one job: Ok once the destination runs the process. `frozen_at` is set
     /// when the process is frozen.
     async fn stream_job(
@@ -669,21 +715,7 @@ impl Node {
         frozen_at: &mut Option<Instant>,
     ) -> Result<Stats, JobFailure> {
         let dest = &plan.dest;
-        let origin = plan.origin.clone().unwrap_or(Origin {
-            home: self.me.name.clone(),
-            moves: 0,
-        });
-        let path = format!(
-            "/v1/peer/migrations?home={}&moves={}",
-            origin.home,
-            origin.moves + 1
-        );
-        let mut stream = self
-            .peer_client(dest)
-            .with_timeout(Duration::from_secs(30))
-            .upgrade(&path, UPGRADE_PROTOCOL)
-            .await
-            .map_err(|e| format!("opening the migration stream to {}: {e}", dest.name))?;
+        let mut stream = self.open_migration_stream(plan).await?;
         let memory = self.memory()?;
         let setup_ms = plan.started.elapsed().as_millis() as u64;
         self.jobs.update(plan.id, |j| j.setup_ms = setup_ms);
@@ -924,6 +956,9 @@ impl Node {
                 return Err(e);
             }
         };
+        if !incoming.lazy_vaddrs().is_empty() {
+            return self.receive_postcopy(incoming, image, from, origin).await;
+        }
         let vaddrs = incoming.vaddrs().to_vec();
         // The agent's connection holds the skeleton until it runs (or is aborted), on one
         // thread, like the source's.

@@ -1,7 +1,10 @@
 //! Process migration inside the guest: the image of a process ([`image`]), freezing and
-//! reading it at the source ([`dump`]).
+//! reading it at the source ([`dump`]), rebuilding it at the destination ([`restore`], by
+//! system calls run inside it: [`inject`]), and post-copy's pages that arrive after it
+//! resumed ([`lazy`]).
 
 pub mod dump;
 pub mod image;
 pub mod inject;
+pub mod lazy;
 pub mod restore;

@@ -185,6 +185,9 @@ struct Region {
     prot: u8,
     /// Private, so readable and writable until resume and able to receive pages.
     fillable: bool,
+    /// Private anonymous memory (anonymous, heap or stack): its pages may come later, on
+    /// fault (post-copy, [`Skeleton::userfaultfd`]).
+    anonymous: bool,
 }
 
 /// A process under construction: every mapping of the image in place, stopped under ptrace
@@ -740,6 +743,7 @@ impl Skeleton {
                 end: m.end,
                 prot: m.prot,
                 fillable: !file_shared,
+                anonymous: m.kind != MappingKind::File,
             });
         }
         Ok(())
@@ -1102,6 +1106,78 @@ impl Skeleton {
                 })
             })
             .collect()
+    }
+
+    /// Post-copy: creates a userfaultfd inside the process, registers `ranges` (each inside
+    /// one private anonymous mapping of the image) for missing-page faults, and takes the
+    /// descriptor into the agent (pidfd_getfd); the process keeps none. From then on a page
+    /// of those ranges that nobody placed ([`super::lazy::LazyPages::place`]) stops the
+    /// thread that touches it until one is. Pages asked of [`Skeleton::frames`] must lie
+    /// outside `ranges`.
+    pub fn userfaultfd(
+        &mut self,
+        ranges: &[(u64, u64)],
+    ) -> Result<std::os::fd::OwnedFd, RestoreError> {
+        for &(s, e) in ranges {
+            let inside = self
+                .regions
+                .iter()
+                .any(|r| r.fillable && r.anonymous && r.start <= s && e <= r.end && s < e);
+            if !inside || !s.is_multiple_of(PAGE_SIZE) || !e.is_multiple_of(PAGE_SIZE) {
+                return Err(RestoreError::BadImage(format!(
+                    "post-copy range {s:#x}-{e:#x} is not inside one private anonymous mapping \
+                     of the image"
+                )));
+            }
+        }
+        let rc = self.t()?.syscall(
+            libc::SYS_userfaultfd,
+            [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+        );
+        let rc = rc.ctx(|| "creating a userfaultfd".into())?;
+        if (-4095..0).contains(&rc) {
+            let e = io::Error::from_raw_os_error(-rc as i32);
+            return Err(RestoreError::Io {
+                what: format!(
+                    "this guest's kernel gives no userfaultfd ({e}), which post-copy needs; \
+                     use precopy or stop"
+                ),
+                source: e,
+            });
+        }
+        let fd = rc as u64;
+        let taken = self.register_and_take(fd, ranges);
+        let closed = self.close(fd);
+        let taken = taken?;
+        closed?;
+        Ok(taken)
+    }
+
+    fn register_and_take(
+        &mut self,
+        fd: u64,
+        ranges: &[(u64, u64)],
+    ) -> Result<std::os::fd::OwnedFd, RestoreError> {
+        let t = self.t()?;
+        let p = t
+            .write_scratch(&sys::uffdio_api_bytes())
+            .ctx(|| "writing a uffdio_api".into())?;
+        self.call(libc::SYS_ioctl, [fd, sys::UFFDIO_API, p, 0, 0, 0], || {
+            "UFFDIO_API on the process's userfaultfd".into()
+        })?;
+        for &(s, e) in ranges {
+            let t = self.t()?;
+            let p = t
+                .write_scratch(&sys::uffdio_register_bytes(s, e - s))
+                .ctx(|| "writing a uffdio_register".into())?;
+            self.call(
+                libc::SYS_ioctl,
+                [fd, sys::UFFDIO_REGISTER, p, 0, 0, 0],
+                || format!("registering {s:#x}-{e:#x} for post-copy faults"),
+            )?;
+        }
+        let pid = self.pid;
+        sys::take_fd(pid, fd).ctx(|| format!("taking the userfaultfd of {pid} (pidfd_getfd)"))
     }
 
     /// Makes every page of `s..e` present, private and writable: MADV_POPULATE_WRITE, or

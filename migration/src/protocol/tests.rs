@@ -42,6 +42,11 @@ fn samples() -> Vec<Message> {
         Message::PageBatch(batch()),
         Message::PageBatch(PageBatch::default()),
         Message::Precopy(batch()),
+        Message::LazyBatch(batch()),
+        Message::Postcopy(vec![0x40_0000, 0x7fff_f000]),
+        Message::Postcopy(vec![]),
+        Message::PageRequest(vec![0x7fff_f000]),
+        Message::Placed { batches: 3 },
         Message::PageBatch(PageBatch {
             entries: vec![
                 PageEntry {
@@ -262,7 +267,7 @@ fn header(ty: u8, len: u32) -> [u8; HEADER_LEN] {
 
 #[test]
 fn oversize_lengths_are_refused_from_the_header() {
-    for ty in 1..=7u8 {
+    for ty in 1..=12u8 {
         let t = MessageType::from_byte(ty).unwrap();
         let max = t.max_payload() as u32;
         assert!(FrameHeader::decode(&header(ty, max)).is_ok());
@@ -351,7 +356,7 @@ fn encode_refuses_what_a_peer_would_refuse() {
 
 #[test]
 fn unknown_types_bad_magic_and_bad_version() {
-    for ty in [0u8, 9, 0x42, 0xff] {
+    for ty in [0u8, 13, 0x42, 0xff] {
         assert_eq!(
             FrameHeader::decode(&header(ty, 0)),
             Err(ProtocolError::UnknownType(ty))
