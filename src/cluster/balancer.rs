@@ -7,8 +7,9 @@
 //! than vCPUs, sends one of them to the least loaded node that accepts processes, provided
 //! that afterwards this node is still at least as loaded as that one: so a move never turns
 //! the imbalance around, and nothing ping-pongs. A process stays at least `residence_s` on a
-//! node before the balancer moves it, each node has one move in flight at most, and a move
-//! is followed by a pause long enough for the loads to show it. A node short of memory
+//! node before the balancer moves it, and each node has one move in flight at most; until a
+//! destination's published load shows a process it was sent, the sender counts it there
+//! itself, so moves follow one another without piling onto one node. A node short of memory
 //! (available below `memory_low_percent` of its RAM) ushers its largest process to the node
 //! with the most memory to spare, as openMosix's memory ushering did.
 //!
@@ -408,6 +409,8 @@ pub struct Balancer {
     backoff: Mutex<HashMap<u32, Instant>>,
     /// The migrations this balancer started and has not seen end yet.
     started: Mutex<HashSet<u64>>,
+    /// Its moves that ended well lately: the destination, and when.
+    arrived: Mutex<Vec<(String, Instant)>>,
     /// Wakes the loop when the policy changes.
     changed: tokio::sync::Notify,
 }
@@ -420,6 +423,7 @@ impl Balancer {
             events: Mutex::new(VecDeque::new()),
             backoff: Mutex::new(HashMap::new()),
             started: Mutex::new(HashSet::new()),
+            arrived: Mutex::new(Vec::new()),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -481,20 +485,18 @@ impl Node {
     /// The balancer's loop: runs until the daemon stops.
     pub(super) async fn balance(self: Arc<Self>) {
         let mut sampler = Sampler::default();
-        // No move before this: after a move ended, the loads must show it first.
-        let mut quiet_until = Instant::now();
         loop {
             let interval = Duration::from_millis(self.balancer.policy().interval_ms);
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.balancer.changed.notified() => {}
             }
-            self.balance_once(&mut sampler, &mut quiet_until).await;
+            self.balance_once(&mut sampler).await;
         }
     }
 
     /// One round: sample, publish, and maybe start a move.
-    async fn balance_once(self: &Arc<Self>, sampler: &mut Sampler, quiet_until: &mut Instant) {
+    async fn balance_once(self: &Arc<Self>, sampler: &mut Sampler) {
         let node = self.clone();
         let procs = match tokio::task::spawn_blocking(move || node.processes(false)).await {
             Ok(Ok(p)) => p,
@@ -512,13 +514,8 @@ impl Node {
         self.balancer
             .busy
             .store(busy.len() as u32, Ordering::Relaxed);
-        if self.note_finished_moves(now) {
-            *quiet_until = now + settle_time(&policy);
-        }
-        if !policy.enabled
-            || now < *quiet_until
-            || self.jobs.list().iter().any(|j| j.state.is_active())
-        {
+        self.note_finished_moves(now);
+        if !policy.enabled || self.jobs.list().iter().any(|j| j.state.is_active()) {
             return;
         }
         let residence = Duration::from_secs(policy.residence_s);
@@ -547,13 +544,18 @@ impl Node {
             return;
         };
         me_load.busy = busy.len() as u32;
-        let peers: Vec<NodeLoad> = self
+        let mut peers: Vec<NodeLoad> = self
             .all_nodes()
             .await
             .iter()
             .filter(|s| s.name != self.me.name)
             .filter_map(NodeLoad::from_status)
             .collect();
+        {
+            let mut arrived = lock(&self.balancer.arrived);
+            arrived.retain(|(_, at)| now.saturating_duration_since(*at) < settle_time(&policy));
+            credit_arrivals(&mut peers, &arrived);
+        }
         let Some(decision) = decide(&policy, &me_load, &peers, &candidates) else {
             return;
         };
@@ -674,16 +676,17 @@ impl Node {
         }
     }
 
-    /// Notes the balancer's moves that ended since the last round, and leaves the processes
-    /// of failed ones alone a while. Whether any ended.
-    fn note_finished_moves(&self, now: Instant) -> bool {
+    /// Notes the balancer's moves that ended since the last round: where the done ones went,
+    /// and the processes of failed ones, left alone a while.
+    fn note_finished_moves(&self, now: Instant) {
         let mut started = lock(&self.balancer.started);
-        let mut ended = false;
         for job in self.jobs.list() {
             if job.state.is_active() || !started.remove(&job.id) {
                 continue;
             }
-            ended = true;
+            if job.state == JobState::Done {
+                lock(&self.balancer.arrived).push((job.to.clone(), now));
+            }
             if job.state == JobState::Failed {
                 lock(&self.balancer.backoff).insert(job.pid, now + BACKOFF);
                 self.balancer.event(format!(
@@ -696,7 +699,6 @@ impl Node {
                 ));
             }
         }
-        ended
     }
 }
 
@@ -788,8 +790,17 @@ pub fn balancer_report(statuses: &[BalancerStatus], events: usize) -> String {
     out
 }
 
-/// How long the balancer stays quiet after its move ended: long enough for both nodes'
-/// samples (two each, for a CPU rate) to show it.
+/// Counts the processes this node sent lately as CPU-bound at their destinations, whose
+/// published loads may not show them yet: so the next move can follow at once without
+/// overloading the same node.
+fn credit_arrivals(peers: &mut [NodeLoad], arrived: &[(String, Instant)]) {
+    for p in peers {
+        p.busy += arrived.iter().filter(|(to, _)| *to == p.name).count() as u32;
+    }
+}
+
+/// How long a destination's published load may miss a process that arrived: two of its
+/// samples (a CPU rate needs two) and the time for this node to read it.
 fn settle_time(policy: &Policy) -> Duration {
     Duration::from_millis(policy.interval_ms * 3).max(Duration::from_secs(6))
 }
@@ -861,6 +872,28 @@ mod tests {
         let (counts, moves) = settle(vec![4, 0, 0], 2);
         assert_eq!(counts, vec![2, 1, 1]);
         assert_eq!(moves, 2);
+    }
+
+    #[test]
+    fn moves_in_a_row_count_what_peers_do_not_show_yet() {
+        // Peers publish loads from before the moves: without the credit every move would go
+        // to the same node.
+        let policy = Policy::default();
+        let stale = vec![node("b", 2, 0), node("c", 2, 0)];
+        let mut busy = 12;
+        let mut arrived: Vec<(String, Instant)> = Vec::new();
+        let mut sent = HashMap::new();
+        while let Some(d) = {
+            let mut peers = stale.clone();
+            credit_arrivals(&mut peers, &arrived);
+            decide(&policy, &node("a", 2, busy), &peers, &busy_procs(busy))
+        } {
+            busy -= 1;
+            *sent.entry(d.to.clone()).or_insert(0) += 1;
+            arrived.push((d.to, Instant::now()));
+        }
+        assert_eq!(busy, 4);
+        assert_eq!((sent["b"], sent["c"]), (4, 4));
     }
 
     #[test]
