@@ -662,21 +662,35 @@ fn fill_batch(
             batch.push(vaddr, PageKind::Held);
             continue;
         }
-        let slot = batch.page_slot();
-        source
-            .read_page(pfn, slot)
-            .map_err(|source| MigrationError::ReadPage { vaddr, pfn, source })?;
-        let kind = if is_zero_page(slot) {
-            checksum.add_zero_page(vaddr);
-            stats.zero_pages += 1;
-            PageKind::Zero
-        } else {
-            checksum.add_page(vaddr, slot);
-            PageKind::Data
-        };
-        batch.push(vaddr, kind);
-        stats.pages += 1;
+        push_page(batch, vaddr, pfn, source, checksum, stats)?;
     }
+    Ok(())
+}
+
+/// Reads the page at `vaddr` from frame `pfn` into the batch (as a zero-page marker if it is
+/// all zeros) and counts it in the checksum and the statistics.
+pub(crate) fn push_page(
+    batch: &mut BatchWriter,
+    vaddr: u64,
+    pfn: u64,
+    source: &impl PageSource,
+    checksum: &mut Checksum,
+    stats: &mut Stats,
+) -> Result<(), MigrationError> {
+    let slot = batch.page_slot();
+    source
+        .read_page(pfn, slot)
+        .map_err(|source| MigrationError::ReadPage { vaddr, pfn, source })?;
+    let kind = if is_zero_page(slot) {
+        checksum.add_zero_page(vaddr);
+        stats.zero_pages += 1;
+        PageKind::Zero
+    } else {
+        checksum.add_page(vaddr, slot);
+        PageKind::Data
+    };
+    batch.push(vaddr, kind);
+    stats.pages += 1;
     Ok(())
 }
 

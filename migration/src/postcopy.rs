@@ -26,14 +26,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::timeout;
 
-use crate::checksum::{is_zero_page, Checksum};
+use crate::checksum::Checksum;
 use crate::engine::{
-    error_chain, farewell, farewell_on_error, flush, io_error, read_frame, read_message, send,
-    unexpected_or_abort, write_message, Clock,
+    error_chain, farewell, farewell_on_error, flush, io_error, push_page, read_frame, read_message,
+    send, unexpected_or_abort, write_message, Clock,
 };
 use crate::protocol::{
-    bounded_text, Ack, BatchWriter, Done, Message, MessageType, PageBatchView, PageKind,
-    HEADER_LEN, LAZY_WINDOW, MAX_BATCH_PAGES, MAX_JOB_PAGES, MAX_PAGE_LIST, PAGE_SIZE,
+    bounded_text, Ack, BatchWriter, Done, Message, MessageType, PageBatchView, HEADER_LEN,
+    LAZY_WINDOW, MAX_BATCH_PAGES, MAX_JOB_PAGES, MAX_PAGE_LIST, PAGE_SIZE,
 };
 use crate::{MigrationError, PageSink, PageSource, Stats, Timeouts};
 
@@ -197,20 +197,7 @@ where
             batch.start(picked.len());
             for &(i, requested) in &picked {
                 let (vaddr, pfn) = lazy[i];
-                let slot = batch.page_slot();
-                source
-                    .read_page(pfn, slot)
-                    .map_err(|source| MigrationError::ReadPage { vaddr, pfn, source })?;
-                let kind = if is_zero_page(slot) {
-                    checksum.add_zero_page(vaddr);
-                    stats.zero_pages += 1;
-                    PageKind::Zero
-                } else {
-                    checksum.add_page(vaddr, slot);
-                    PageKind::Data
-                };
-                batch.push(vaddr, kind);
-                stats.pages += 1;
+                push_page(&mut batch, vaddr, pfn, source, &mut checksum, &mut stats)?;
                 stats.requested_pages += u64::from(requested);
             }
             let frame = batch.finish();

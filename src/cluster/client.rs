@@ -136,21 +136,7 @@ impl ApiClient {
         path: &str,
         body: &impl serde::Serialize,
     ) -> Result<(u16, Bytes), ClientError> {
-        let body = serde_json::to_vec(body).map_err(|source| ClientError::Decode {
-            addr: self.addr.clone(),
-            source,
-        })?;
-        let fut = async {
-            let mut sender = self.connect(false).await?;
-            let req = self
-                .request("POST", path)
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .map_err(|e| ClientError::Request(format!("POST {path}: {e}")))?;
-            let resp = sender.send_request(req).await.map_err(|e| self.http(e))?;
-            self.read(resp).await
-        };
-        self.limited(fut).await
+        self.send_json("POST", path, body).await
     }
 
     /// `METHOD path` with a JSON body; the status and the body, whatever the status.
