@@ -1165,6 +1165,21 @@ fn up_with_clean_nodes(file: &str, nodes: &[&str]) -> CaseResult {
     Ok(())
 }
 
+/// Ends the processes whose command line matches `pattern` (pkill -f; write it so that it
+/// does not match itself, e.g. `[c][.]py`) on each of `nodes`.
+fn kill_on_nodes(file: &str, nodes: &[&str], pattern: &str) -> CaseResult {
+    for node in nodes {
+        let script = format!("pkill -f '{pattern}'; true");
+        let out = ferry(
+            &["ssh", node, "--file", file, "--", "sh", "-c", &script],
+            b"",
+            QUICK_LIMIT,
+        )?;
+        check(out.code() == 0, &format!("on {node}: {script}"), &out)?;
+    }
+    Ok(())
+}
+
 /// The last count `node`'s /root/progress holds.
 fn last_count(file: &str, node: &str) -> Result<u64, String> {
     let out = ferry(

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use ferry::cluster::api::Process;
 use ferry::cluster::control::Cluster;
 
-use super::{check, ferry, local_cluster_file, up_with_clean_nodes, CaseResult, QUICK_LIMIT};
+use super::{
+    check, ferry, kill_on_nodes, local_cluster_file, up_with_clean_nodes, CaseResult, QUICK_LIMIT,
+};
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 /// CPU-bound jobs started on node-1 (2 vCPUs).
@@ -69,22 +71,7 @@ fn balancer(file: &str, action: &str) -> Result<String, String> {
 }
 
 fn stop_jobs(file: &str) {
-    for node in NODES {
-        let _ = ferry(
-            &[
-                "ssh",
-                node,
-                "--file",
-                file,
-                "--",
-                "sh",
-                "-c",
-                "pkill -f '[c][.]py'; true",
-            ],
-            b"",
-            QUICK_LIMIT,
-        );
-    }
+    let _ = kill_on_nodes(file, &NODES, "[c][.]py");
 }
 
 pub(crate) fn cpu_bound_processes_spread_with_the_balancer_on_and_stay_with_it_off(
@@ -252,22 +239,7 @@ pub(crate) fn a_node_short_of_memory_ushers_a_process_away(_: &super::Suite) -> 
     let file = file.as_str();
     up_with_clean_nodes(file, &NODES)?;
     let result = usher(file);
-    for node in NODES {
-        let _ = ferry(
-            &[
-                "ssh",
-                node,
-                "--file",
-                file,
-                "--",
-                "sh",
-                "-c",
-                "pkill -f '[m][.]py'; true",
-            ],
-            b"",
-            QUICK_LIMIT,
-        );
-    }
+    let _ = kill_on_nodes(file, &NODES, "[m][.]py");
     let _ = ferry(
         &[
             "balancer",

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{
-    api_get, check, cluster_token, ferry, last_count, local_cluster_file, start_python,
-    up_with_clean_nodes, CaseResult, Suite, BOOT_LIMIT, QUICK_LIMIT,
+    api_get, check, cluster_token, ferry, kill_on_nodes, last_count, local_cluster_file,
+    start_python, up_with_clean_nodes, CaseResult, Suite, BOOT_LIMIT, QUICK_LIMIT,
 };
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -396,22 +396,7 @@ pub(super) fn dashboard_lists_nodes_and_migrates_a_dragged_process(_: &Suite) ->
     let file = local_cluster_file();
     let file = file.as_str();
     up_with_clean_nodes(file, &["node-1", "node-2", "node-3"])?;
-    for node in ["node-1", "node-2", "node-3"] {
-        ferry(
-            &[
-                "ssh",
-                node,
-                "--file",
-                file,
-                "--",
-                "sh",
-                "-c",
-                "pkill -f '[d][.]py'; true",
-            ],
-            b"",
-            QUICK_LIMIT,
-        )?;
-    }
+    kill_on_nodes(file, &["node-1", "node-2", "node-3"], "[d][.]py")?;
 
     // The page needs no token; the data behind it does.
     let (status, body) = api_get(file, "node-1", "/dashboard", None, None)?;

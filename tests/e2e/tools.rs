@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    check, counts_on, ferry, last_count, local_cluster_file, runs_with, up_with_clean_nodes,
-    CaseResult, Outcome, Suite, BOOT_LIMIT, QUICK_LIMIT,
+    check, counts_on, ferry, kill_on_nodes, last_count, local_cluster_file, runs_with,
+    up_with_clean_nodes, CaseResult, Outcome, Suite, BOOT_LIMIT, QUICK_LIMIT,
 };
 
 /// A counting loop that also keeps a CPU partly busy: appends its count to /root/progress
@@ -64,22 +64,11 @@ pub(crate) fn user_tools_run_lock_block_and_bring_home(_: &Suite) -> CaseResult 
     let file = file.as_str();
     up_with_clean_nodes(file, &["node-1", "node-2", "node-3"])?;
     // What an earlier attempt may have left: its counters, a blocked node-3.
-    for node in ["node-1", "node-2", "node-3"] {
-        ferry(
-            &[
-                "ssh",
-                node,
-                "--file",
-                file,
-                "--",
-                "sh",
-                "-c",
-                "pkill -f '[f]erry-tools-counter'; true",
-            ],
-            b"",
-            QUICK_LIMIT,
-        )?;
-    }
+    kill_on_nodes(
+        file,
+        &["node-1", "node-2", "node-3"],
+        "[f]erry-tools-counter",
+    )?;
     tool(file, &["node", "unblock", "node-3"])?;
 
     // runon: NODE:PID on stdout.
