@@ -2,12 +2,15 @@
 //! certificate authority and a state directory ([`state`]) and starts one daemon per node
 //! ([`daemon`]): the node's VMM, its guest, and an HTTPS API ([`api`]) that the `ferry`
 //! command and the other nodes reach ([`client`]). [`control`] is what `up`, `status` and
-//! `down` do.
+//! `down` do. [`members`] is the gossip that tells every daemon which nodes make up the
+//! cluster; [`join`] adds a node to a running cluster (`ferry join`).
 
 pub mod api;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+
+pub mod members;
 pub mod migrate;
 pub mod state;
