@@ -93,6 +93,40 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Start a new node here that joins the running cluster through one member's peer address
+    /// (`ferry join --name node-4 --via 127.0.0.1:7571`), without editing anyone's file: the
+    /// cluster's defaults, the next free guest address and ports, unless given. `status`,
+    /// `ps`, `ssh`, `migrate` and `down` include it.
+    Join {
+        /// The cluster file the running cluster was brought up with.
+        #[arg(default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+        /// The new node's name.
+        #[arg(long)]
+        name: String,
+        /// A member's peer address, HOST:PORT (its peer port: 7571 is node-2's in
+        /// configs/local.toml).
+        #[arg(long, value_name = "HOST:PORT")]
+        via: String,
+        /// vCPUs (default: the cluster file's).
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Guest memory, e.g. 1G (default: the cluster file's).
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// The guest's address (default: the first free one from .11 on).
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
+        /// The API port (default: one above the highest a member uses).
+        #[arg(long)]
+        api_port: Option<u16>,
+        /// The peer port, TCP and UDP (default: one above the highest a member uses).
+        #[arg(long)]
+        peer_port: Option<u16>,
+        /// Print no progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Move a running process to another node: `ferry migrate node-1:4242 node-2`. Shows
     /// progress while pages move and a summary at the end; a process that cannot move says
     /// why and runs on where it was. `ferry migrate --cancel node-1:3` cancels job 3 of
@@ -412,6 +446,29 @@ fn main() -> ExitCode {
             ),
         },
         Command::Ps { file } => cmd_ps(&file),
+        Command::Join {
+            file,
+            name,
+            via,
+            vcpus,
+            memory,
+            address,
+            api_port,
+            peer_port,
+            quiet,
+        } => cmd_join(
+            &file,
+            &cluster::join::JoinOptions {
+                name,
+                via,
+                vcpus,
+                memory,
+                address,
+                api_port,
+                peer_port,
+            },
+            quiet,
+        ),
         Command::Agent {
             action: AgentAction::Ping { cid, count },
         } => cmd_agent_ping(cid, count),
@@ -426,6 +483,9 @@ fn main() -> ExitCode {
                 || err
                     .downcast_ref::<ControlError>()
                     .is_some_and(ControlError::is_usage)
+                || err
+                    .downcast_ref::<cluster::join::JoinError>()
+                    .is_some_and(cluster::join::JoinError::is_usage)
                 || err.downcast_ref::<UsageError>().is_some();
             ExitCode::from(if usage { 2 } else { 1 })
         }
@@ -901,6 +961,12 @@ fn cmd_cancel_migration(job: &str, file: &Path) -> anyhow::Result<i32> {
         job.pid,
         job.from
     );
+    Ok(0)
+}
+
+fn cmd_join(file: &Path, opts: &cluster::join::JoinOptions, quiet: bool) -> anyhow::Result<i32> {
+    let statuses = cluster::join::join(file, opts, quiet)?;
+    print!("{}", control::table(&statuses));
     Ok(0)
 }
 
