@@ -1650,6 +1650,9 @@ fn bad_cluster_files_exit_2_with_their_place_and_start_nothing(s: &Suite) -> Cas
     Ok(())
 }
 
+#[path = "e2e/join.rs"]
+mod join;
+
 type Case = (&'static str, fn(&Suite) -> CaseResult);
 
 const CASES: &[Case] = &[
@@ -1724,6 +1727,10 @@ const CASES: &[Case] = &[
     (
         "a_busy_process_moves_live_with_a_short_pause_and_cancels",
         a_busy_process_moves_live_with_a_short_pause_and_cancels,
+    ),
+    (
+        "a_fourth_node_joins_from_one_members_address",
+        join::a_fourth_node_joins_from_one_members_address,
     ),
 ];
 
