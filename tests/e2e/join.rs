@@ -131,7 +131,27 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
         &out,
     )?;
 
-    // A process moves to node-4 and keeps its state.
+    // A process moves to node-4 and keeps its state (its progress file is reopened there, so
+    // node-4 has one too).
+    let out = ferry(
+        &[
+            "ssh",
+            "node-4",
+            "--file",
+            file,
+            "--",
+            "sh",
+            "-c",
+            "rm -f /root/progress; touch /root/progress",
+        ],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(
+        out.code() == 0,
+        "`ferry ssh node-4` runs a command there",
+        &out,
+    )?;
     let pid = start_workload(file, "node-1")?;
     let deadline = Instant::now() + BOOT_LIMIT;
     while last_count(file, "node-1").unwrap_or(0) < 3 {
