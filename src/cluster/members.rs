@@ -572,6 +572,7 @@ impl Membership {
             next_timer: 0,
             seeds,
             dropped: dropped.clone(),
+            leaving: false,
         };
         tokio::spawn(driver.run(rx));
         Ok(Membership {
@@ -621,6 +622,8 @@ struct Driver {
     next_timer: u64,
     seeds: Vec<SocketAddr>,
     dropped: Arc<Dropped>,
+    /// Set once this node leaves (foca then declares itself down, which is no news).
+    leaving: bool,
 }
 
 impl Driver {
@@ -723,6 +726,7 @@ impl Driver {
     }
 
     async fn leave(&mut self) {
+        self.leaving = true;
         let me = self.foca.identity().clone();
         let notice = self.sealer.seal(Kind::Leaving, &me.encode(), now_ms());
         let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().peer).collect();
@@ -775,6 +779,7 @@ impl Driver {
                 )),
                 OwnedNotification::Active => log("gossip: joined the cluster"),
                 OwnedNotification::Idle => log("gossip: no other member answers"),
+                OwnedNotification::Defunct if self.leaving => {}
                 OwnedNotification::Defunct => log("gossip: this node was declared down"),
             }
         }
