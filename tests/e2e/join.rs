@@ -169,7 +169,8 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
             "rm -f /root/progress; touch /root/progress",
         ],
         b"",
-        QUICK_LIMIT,
+        // The first login to a new disk waits for sshd's first start.
+        BOOT_LIMIT,
     )?;
     check(
         out.code() == 0,
