@@ -99,6 +99,40 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Start a new node here that joins the running cluster through one member's peer address
+    /// (`ferry join --name node-4 --via 127.0.0.1:7571`), without editing anyone's file: the
+    /// cluster's defaults, the next free guest address and ports, unless given. `status`,
+    /// `ps`, `ssh`, `migrate` and `down` include it.
+    Join {
+        /// The cluster file the running cluster was brought up with.
+        #[arg(default_value = cluster::control::DEFAULT_FILE)]
+        file: PathBuf,
+        /// The new node's name.
+        #[arg(long)]
+        name: String,
+        /// A member's peer address, HOST:PORT (its peer port: 7571 is node-2's in
+        /// configs/local.toml).
+        #[arg(long, value_name = "HOST:PORT")]
+        via: String,
+        /// vCPUs (default: the cluster file's).
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Guest memory, e.g. 1G (default: the cluster file's).
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// The guest's address (default: the first free one from .11 on).
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
+        /// The API port (default: one above the highest a member uses).
+        #[arg(long)]
+        api_port: Option<u16>,
+        /// The peer port, TCP and UDP (default: one above the highest a member uses).
+        #[arg(long)]
+        peer_port: Option<u16>,
+        /// Print no progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Move a running process to another node: `ferry migrate node-1:4242 node-2`, or back to
     /// the node it started on: `ferry migrate node-3:4242 home`. Shows
     /// progress while pages move and a summary at the end; a process that cannot move says
@@ -614,6 +648,29 @@ fn main() -> ExitCode {
         Command::Lock { process, file } => cmd_lock(&process, true, &file),
         Command::Unlock { process, file } => cmd_lock(&process, false, &file),
         Command::Node { action, node, file } => cmd_node(action.into(), &node, &file),
+        Command::Join {
+            file,
+            name,
+            via,
+            vcpus,
+            memory,
+            address,
+            api_port,
+            peer_port,
+            quiet,
+        } => cmd_join(
+            &file,
+            &cluster::join::JoinOptions {
+                name,
+                via,
+                vcpus,
+                memory,
+                address,
+                api_port,
+                peer_port,
+            },
+            quiet,
+        ),
         Command::Agent {
             action: AgentAction::Ping { cid, count },
         } => cmd_agent_ping(cid, count),
@@ -631,7 +688,10 @@ fn main() -> ExitCode {
                 || err.downcast_ref::<UsageError>().is_some()
                 || err
                     .downcast_ref::<cluster::tools_client::ToolsError>()
-                    .is_some_and(cluster::tools_client::ToolsError::is_usage);
+                    .is_some_and(cluster::tools_client::ToolsError::is_usage)
+                || err
+                    .downcast_ref::<cluster::join::JoinError>()
+                    .is_some_and(cluster::join::JoinError::is_usage);
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -1126,6 +1186,12 @@ fn cmd_cancel_migration(job: &str, file: &Path) -> anyhow::Result<i32> {
         job.pid,
         job.from
     );
+    Ok(0)
+}
+
+fn cmd_join(file: &Path, opts: &cluster::join::JoinOptions, quiet: bool) -> anyhow::Result<i32> {
+    let statuses = cluster::join::join(file, opts, quiet)?;
+    print!("{}", control::table(&statuses));
     Ok(0)
 }
 

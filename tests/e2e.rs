@@ -1672,6 +1672,8 @@ fn bad_cluster_files_exit_2_with_their_place_and_start_nothing(s: &Suite) -> Cas
     Ok(())
 }
 
+#[path = "e2e/join.rs"]
+mod join;
 #[path = "e2e/tools.rs"]
 mod tools;
 
@@ -1769,6 +1771,10 @@ const CASES: &[Case] = &[
     (
         "a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive",
         postcopy::a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive,
+    ),
+    (
+        "a_fourth_node_joins_from_one_members_address",
+        join::a_fourth_node_joins_from_one_members_address,
     ),
 ];
 

@@ -21,6 +21,7 @@
 //! - `POST /v1/node/{block|unblock|expel|bring}` (and `/v1/nodes/{name}/...`): refuse or accept
 //!   arriving processes, send the processes of other nodes back to their homes, call this
 //!   node's processes back home; answers a [`NodeControlReport`];
+//! - `GET /v1/members`: the cluster's members as this node's gossip knows them ([`Member`]);
 //! - `POST /v1/shutdown`: power the guest off and end the daemon (what `ferry down` asks);
 //! - `GET /v1/openapi.json`: the OpenAPI 3 document (no token needed);
 //! - `GET /` and `GET /dashboard`: the dashboard page (no token needed), and
@@ -220,6 +221,39 @@ pub struct MoveStarted {
     pub error: Option<String>,
 }
 
+/// What gossip says of a member ([`Member`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Not heard of since the asked daemon started (a file node that is not up).
+    Unknown,
+    Alive,
+    /// It left the cluster or SWIM declared it down (`detail` says which).
+    Down,
+}
+
+/// One member of the cluster as a daemon's gossip knows it (`GET /v1/members`): the file's
+/// nodes and those that joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    /// The machine its daemon runs on.
+    pub host: String,
+    /// The guest's address with the subnet's prefix.
+    pub address: String,
+    pub api_port: u16,
+    /// Its mutual-TLS peer port, and the UDP port of its gossip.
+    pub peer_port: u16,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// Whether the cluster file names it (otherwise it joined with `ferry join`).
+    pub in_file: bool,
+    pub state: MemberState,
+    /// Why it is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// `POST /v1/migrations`: move process `pid` of node `node` (default: the node asked) to node
 /// `to`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -400,6 +434,8 @@ pub enum Route {
         node: String,
         all: bool,
     },
+    /// `GET /v1/members`: the members as gossip knows them.
+    Members,
     Shutdown,
     OpenApi,
     /// `GET /v1/migrations`: this node's migration jobs.
@@ -532,6 +568,7 @@ pub fn route(method: &str, path: &str, query: Option<&str>) -> Result<Route, Rou
             },
             "GET or POST",
         ),
+        ["v1", "members"] => (Route::Members, "GET"),
         ["v1", "shutdown"] => (Route::Shutdown, "POST"),
         ["v1", "openapi.json"] => (Route::OpenApi, "GET"),
         ["v1", "migrations"] if method == "POST" => (Route::StartMigration, "POST"),
@@ -684,6 +721,15 @@ fn core_openapi() -> serde_json::Value {
                         "vcpus": {"type": "integer"}, "memory_mib": {"type": "integer"},
                         "kernel": {"type": "string"}, "boot_ms": {"type": "integer"},
                         "load": {"$ref": "#/components/schemas/Load"}}},
+                "Member": {"type": "object",
+                    "required": ["name", "host", "address", "api_port", "peer_port", "vcpus", "memory_mib", "in_file", "state"],
+                    "properties": {
+                        "name": {"type": "string"}, "host": {"type": "string"}, "address": {"type": "string"},
+                        "api_port": {"type": "integer"}, "peer_port": {"type": "integer", "description": "mutual TLS, and the gossip's UDP port"},
+                        "vcpus": {"type": "integer"}, "memory_mib": {"type": "integer"},
+                        "in_file": {"type": "boolean", "description": "named by the cluster file (otherwise it joined)"},
+                        "state": {"type": "string", "enum": ["unknown", "alive", "down"]},
+                        "detail": {"type": "string", "description": "why it is down"}}},
                 "Load": {"type": "object",
                     "required": ["cpu_percent", "run_queue", "load_avg", "online_cpus", "mem_total_mib", "mem_available_mib", "tasks", "uptime_s"],
                     "properties": {
@@ -729,6 +775,8 @@ fn core_openapi() -> serde_json::Value {
                 "responses": with(errors(&[("400", ""), ("502", "")]), "200", ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Process"}})))}},
             "/v1/nodes/{name}/processes": {"get": {"summary": "a node's processes", "parameters": [name, all],
                 "responses": with(errors(&[("400", ""), ("404", ""), ("502", "")]), "200", ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Process"}})))}},
+            "/v1/members": {"get": {"summary": "the cluster's members as this node's gossip knows them: the file's nodes and those that joined, alive, down (left or declared down, with why) or unknown",
+                "responses": with(errors(&[]), "200", ok(json!({"type": "array", "items": {"$ref": "#/components/schemas/Member"}})))}},
             "/v1/shutdown": {"post": {"summary": "power the guest off and end this node's daemon",
                 "responses": with(errors(&[]), "202", json!({"description": "shutting down"}))}},
             "/v1/migrations": {
@@ -870,6 +918,7 @@ mod tests {
             Ok(Route::Processes { all: false })
         );
         assert_eq!(route("POST", "/v1/shutdown", None), Ok(Route::Shutdown));
+        assert_eq!(route("GET", "/v1/members", None), Ok(Route::Members));
         let e = route("GET", "/v1/shutdown", None).unwrap_err();
         assert_eq!(e.status(), 405);
         assert!(e.to_string().contains("use POST"));
@@ -1031,6 +1080,7 @@ mod tests {
             "/v1/processes",
             "/v1/nodes/{name}/processes",
             "/v1/shutdown",
+            "/v1/members",
             "/v1/openapi.json",
             "/v1/migrations",
             "/v1/migrations/{id}",
@@ -1083,6 +1133,23 @@ mod tests {
         let props = &doc["components"]["schemas"]["NodeStatus"]["properties"];
         for k in node.as_object().unwrap().keys() {
             assert!(props.get(k).is_some(), "NodeStatus.{k} undocumented");
+        }
+        let member = serde_json::to_value(Member {
+            name: "n".into(),
+            host: "h".into(),
+            address: "a".into(),
+            api_port: 1,
+            peer_port: 2,
+            vcpus: 1,
+            memory_mib: 1,
+            in_file: false,
+            state: MemberState::Down,
+            detail: Some("d".into()),
+        })
+        .unwrap();
+        let props = &doc["components"]["schemas"]["Member"]["properties"];
+        for k in member.as_object().unwrap().keys() {
+            assert!(props.get(k).is_some(), "Member.{k} undocumented");
         }
         let load = serde_json::to_value(Load {
             cpu_percent: 0.0,

@@ -630,7 +630,7 @@ impl Node {
                 .collect();
             let mut tasks = Vec::new();
             for peer in peers {
-                let Some(n) = self.cluster.node(&peer.name).cloned() else {
+                let Some(n) = self.member(&peer.name) else {
                     continue;
                 };
                 let client = self.peer_client(&n);

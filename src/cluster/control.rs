@@ -85,6 +85,8 @@ pub enum ControlError {
     Refused { status: u16, message: String },
     #[error(transparent)]
     Api(#[from] super::client::ClientError),
+    #[error(transparent)]
+    Members(#[from] super::members::MembersError),
 }
 
 impl ControlError {
@@ -139,14 +141,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Reads and checks `file`.
+    /// Reads and checks `file`. The nodes that joined the cluster (`ferry join`) follow the
+    /// file's in `config.nodes`.
     pub fn load(file: &Path) -> Result<Self, ControlError> {
-        let config = config::load(file)?;
+        let mut config = config::load(file)?;
         let text = std::fs::read_to_string(file).map_err(|source| config::ConfigError::Read {
             path: file.to_path_buf(),
             source,
         })?;
         let dir = ClusterDir::new(&debian::cache_dir(), &config.name)?;
+        let joined = super::members::joined_nodes(&dir, &config)?;
+        config.nodes.extend(joined);
         Ok(Cluster { config, text, dir })
     }
 
@@ -455,7 +460,7 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, ControlError> {
         .map_err(ControlError::Runtime)
 }
 
-fn progress(quiet: bool, msg: impl std::fmt::Display) {
+pub(super) fn progress(quiet: bool, msg: impl std::fmt::Display) {
     if !quiet {
         eprintln!("ferry: {msg}");
     }
@@ -594,13 +599,13 @@ pub fn up(file: &Path, quiet: bool) -> Result<Vec<NodeStatus>, ControlError> {
 
 /// The nested host's memory for these nodes: their guests and a GiB for its own needs, at
 /// least the default.
-fn nested_memory_mib(nodes: &[&NodeConfig]) -> u32 {
+pub(super) fn nested_memory_mib(nodes: &[&NodeConfig]) -> u32 {
     let guests: u64 = nodes.iter().map(|n| n.memory >> 20).sum();
     (guests + 1024).max(u64::from(nested::HostOptions::default().memory_mib)) as u32
 }
 
 /// A certificate for node `n`: its name, localhost, and the addresses it is reached at.
-fn issue_certificate(
+pub(super) fn issue_certificate(
     ca: &ClusterCa,
     dir: &Path,
     cfg: &ClusterConfig,
@@ -620,7 +625,7 @@ fn issue_certificate(
 }
 
 /// Waits until every node in `nodes` answers as ready (or is down), printing progress.
-fn wait_ready(
+pub(super) fn wait_ready(
     cluster: &Cluster,
     nodes: &[&NodeConfig],
     started: Instant,
@@ -727,7 +732,7 @@ fn wait_ready(
 }
 
 /// The last lines of a daemon's log, indented, for an error message.
-fn log_tail(path: &Path) -> String {
+pub(super) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(8);
@@ -839,6 +844,11 @@ pub fn down(file: &Path, purge: bool, quiet: bool) -> Result<Vec<String>, Contro
     } else {
         stopped.extend(stop(cluster.dir.root())?);
     }
+    // The nodes that joined are stopped with the rest, and forgotten: the next `up` brings
+    // up the file's nodes.
+    for r in super::members::JoinRecord::all(&cluster.dir)? {
+        super::members::JoinRecord::forget(&cluster.dir, &r.name);
+    }
     if purge {
         std::fs::remove_dir_all(cluster.dir.root())
             .map_err(io(format!("removing {}", cluster.dir.root().display())))?;
@@ -880,7 +890,10 @@ pub fn spawn(opts: &SpawnOptions) -> Result<(), ControlError> {
     });
     let mut children = Vec::new();
     for name in &opts.nodes {
-        let n = node_of(&cfg, name)?;
+        let n = match super::members::node_or_joined(&dir, &cfg, name)? {
+            Some((n, _)) => n,
+            None => node_of(&cfg, name)?.clone(),
+        };
         stop_daemon(&dir, name);
         let node_dir = dir.node_dir(name);
         std::fs::create_dir_all(&node_dir)
@@ -973,10 +986,12 @@ fn stop_daemon(dir: &ClusterDir, node: &str) -> bool {
 pub fn stop(dir: &Path) -> Result<Vec<String>, ControlError> {
     let dir = ClusterDir::at(dir.to_path_buf());
     let cfg = config::load(&dir.config_copy())?;
+    let joined = super::members::joined_nodes(&dir, &cfg)?;
     let dir = Arc::new(dir);
     let handles: Vec<_> = cfg
         .nodes
         .iter()
+        .chain(&joined)
         .map(|n| {
             let dir = dir.clone();
             let name = n.name.clone();

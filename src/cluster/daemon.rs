@@ -37,6 +37,7 @@ use super::api::{self, ApiError, Load, NodeState, NodeStatus, Process, Route};
 use super::balancer::Balancer;
 use super::client::ApiClient;
 use super::config::{self, ClusterConfig, NodeConfig};
+use super::members::{Liveness, Membership, MembershipOptions};
 use super::migrate::Jobs;
 use super::state::ClusterDir;
 use crate::run::{self, ConsoleSink, ConsoleTail, GuestNet};
@@ -77,6 +78,8 @@ pub enum DaemonError {
         what: String,
         source: std::io::Error,
     },
+    #[error("gossip: {0}")]
+    Members(#[from] super::members::MembersError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -154,6 +157,8 @@ pub struct Node {
     pub(super) history: super::dashboard::LoadHistory,
     /// Locks and node controls (the user tools).
     pub(super) tools: super::tools::Tools,
+    /// The cluster's members, by gossip.
+    pub(super) members: Membership,
     stopping: AtomicBool,
     /// Whether the guest's agent answered during the guest's current life.
     agent_seen: AtomicBool,
@@ -168,12 +173,13 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let dir = ClusterDir::at(opts.dir.clone());
     let cluster = config::load(&dir.config_copy())?;
-    let me = cluster
-        .node(&opts.node)
-        .cloned()
-        .ok_or_else(|| DaemonError::NoSuchNode {
-            node: opts.node.clone(),
-            file: dir.config_copy(),
+    // A node of the file, or one that joined (`ferry join`) through a member's address.
+    let (me, via) =
+        super::members::node_or_joined(&dir, &cluster, &opts.node)?.ok_or_else(|| {
+            DaemonError::NoSuchNode {
+                node: opts.node.clone(),
+                file: dir.config_copy(),
+            }
         })?;
     let token = dir.read_token()?;
     let tls_dir = dir.tls_dir(&cluster);
@@ -193,11 +199,27 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         let peer_addr = SocketAddr::new(opts.listen, me.peer_port);
         let api_listener = bind(api_addr, "the API port").await?;
         let peer_listener = bind(peer_addr, "the peer port").await?;
+        let seeds = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.name != me.name)
+            .map(|n| format!("{}:{}", n.host, n.peer_port))
+            .chain(via)
+            .collect();
+        let members = Membership::start(MembershipOptions {
+            me: me.clone(),
+            file_nodes: cluster.nodes.clone(),
+            seeds,
+            bind: peer_addr,
+            token: token.clone(),
+            swim: super::members::swim_config(),
+        })
+        .await?;
         let pid_file = dir.pid_file(&me.name);
         std::fs::write(&pid_file, format!("{}\n", std::process::id()))
             .map_err(io(format!("writing {}", pid_file.display())))?;
         log(format!(
-            "node {} of cluster {}: API on https://{api_addr}, peers on {peer_addr} (mutual TLS)",
+            "node {} of cluster {}: API on https://{api_addr}, peers on {peer_addr} (mutual TLS; gossip on UDP)",
             me.name, cluster.name
         ));
 
@@ -225,6 +247,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             balancer: Balancer::new(policy),
             history: Default::default(),
             tools: Default::default(),
+            members,
             stopping: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
@@ -258,6 +281,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             _ = tokio::signal::ctrl_c() => log("SIGINT: stopping"),
             _ = node.shutdown.notified() => log("shutdown asked over the API: stopping"),
         }
+        node.members.leave().await;
         let stopping = node.clone();
         let _ = tokio::task::spawn_blocking(move || stopping.stop_guest()).await;
         let _ = tokio::task::spawn_blocking(move || guest.join()).await;
@@ -383,7 +407,10 @@ impl Node {
             Route::Nodes => json_response(StatusCode::OK, &self.all_nodes().await),
             Route::NamedNode(name) => match self.named(&name) {
                 Ok(n) if n.name == self.me.name => json_response(StatusCode::OK, &self.status()),
-                Ok(n) => json_response(StatusCode::OK, &self.peer_status(n).await),
+                Ok(n) => {
+                    let gossip = self.liveness(&n.name);
+                    json_response(StatusCode::OK, &self.peer_status(&n, gossip).await)
+                }
                 Err(resp) => resp,
             },
             Route::Processes { all } => self.processes_response(all).await,
@@ -391,7 +418,7 @@ impl Node {
                 Ok(n) if n.name == self.me.name => self.processes_response(all).await,
                 Ok(n) => {
                     let path = format!("/v1/processes?all={all}");
-                    match self.peer_client(n).get::<Vec<Process>>(&path).await {
+                    match self.peer_client(&n).get::<Vec<Process>>(&path).await {
                         Ok(list) => json_response(StatusCode::OK, &list),
                         Err(e) => error_response(
                             e.status().unwrap_or(502),
@@ -401,6 +428,7 @@ impl Node {
                 }
                 Err(resp) => resp,
             },
+            Route::Members => json_response(StatusCode::OK, &self.members.api()),
             Route::Shutdown => {
                 self.shutdown.notify_one();
                 json_response(
@@ -433,18 +461,9 @@ impl Node {
     }
 
     #[allow(clippy::result_large_err)]
-    pub(super) fn named(&self, name: &str) -> Result<&NodeConfig, Response<Full<Bytes>>> {
-        self.cluster.node(name).ok_or_else(|| {
-            let names: Vec<&str> = self.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
-            error_response(
-                404,
-                format!(
-                    "no node `{name}` in cluster {}; its nodes are {}",
-                    self.cluster.name,
-                    names.join(", ")
-                ),
-            )
-        })
+    pub(super) fn named(&self, name: &str) -> Result<NodeConfig, Response<Full<Bytes>>> {
+        self.member(name)
+            .ok_or_else(|| error_response(404, self.no_member(name)))
     }
 
     async fn processes_response(self: &Arc<Self>, all: bool) -> Response<Full<Bytes>> {
@@ -536,8 +555,9 @@ impl Node {
         .expect("node names are valid DNS names (the cluster file checks them)")
     }
 
-    /// Another node's status over its peer port; down (with the reason) if it does not answer.
-    async fn peer_status(&self, n: &NodeConfig) -> NodeStatus {
+    /// Another node's status over its peer port; down if it does not answer, with gossip's
+    /// reason when gossip has one (it left, or was declared down), else the peer's error.
+    async fn peer_status(&self, n: &NodeConfig, gossip: Liveness) -> NodeStatus {
         match self.peer_client(n).get::<NodeStatus>("/v1/node").await {
             Ok(s) => s,
             Err(e) => NodeStatus {
@@ -545,7 +565,10 @@ impl Node {
                 address: n.address.addr.to_string(),
                 host: n.host.clone(),
                 state: NodeState::Down,
-                detail: Some(e.to_string()),
+                detail: Some(match gossip {
+                    Liveness::Down(why) => why,
+                    _ => e.to_string(),
+                }),
                 api_url: String::new(),
                 vcpus: n.vcpus,
                 memory_mib: n.memory >> 20,
@@ -557,17 +580,17 @@ impl Node {
         }
     }
 
-    /// Every node, in the file's order, peers asked at the same time.
+    /// Every member: the file's nodes in its order, then those that joined; peers asked at
+    /// the same time.
     pub(super) async fn all_nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
         let mut tasks = Vec::new();
-        for n in &self.cluster.nodes {
+        for (n, gossip) in self.members.list() {
             let node = self.clone();
-            let n = n.clone();
             tasks.push(tokio::spawn(async move {
                 if n.name == node.me.name {
                     node.status()
                 } else {
-                    node.peer_status(&n).await
+                    node.peer_status(&n, gossip).await
                 }
             }));
         }

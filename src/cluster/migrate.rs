@@ -418,12 +418,11 @@ impl Node {
             }
         };
         let source = request.node.clone().unwrap_or_else(|| self.me.name.clone());
-        if self.cluster.node(&source).is_none() {
-            return error_response(404, format!("no node `{source}` in this cluster"));
-        }
+        let Some(n) = self.member(&source) else {
+            return error_response(404, self.no_member(&source));
+        };
         if source != self.me.name {
             // The node that runs the process drives its migration.
-            let n = self.cluster.node(&source).expect("checked above").clone();
             let forwarded = MigrationRequest {
                 node: None,
                 ..request
@@ -466,17 +465,8 @@ impl Node {
                 format!("process {pid} already runs on {}", self.me.name),
             ));
         }
-        let Some(dest) = self.cluster.node(&request.to).cloned() else {
-            let names: Vec<&str> = self.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
-            return Err((
-                404,
-                format!(
-                    "no node `{}` in cluster {}; its nodes are {}",
-                    request.to,
-                    self.cluster.name,
-                    names.join(", ")
-                ),
-            ));
+        let Some(dest) = self.member(&request.to) else {
+            return Err((404, self.no_member(&request.to)));
         };
         self.check_move(pid, &dest).await?;
         let cap = match request.bandwidth_mib_s {

@@ -10,6 +10,7 @@
 //! nodes/<node>/root.ext4 the node's root disk (kept by `down`, removed by `down --purge`)
 //! nodes/<node>/pid       the node daemon's pid, while it runs
 //! nodes/<node>/daemon.log, console.log
+//! nodes/<node>/joined.json a node that joined with `ferry join` (until `ferry down`)
 //! ```
 //!
 //! `<cache>/clusters` is a link to `<cache>/nested/rw/clusters`: daemons in the nested host see
