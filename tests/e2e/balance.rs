@@ -354,3 +354,53 @@ fn check_moved(node: &str, p: &Process) -> CaseResult {
     }
     Ok(())
 }
+
+/// With the balancer on, `jobs` CPU-bound jobs started on the first of `nodes` reach `target`
+/// by themselves within a few minutes; then they are ended.
+pub(crate) fn jobs_reach(file: &str, nodes: &[&str], count: u32, target: &str) -> CaseResult {
+    let cluster = Cluster::load(file.as_ref()).map_err(|e| e.to_string())?;
+    balancer(file, "on")?;
+    let prep = (1..=count)
+        .map(|n| format!("rm -f /root/c{n}.progress; touch /root/c{n}.progress /root/c{n}.out"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    for node in nodes {
+        ssh(
+            file,
+            node,
+            &format!("cat > /root/c.py; {prep}"),
+            CPU_JOB.as_bytes(),
+        )?;
+    }
+    let start = (1..=count)
+        .map(|n| format!("setsid python3 /root/c.py {n} </dev/null >/root/c{n}.out 2>&1 &"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    ssh(file, nodes[0], &start, b"")?;
+    let started = Instant::now();
+    let limit = Duration::from_secs(240);
+    let result = loop {
+        let now = jobs(&cluster)?;
+        if let Some((_, n, p)) = now.iter().find(|(at, _, _)| at == target) {
+            eprintln!(
+                "e2e: job {n} (pid {}) reached {target} {:.0} s after the jobs started",
+                p.pid,
+                started.elapsed().as_secs_f64()
+            );
+            break Ok(());
+        }
+        if started.elapsed() > limit {
+            break Err(format!(
+                "no job reached {target} within {} s: {:?}\n{}",
+                limit.as_secs(),
+                now.iter()
+                    .map(|(node, n, _)| format!("job {n} on {node}"))
+                    .collect::<Vec<_>>(),
+                balancer(file, "show").unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    let _ = kill_on_nodes(file, nodes, "[c][.]py");
+    result
+}

@@ -215,6 +215,10 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
         &out,
     )?;
 
+    // The balancer uses node-4: CPU-bound jobs started on node-1 reach it by themselves.
+    kill_on_nodes(file, &["node-4"], "[b][.]py")?;
+    super::balance::jobs_reach(file, &["node-1", "node-2", "node-3", "node-4"], 6, "node-4")?;
+
     // node-4 stops: it says it leaves, and every other member shows it down, with why.
     let status = api_post(file, "node-4", "/v1/shutdown")?;
     if status != 202 {
