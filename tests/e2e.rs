@@ -1827,6 +1827,47 @@ impl HostConsole {
     }
 }
 
+impl HostConsole {
+    /// The first line since the mark in which the nested host's kernel says it is wedged or
+    /// dying: a stall, a lockup, a panic, a BUG. Its guests may hang for good after one.
+    fn wedged(&self) -> Option<String> {
+        let (path, from) = self.0.as_ref()?;
+        let text = std::fs::read(path).unwrap_or_default();
+        let start = if (*from as usize) <= text.len() {
+            *from as usize
+        } else {
+            0
+        };
+        let wedge = [
+            "detected stalls on CPUs",
+            "soft lockup",
+            "hard LOCKUP",
+            "Kernel panic",
+            "BUG:",
+            "general protection fault",
+        ];
+        String::from_utf8_lossy(&text[start..])
+            .lines()
+            .find(|l| wedge.iter().any(|w| l.contains(w)))
+            .map(|l| l.trim().to_string())
+    }
+}
+
+/// After a failed attempt in the nested host: a host whose kernel reported a stall, a lockup
+/// or a panic during it is restarted (its guests, the cluster's nodes among them, may hang for
+/// good: the next `ferry up` brings the cluster back in the new host); otherwise, one that does
+/// not run a trivial command is.
+fn recover_host(console: &HostConsole) {
+    match console.wedged() {
+        Some(line) => {
+            println!("e2e: the nested host's kernel reported `{line}`; restarting it");
+            let _ = Command::new(FERRY).args(["host", "stop"]).status();
+            let _ = Command::new(FERRY).args(["host", "start"]).status();
+        }
+        None => restart_host_if_unresponsive(),
+    }
+}
+
 /// Before a case's second attempt: if the nested host does not run a trivial command within a
 /// minute, it is stopped and started again, so one wedged host fails one case, not the rest.
 fn restart_host_if_unresponsive() {
@@ -1938,9 +1979,14 @@ fn main() {
             );
             second_attempts.push(*name);
             if suite.nested {
-                restart_host_if_unresponsive();
+                recover_host(&console);
             }
+            let console = HostConsole::mark(&suite);
             result = case(&suite);
+            if result.is_err() && suite.nested {
+                // So that one wedged host fails one case, not the rest.
+                recover_host(&console);
+            }
         }
         match result {
             Ok(()) => {
