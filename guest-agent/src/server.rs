@@ -268,7 +268,7 @@ impl Agent {
                     Ok(pages) => send_pages(writer, &pages),
                     Err(e) => send(
                         writer,
-                        &migration_failed(MessageType::Recheck, pid, &e.to_string()),
+                        &migration_failed(MessageType::Recheck, pid, &causes(&e)),
                     ),
                 }
             }
@@ -288,7 +288,7 @@ impl Agent {
                     Ok(()) => send(writer, &Message::Released { pid }),
                     Err(e) => send(
                         writer,
-                        &migration_failed(MessageType::Release, pid, &e.to_string()),
+                        &migration_failed(MessageType::Release, pid, &causes(&e)),
                     ),
                 }
             }
@@ -309,7 +309,7 @@ impl Agent {
                     }
                     Err(e) => send(
                         writer,
-                        &migration_failed(MessageType::Rebuild, image.pid, &e.to_string()),
+                        &migration_failed(MessageType::Rebuild, image.pid, &causes(&e)),
                     ),
                 }
             }
@@ -341,7 +341,7 @@ impl Agent {
                         let pid = skeleton.pid();
                         send(
                             writer,
-                            &migration_failed(MessageType::WantFrames, pid, &e.to_string()),
+                            &migration_failed(MessageType::WantFrames, pid, &causes(&e)),
                         )
                     }
                 }
@@ -363,7 +363,7 @@ impl Agent {
                     }
                     Err(e) => send(
                         writer,
-                        &migration_failed(MessageType::Resume, pid, &e.to_string()),
+                        &migration_failed(MessageType::Resume, pid, &causes(&e)),
                     ),
                 },
                 other => {
@@ -388,8 +388,8 @@ impl Agent {
                 let pid = skeleton.pid();
                 let lazy = skeleton
                     .userfaultfd(&ranges)
-                    .map_err(|e| e.to_string())
-                    .and_then(|fd| LazyPages::new(pid, fd).map_err(|e| e.to_string()));
+                    .map_err(|e| causes(&e))
+                    .and_then(|fd| LazyPages::new(pid, fd).map_err(|e| causes(&e)));
                 match lazy {
                     Ok(lazy) => {
                         let base = lazy.staging_addr();
@@ -421,7 +421,7 @@ impl Agent {
                         let pid = lazy.pid();
                         send(
                             writer,
-                            &migration_failed(MessageType::Place, pid, &e.to_string()),
+                            &migration_failed(MessageType::Place, pid, &causes(&e)),
                         )
                     }
                 }
@@ -436,7 +436,7 @@ impl Agent {
                         let pid = lazy.pid();
                         send(
                             writer,
-                            &migration_failed(MessageType::WaitFaults, pid, &e.to_string()),
+                            &migration_failed(MessageType::WaitFaults, pid, &causes(&e)),
                         )
                     }
                 }
@@ -690,6 +690,22 @@ fn migration_failed(request: MessageType, pid: u32, why: &str) -> Message {
     }
 }
 
+/// `e` and its sources, on one line for the VMM (a source its error already prints is not
+/// repeated): the kernel's errno must reach the operator, not only what the agent was doing.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// The answer to a post-copy request on a connection with no post-copy going on.
 fn no_lazy(request: MessageType) -> Message {
     Message::RequestFailed {
@@ -706,7 +722,7 @@ fn dump_failed(request: MessageType, pid: u32, e: DumpError) -> Message {
         DumpError::CantMove { reason, .. } => Message::CantMove {
             reason: reason.to_string(),
         },
-        e => migration_failed(request, pid, &e.to_string()),
+        e => migration_failed(request, pid, &causes(&e)),
     }
 }
 
@@ -875,4 +891,27 @@ fn log_frame_error(e: &ProtocolError) {
 /// A line on stderr (the guest console).
 pub fn log(args: std::fmt::Arguments<'_>) {
     eprintln!("ferry-agent: {args}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::lazy::LazyError;
+
+    #[test]
+    fn a_refused_page_says_the_kernels_errno() {
+        let e = LazyError::Place {
+            pid: 183,
+            vaddr: 0x7fd5_a2cc_c000,
+            source: io::Error::from_raw_os_error(libc::ESRCH),
+        };
+        let text = causes(&e);
+        assert!(
+            text.starts_with("placing page 0x7fd5a2ccc000 into process 183: No such process"),
+            "{text}"
+        );
+        // A source the error already prints is not repeated.
+        let wrapped = io::Error::other(format!("reading: {e}"));
+        assert_eq!(causes(&wrapped).matches("placing page").count(), 1);
+    }
 }
