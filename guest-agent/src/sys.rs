@@ -946,6 +946,55 @@ impl Drop for PinnedBuffer {
     }
 }
 
+/// For tests: a fresh private anonymous mapping of `len` bytes that nothing touched yet; it
+/// stays for the life of the test process.
+#[cfg(test)]
+pub(crate) fn untouched_mapping(len: usize) -> io::Result<u64> {
+    // SAFETY: a new anonymous private mapping at an address of the kernel's choosing; no
+    // Rust reference to it is ever made (tests reach it through /proc/self/mem).
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ptr as u64)
+}
+
+/// For tests: a userfaultfd of this process with `start..start+len` registered for missing
+/// pages (what the skeleton does inside the migrated process by injected system calls).
+#[cfg(test)]
+pub(crate) fn own_userfaultfd(start: u64, len: u64) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: userfaultfd(2) with integer flags; the result is a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = uffdio_api_bytes();
+    let mut reg = uffdio_register_bytes(start, len);
+    for (request, arg) in [
+        (UFFDIO_API, api.as_mut_ptr()),
+        (UFFDIO_REGISTER, reg.as_mut_ptr()),
+    ] {
+        // SAFETY: UFFDIO_API and UFFDIO_REGISTER read and write their struct at `arg`, a live
+        // byte array of the struct's size.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::c_ulong, arg) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
 // --- end migration: post-copy ---
 
 #[cfg(test)]

@@ -272,13 +272,18 @@ impl LazyPages {
         let len = u64::from(run.pages) * PAGE_SIZE;
         let mut done = 0u64;
         let mut placed = 0u64;
+        // The kernel answers ENOENT for a whole range that is not inside one registered
+        // mapping: a run across two mappings (or into an unmapped hole) goes on page by page,
+        // so that only the pages really gone are left out.
+        let mut page_by_page = false;
         while done < len {
             let dst = run.vaddr + done;
+            let want = if page_by_page { PAGE_SIZE } else { len - done };
             let result = if run.slot == ZERO_SLOT {
-                sys::uffd_zeropage(&self.uffd, dst, len - done)
+                sys::uffd_zeropage(&self.uffd, dst, want)
             } else {
                 let from = run.slot as usize * PAGE_SIZE as usize + done as usize;
-                let src = &self.staging.as_slice()[from..from + (len - done) as usize];
+                let src = &self.staging.as_slice()[from..from + want as usize];
                 sys::uffd_copy(&self.uffd, dst, src)
             };
             match result {
@@ -292,6 +297,7 @@ impl LazyPages {
                     done += n;
                     placed += n / PAGE_SIZE;
                     match e.raw_os_error() {
+                        Some(libc::ENOENT) if want > PAGE_SIZE => page_by_page = true,
                         // Already there, or no longer mapped: leave that page.
                         Some(libc::EEXIST) | Some(libc::ENOENT) => done += PAGE_SIZE,
                         Some(libc::EAGAIN) | Some(libc::EINTR) => {}
@@ -371,6 +377,39 @@ mod tests {
             ]
         );
         assert!(runs(&[]).is_empty());
+    }
+
+    /// A run of four pages of which only the first two lie in the registered mapping (the
+    /// kernel refuses the whole range with ENOENT): those two are placed, with their data,
+    /// and the other two are left out, not the whole run.
+    #[test]
+    fn a_run_into_an_unregistered_mapping_places_the_registered_pages() {
+        // Frame numbers in /proc/self/pagemap need CAP_SYS_ADMIN.
+        if !std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let page = PAGE_SIZE;
+        let base = sys::untouched_mapping(4 * page as usize).unwrap();
+        let uffd = sys::own_userfaultfd(base, 2 * page).unwrap();
+        let mut lazy = LazyPages::new(std::process::id(), uffd).unwrap();
+        for slot in 0..4u8 {
+            lazy.stage(usize::from(slot), &[slot + 1; PAGE_SIZE as usize])
+                .unwrap();
+        }
+        let pages: Vec<Placement> = (0..4).map(|i| p(base + i * page, i as u32)).collect();
+        assert_eq!(runs(&pages).len(), 1);
+        assert_eq!(lazy.place(&pages).unwrap(), 2);
+        let mem = File::open("/proc/self/mem").unwrap();
+        let mut got = vec![0u8; PAGE_SIZE as usize];
+        for (i, want) in [(0u64, 1u8), (1, 2)] {
+            mem.read_exact_at(&mut got, base + i * page).unwrap();
+            assert!(got.iter().all(|&b| b == want), "page {i}");
+        }
     }
 
     #[test]
