@@ -187,6 +187,13 @@ fn main() -> ExitCode {
     let agent = Agent::new(chroot);
     match mode {
         Mode::Guest { serial, vsock } => {
+            if let Err(e) = ferry_guest_agent::migrate::keep_locked_pages_in_place() {
+                eprintln!(
+                    "ferry-agent: warning: cannot set {} to 0 ({e}): the guest kernel may \
+                     move a migrating process's pinned pages under the VMM",
+                    ferry_guest_agent::migrate::COMPACT_UNEVICTABLE
+                );
+            }
             if let Some(port) = vsock {
                 let agent = agent.clone();
                 std::thread::spawn(move || serve_vsock(agent, port));

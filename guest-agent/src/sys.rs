@@ -997,6 +997,17 @@ pub(crate) fn own_userfaultfd(start: u64, len: u64) -> io::Result<std::os::fd::O
 
 // --- end migration: post-copy ---
 
+/// Where the kernel says whether compaction may migrate mlocked pages.
+pub const COMPACT_UNEVICTABLE: &str = "/proc/sys/vm/compact_unevictable_allowed";
+
+/// Stops compaction from moving mlocked pages (`vm.compact_unevictable_allowed = 0`), so
+/// the frames a migration pins and reports to the VMM stay those pages' frames until the
+/// VMM wrote them (see `crate::migrate::restore`). Reclaim never touches mlocked pages;
+/// only compaction (on by default for them) would move them.
+pub fn keep_locked_pages_in_place() -> io::Result<()> {
+    std::fs::write(COMPACT_UNEVICTABLE, "0")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

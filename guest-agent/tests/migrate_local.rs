@@ -279,7 +279,16 @@ fn a_python_workload_moves_and_keeps_counting() {
             .any(|l| l.starts_with("State:\t") && !l.contains("zombie")),
         "the new process is not running:\n{status}"
     );
-    for field in ["SigBlk:", "SigIgn:", "SigCgt:", "Uid:", "Gid:", "Groups:"] {
+    // THP_enabled: off while the pages landed, the source's own setting again after.
+    for field in [
+        "SigBlk:",
+        "SigIgn:",
+        "SigCgt:",
+        "Uid:",
+        "Gid:",
+        "Groups:",
+        "THP_enabled:",
+    ] {
         assert_eq!(
             status_field(&status, field),
             status_field(&source_status, field),

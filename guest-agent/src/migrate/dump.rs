@@ -452,6 +452,7 @@ pub fn freeze(pid: u32) -> Result<Frozen, DumpError> {
             mm: MmLayout::default(),
             mappings: Vec::new(),
             files: Vec::new(),
+            thp_disabled: false,
         },
         pages: Vec::new(),
         resume_regs: None,
@@ -553,6 +554,7 @@ fn read_image(frozen: &mut Frozen) -> Result<(), DumpError> {
         mm,
         mappings,
         files: files.into_iter().map(|f| f.file).collect(),
+        thp_disabled: facts.thp_disabled,
     };
     debug_assert_eq!(frozen.image.regs.len(), USER_REGS_LEN);
     Ok(())
@@ -920,6 +922,9 @@ pub struct Facts {
     pub caught: u64,
     /// `SigIgn:`, the ignored signals.
     pub ignored: u64,
+    /// `THP_enabled: 0`: the process turned transparent huge pages off
+    /// (`PR_SET_THP_DISABLE`).
+    pub thp_disabled: bool,
 }
 
 /// The fields of `/proc/PID/status` the dump uses.
@@ -935,6 +940,8 @@ pub struct Status {
     pub caught: u64,
     /// `SigIgn:`.
     pub ignored: u64,
+    /// `THP_enabled:` is 0 (Linux 5.0+; absent means enabled).
+    pub thp_disabled: bool,
 }
 
 /// Parses `/proc/PID/status`; `None` if a field is missing or malformed.
@@ -981,6 +988,7 @@ pub fn parse_status(text: &str) -> Option<Status> {
                 s.ignored = u64::from_str_radix(value, 16).ok()?;
                 seen |= 32;
             }
+            "THP_enabled" => s.thp_disabled = value == "0",
             _ => {}
         }
     }
@@ -1339,6 +1347,7 @@ fn read_facts(pid: u32) -> Result<Facts, DumpError> {
         creds: status.creds,
         caught: status.caught,
         ignored: status.ignored,
+        thp_disabled: status.thp_disabled,
     })
 }
 
@@ -1614,6 +1623,9 @@ CapInh:\t0000000000000000
         // Empty Groups.
         let t = STATUS.replace("Groups:\t24 25 27 ", "Groups:\t");
         assert_eq!(parse_status(&t).unwrap().creds.groups, Vec::<u32>::new());
+        assert!(!s.thp_disabled, "no THP_enabled line: enabled");
+        let t = STATUS.replace("Threads:\t1\n", "Threads:\t1\nTHP_enabled:\t0\n");
+        assert!(parse_status(&t).unwrap().thp_disabled);
         // Missing or malformed fields.
         assert_eq!(parse_status(&STATUS.replace("Threads:\t1\n", "")), None);
         assert_eq!(

@@ -19,7 +19,8 @@
 //! mm { start_code, end_code, start_data, end_data, start_brk, brk, start_stack, arg_start,
 //!      arg_end, env_start, env_end: u64 each, auxv [u64] },
 //! mappings [{ start u64, end u64, prot u8, shared bool, offset u64, kind u8, path opt str }],
-//! files [{ fd u32, kind u8, path str, flags u32, offset u64 }]
+//! files [{ fd u32, kind u8, path str, flags u32, offset u64 }],
+//! thp_disabled bool
 //! ```
 //!
 //! A [`PageRef`] is `vaddr u64, pfn u64, anon bool` (17 bytes).
@@ -67,6 +68,9 @@ pub struct ProcessImage {
     pub mappings: Vec<Mapping>,
     /// The open file descriptors, by ascending fd.
     pub files: Vec<OpenFile>,
+    /// The process turned transparent huge pages off (`PR_SET_THP_DISABLE`; `THP_enabled: 0`
+    /// in `/proc/PID/status`).
+    pub thp_disabled: bool,
 }
 
 /// A process's user and group ids.
@@ -348,6 +352,7 @@ impl ProcessImage {
             p.u32(f.flags);
             p.u64(f.offset);
         });
+        p.flag(self.thp_disabled);
     }
 
     /// Reads the encoding (see the module's "Encoding").
@@ -443,6 +448,7 @@ impl ProcessImage {
             mm,
             mappings,
             files,
+            thp_disabled: r.flag()?,
         })
     }
 }
@@ -560,6 +566,7 @@ pub(crate) mod tests {
                     offset: u64::MAX - i as u64,
                 })
                 .collect(),
+            thp_disabled: true,
         }
     }
 
@@ -593,6 +600,7 @@ pub(crate) mod tests {
             mm: MmLayout::default(),
             mappings: vec![],
             files: vec![],
+            thp_disabled: false,
         };
         for image in [full, empty] {
             assert_eq!(decode(&encode(&image)), Ok(image.clone()));
@@ -665,10 +673,11 @@ pub(crate) mod tests {
             decode(&b),
             Err(ProtocolError::Truncated { .. } | ProtocolError::InvalidUtf8 { .. })
         ));
-        // The last count (files) claiming 4 billion entries.
+        // The last count (files, before the one-byte THP flag) claiming 4 billion entries.
+        let tail = 1;
         let mut b = bytes.clone();
-        let n = b.len();
-        b[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        let n = b.len() - tail;
+        b[n - 4..n].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&b), truncated);
         // A mapping kind, a file kind, a shared flag and a path tag out of range.
         let one = |m: Mapping, f: Vec<OpenFile>| {
@@ -682,7 +691,7 @@ pub(crate) mod tests {
         let b = one(mapping.clone(), vec![]);
         // Mapping layout from its start: start 8, end 8, prot 1, shared 1, offset 8, kind 1,
         // path tag 1; then the files count 4.
-        let base = b.len() - 4 - 1 - 1 - 8 - 1 - 1 - 8 - 8;
+        let base = b.len() - tail - 4 - 1 - 1 - 8 - 1 - 1 - 8 - 8;
         for (off, tag) in [(17, 2u8), (26, 7), (27, 2)] {
             let mut bad = b.clone();
             bad[base + off] = tag;
@@ -697,7 +706,7 @@ pub(crate) mod tests {
         }
         let file = sample_image().files[0].clone();
         let b = one(mapping, vec![file.clone()]);
-        let base = b.len() - (4 + 1 + 4 + file.path.len() + 4 + 8);
+        let base = b.len() - tail - (4 + 1 + 4 + file.path.len() + 4 + 8);
         let mut bad = b.clone();
         bad[base + 4] = 9;
         assert_eq!(

@@ -8,3 +8,5 @@ pub mod image;
 pub mod inject;
 pub mod lazy;
 pub mod restore;
+
+pub use crate::sys::{keep_locked_pages_in_place, COMPACT_UNEVICTABLE};

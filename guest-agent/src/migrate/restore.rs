@@ -11,7 +11,8 @@
 //!
 //! The order of [`build`]:
 //! 1. clone3 a child (with the source's pid if it is free here), which stops itself;
-//! 2. drop the rseq area and robust-futex list it inherited from the agent;
+//! 2. drop the rseq area and robust-futex list it inherited from the agent, and turn
+//!    transparent huge pages off for it until [`Skeleton::resume`] (see below);
 //! 3. map a trampoline (a `syscall` instruction and scratch memory) where the image has
 //!    nothing, and unmap everything else but the kernel's `[vvar]`/`[vdso]`;
 //! 4. move `[vvar]`/`[vdso]` to the image's addresses (mremap: the same kernel build on every
@@ -25,6 +26,15 @@
 //!
 //! Credentials are switched in [`Skeleton::resume`], just before the registers: pinning
 //! (CAP_IPC_LOCK) and PR_SET_MM_MAP (CAP_SYS_RESOURCE) need the agent's root.
+//!
+//! The frames [`Skeleton::frames`] reports must stay the pages' frames until the VMM wrote
+//! them: a frame the guest kernel gave to something else meanwhile would receive the
+//! process's data in its place, corrupting the guest. mlock keeps the pages in memory but
+//! does not stop the kernel from moving them. Two movers are shut out: khugepaged, which
+//! copies small pages into a new huge page (`PR_SET_THP_DISABLE` on the skeleton until
+//! the resume, when the image's own setting comes back), and compaction, which migrates
+//! mlocked pages unless `vm.compact_unevictable_allowed` is 0 (the agent sets it at start,
+//! [`super::keep_locked_pages_in_place`]).
 //!
 //! A [`Skeleton`] belongs to the thread that built it (the ptrace tracer), so it is neither
 //! `Send` nor `Sync`. Dropping it kills and reaps the process.
@@ -205,6 +215,8 @@ pub struct Skeleton {
     gid: [u32; 3],
     groups: Vec<u32>,
     memlock: Option<(u64, u64)>,
+    /// The image's `PR_SET_THP_DISABLE`, set again at the resume.
+    thp_disabled: bool,
     warnings: Vec<String>,
     /// Resumed or aborted: nothing left for `Drop` to do.
     done: bool,
@@ -234,6 +246,7 @@ pub fn build(image: &ProcessImage) -> Result<Skeleton, RestoreError> {
         gid: image.creds.gid,
         groups: image.creds.groups.clone(),
         memlock: None,
+        thp_disabled: image.thp_disabled,
         warnings: Vec::new(),
         done: false,
     };
@@ -449,7 +462,18 @@ impl Skeleton {
         self.call(libc::SYS_set_robust_list, [0, 24, 0, 0, 0, 0], || {
             "dropping the inherited robust-futex list".into()
         })?;
-        Ok(())
+        // Small pages only while the VMM writes into their frames: khugepaged would copy
+        // them into a huge page and free the frames it was told (see the module's notes).
+        self.set_thp_disabled(true)
+    }
+
+    fn set_thp_disabled(&mut self, off: bool) -> Result<(), RestoreError> {
+        self.call(
+            libc::SYS_prctl,
+            [libc::PR_SET_THP_DISABLE as u64, u64::from(off), 0, 0, 0, 0],
+            || format!("setting PR_SET_THP_DISABLE to {}", u8::from(off)),
+        )
+        .map(drop)
     }
 
     /// Maps the trampoline where neither the image nor the child has anything: one code page
@@ -1238,6 +1262,7 @@ impl Skeleton {
                 format!("unpinning {s:#x}-{e:#x}")
             })?;
         }
+        self.set_thp_disabled(self.thp_disabled)?;
         if let Some((cur, max)) = self.memlock {
             sys::set_rlimit(pid, libc::RLIMIT_MEMLOCK, cur, max)
                 .ctx(|| format!("setting RLIMIT_MEMLOCK to {cur}/{max}"))?;
