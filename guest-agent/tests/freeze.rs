@@ -93,7 +93,21 @@ fn freeze_reads_the_image_and_thaw_lets_it_go_on() {
     let (addr, len): (u64, u64) = (addr.parse().unwrap(), len.parse().unwrap());
     let before = h.counter_after(2);
 
+    let status = |field: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", h.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (status("VmLck:"), status("THP_enabled:")),
+        ("0 kB".into(), "1".into())
+    );
     let frozen = dump::freeze(h.pid()).unwrap();
+    // Frozen, its pages stay in their frames: locked (compaction), no huge pages (khugepaged).
+    assert_ne!(status("VmLck:"), "0 kB");
+    assert_eq!(status("THP_enabled:"), "0");
     let image = frozen.image().clone();
     assert_eq!(image.pid, h.pid());
     assert!(image.comm.starts_with("python3"), "{}", image.comm);
@@ -155,6 +169,11 @@ fn freeze_reads_the_image_and_thaw_lets_it_go_on() {
     let before_thaw = std::fs::read_to_string(format!("/proc/{}/stat", h.pid())).unwrap();
     assert!(before_thaw.contains(") t "), "{before_thaw}");
     frozen.thaw().unwrap();
+    // Thawed, as it was.
+    assert_eq!(
+        (status("VmLck:"), status("THP_enabled:")),
+        ("0 kB".into(), "1".into())
+    );
     let after = h.counter_after(before + 5);
     assert!(after > before);
     // And it can be frozen again after a thaw, then let go by dropping.

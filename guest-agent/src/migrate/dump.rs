@@ -68,6 +68,11 @@ const SYS_MUNMAP: u64 = 11;
 const SYS_BRK: u64 = 12;
 const SYS_RT_SIGACTION: u64 = 13;
 const SYS_RESTART_SYSCALL: u64 = 219;
+const SYS_MUNLOCK: u64 = 150;
+const SYS_PRCTL: u64 = 157;
+const SYS_MLOCK2: u64 = 325;
+/// `MLOCK_ONFAULT`: lock the pages present now and those faulted in later, populate nothing.
+const MLOCK_ONFAULT: u64 = 1;
 
 // Kernel-internal restart codes a stopped system call may hold in rax.
 const ERESTARTSYS: i64 = -512;
@@ -299,6 +304,8 @@ pub struct Frozen {
     released: bool,
     /// Whether the agent is its parent (its exit is then the agent's command waiter's).
     agent_child: bool,
+    /// What [`Injector::hold_frames`] changed, undone when it thaws.
+    held: Option<Held>,
     /// ptrace ties the tracee to the seizing thread: not `Send`.
     _thread_bound: PhantomData<*const ()>,
 }
@@ -344,6 +351,9 @@ impl Frozen {
     pub fn thaw(mut self) -> Result<(), DumpError> {
         self.released = true;
         let pid = self.image.pid;
+        if let Some(held) = self.held.take() {
+            held.undo(pid);
+        }
         let resume_regs = self.resume_regs.take();
         let signals = std::mem::take(&mut self.pending_signals);
         let_go(pid, resume_regs.as_ref(), &signals)
@@ -392,6 +402,9 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         if !self.released {
             self.released = true;
+            if let Some(held) = self.held.take() {
+                held.undo(self.image.pid);
+            }
             let signals = std::mem::take(&mut self.pending_signals);
             if let Err(e) = let_go(self.image.pid, self.resume_regs.as_ref(), &signals) {
                 crate::server::log(format_args!("cannot thaw pid {}: {e}", self.image.pid));
@@ -459,6 +472,7 @@ pub fn freeze(pid: u32) -> Result<Frozen, DumpError> {
         pending_signals: Vec::new(),
         released: false,
         agent_child: facts.ppid == std::process::id(),
+        held: None,
         _thread_bound: PhantomData,
     };
     // From here on, dropping `frozen` on an error lets the process go.
@@ -526,6 +540,9 @@ fn read_image(frozen: &mut Frozen) -> Result<(), DumpError> {
     // What only the process itself can tell: its handlers and its exact break.
     let mut injector = Injector::new(pid, regs, &maps)?;
     let result = injector.read_inside(facts.caught | facts.ignored);
+    if result.is_ok() {
+        frozen.held = Some(injector.hold_frames(&maps, &facts));
+    }
     // Registers as they must be for it to go on (a stopped system call restarted).
     frozen.resume_regs = injector.touched.then(|| {
         let mut r = restart_syscall(&regs);
@@ -647,6 +664,44 @@ fn wait_traced(pid: u32, deadline: Instant, what: &'static str) -> Result<(), Du
     }
 }
 
+/// What [`Injector::hold_frames`] changed in a frozen process, undone when it thaws.
+#[derive(Debug)]
+struct Held {
+    /// The registers at the stop and a `syscall` instruction, to run the undoing calls.
+    regs: UserRegs,
+    syscall_at: u64,
+    /// Ranges locked on fault.
+    locked: Vec<(u64, u64)>,
+    /// Transparent huge pages were turned off (they were on).
+    thp_turned_off: bool,
+}
+
+impl Held {
+    /// Unlocks what was locked and turns transparent huge pages back on. What fails is
+    /// logged: the process goes on either way.
+    fn undo(self, pid: u32) {
+        let mut injector = Injector {
+            pid,
+            regs: self.regs,
+            syscall_at: self.syscall_at,
+            touched: false,
+        };
+        for (s, e) in self.locked {
+            if let Err(e) = injector.call(SYS_MUNLOCK, [s, e - s, 0, 0, 0, 0], "munlock(2)") {
+                crate::server::log(format_args!("pid {pid}: cannot unlock {s:#x}: {e}"));
+            }
+        }
+        if self.thp_turned_off {
+            let off = [libc::PR_SET_THP_DISABLE as u64, 0, 0, 0, 0, 0];
+            if let Err(e) = injector.call(SYS_PRCTL, off, "prctl(PR_SET_THP_DISABLE)") {
+                crate::server::log(format_args!(
+                    "pid {pid}: cannot turn transparent huge pages back on: {e}"
+                ));
+            }
+        }
+    }
+}
+
 /// Runs system calls inside a stopped tracee.
 struct Injector {
     pid: u32,
@@ -692,6 +747,60 @@ impl Injector {
             unmapped?;
         }
         Ok((actions, brk))
+    }
+
+    /// Keeps the frozen process's pages in their frames while the VMM reads them by frame
+    /// number (the final copy; post-copy's pages, for many seconds after the freeze): a frame
+    /// the guest kernel moved a page out of may hold anything by the time it is read.
+    /// khugepaged is kept out by `PR_SET_THP_DISABLE`; compaction by locking every private
+    /// mapping on fault (`MLOCK_ONFAULT`: what is present is locked, nothing is populated),
+    /// which compaction leaves alone in a guest whose agent set
+    /// `vm.compact_unevictable_allowed = 0`. A process that locks memory itself is not
+    /// locked (unlocking at the thaw would undo its own). Best effort: what the kernel
+    /// refuses (RLIMIT_MEMLOCK for an unprivileged process) stays undone, logged.
+    fn hold_frames(&mut self, maps: &[MapsEntry], facts: &Facts) -> Held {
+        let pid = self.pid;
+        let mut held = Held {
+            regs: self.regs,
+            syscall_at: self.syscall_at,
+            locked: Vec::new(),
+            thp_turned_off: false,
+        };
+        if !facts.thp_disabled {
+            let off = [libc::PR_SET_THP_DISABLE as u64, 1, 0, 0, 0, 0];
+            match self.call(SYS_PRCTL, off, "prctl(PR_SET_THP_DISABLE)") {
+                Ok(_) => held.thp_turned_off = true,
+                Err(e) => crate::server::log(format_args!(
+                    "pid {pid}: cannot turn transparent huge pages off while it moves: {e}"
+                )),
+            }
+        }
+        if facts.locked_kib != 0 {
+            return held;
+        }
+        let private = maps.iter().map(|m| &m.mapping).filter(|m| {
+            !m.shared
+                && matches!(
+                    m.kind,
+                    MappingKind::Anonymous
+                        | MappingKind::File
+                        | MappingKind::Heap
+                        | MappingKind::Stack
+                )
+        });
+        for m in private {
+            let args = [m.start, m.end - m.start, MLOCK_ONFAULT, 0, 0, 0];
+            match self.call(SYS_MLOCK2, args, "mlock2(2)") {
+                Ok(_) => held.locked.push((m.start, m.end)),
+                Err(e) => {
+                    crate::server::log(format_args!(
+                        "pid {pid}: cannot lock its pages in place while it moves: {e}"
+                    ));
+                    break;
+                }
+            }
+        }
+        held
     }
 
     fn sigactions(&mut self, signals: u64, page: u64) -> Result<Vec<SigAction>, DumpError> {
@@ -925,6 +1034,8 @@ pub struct Facts {
     /// `THP_enabled: 0`: the process turned transparent huge pages off
     /// (`PR_SET_THP_DISABLE`).
     pub thp_disabled: bool,
+    /// `VmLck:`, KiB the process locked itself.
+    pub locked_kib: u64,
 }
 
 /// The fields of `/proc/PID/status` the dump uses.
@@ -942,6 +1053,8 @@ pub struct Status {
     pub ignored: u64,
     /// `THP_enabled:` is 0 (Linux 5.0+; absent means enabled).
     pub thp_disabled: bool,
+    /// `VmLck:` in KiB: memory the process locked itself.
+    pub locked_kib: u64,
 }
 
 /// Parses `/proc/PID/status`; `None` if a field is missing or malformed.
@@ -989,6 +1102,9 @@ pub fn parse_status(text: &str) -> Option<Status> {
                 seen |= 32;
             }
             "THP_enabled" => s.thp_disabled = value == "0",
+            "VmLck" => {
+                s.locked_kib = value.trim_end_matches("kB").trim().parse().ok()?;
+            }
             _ => {}
         }
     }
@@ -1348,6 +1464,7 @@ fn read_facts(pid: u32) -> Result<Facts, DumpError> {
         caught: status.caught,
         ignored: status.ignored,
         thp_disabled: status.thp_disabled,
+        locked_kib: status.locked_kib,
     })
 }
 
