@@ -1488,6 +1488,16 @@ while True:
         last = time.time()
 "#;
 
+/// [`BUSY_WORKLOAD`] with `mib` MiB of memory instead of 256.
+fn busy_workload(mib: u32) -> String {
+    let from = "N = 256 << 20";
+    assert!(
+        BUSY_WORKLOAD.contains(from),
+        "BUSY_WORKLOAD sets N on one line"
+    );
+    BUSY_WORKLOAD.replacen(from, &format!("N = {mib} << 20"), 1)
+}
+
 /// `ferry migrate ... ` of `pid` from `here` to `there` with `extra` options; the summary.
 fn migrate_cmd(
     file: &str,

@@ -96,25 +96,7 @@ fn spread(file: &str) -> CaseResult {
             return Err(format!("`ferry balancer off` did not reach {node}:\n{off}"));
         }
     }
-    // Every node has the job's files, as the node it starts on has: a process that moves
-    // opens them again by name.
-    for node in NODES {
-        let prep = (1..=JOBS)
-            .map(|n| format!("rm -f /root/c{n}.progress; touch /root/c{n}.progress /root/c{n}.out"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        ssh(
-            file,
-            node,
-            &format!("cat > /root/c.py; {prep}"),
-            CPU_JOB.as_bytes(),
-        )?;
-    }
-    let start = (1..=JOBS)
-        .map(|n| format!("setsid python3 /root/c.py {n} </dev/null >/root/c{n}.out 2>&1 &"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    ssh(file, "node-1", &start, b"")?;
+    start_cpu_jobs(file, &NODES, JOBS)?;
 
     // Off: for longer than the residence time and many intervals, they stay on node-1,
     // although node-1 counts them as CPU-bound.
@@ -358,9 +340,10 @@ fn check_moved(node: &str, p: &Process) -> CaseResult {
 
 /// With the balancer on, `jobs` CPU-bound jobs started on the first of `nodes` reach `target`
 /// by themselves within a few minutes; then they are ended.
-pub(crate) fn jobs_reach(file: &str, nodes: &[&str], count: u32, target: &str) -> CaseResult {
-    let cluster = Cluster::load(file.as_ref()).map_err(|e| e.to_string())?;
-    balancer(file, "on")?;
+/// Starts `count` CPU-bound jobs (`c.py 1..=count`) on `nodes[0]`. Every one of `nodes` gets
+/// the jobs' files first, as the node they start on has them: a job that moves opens its
+/// files again by name there.
+fn start_cpu_jobs(file: &str, nodes: &[&str], count: u32) -> CaseResult {
     let prep = (1..=count)
         .map(|n| format!("rm -f /root/c{n}.progress; touch /root/c{n}.progress /root/c{n}.out"))
         .collect::<Vec<_>>()
@@ -377,7 +360,13 @@ pub(crate) fn jobs_reach(file: &str, nodes: &[&str], count: u32, target: &str) -
         .map(|n| format!("setsid python3 /root/c.py {n} </dev/null >/root/c{n}.out 2>&1 &"))
         .collect::<Vec<_>>()
         .join(" ");
-    ssh(file, nodes[0], &start, b"")?;
+    ssh(file, nodes[0], &start, b"").map(drop)
+}
+
+pub(crate) fn jobs_reach(file: &str, nodes: &[&str], count: u32, target: &str) -> CaseResult {
+    let cluster = Cluster::load(file.as_ref()).map_err(|e| e.to_string())?;
+    balancer(file, "on")?;
+    start_cpu_jobs(file, nodes, count)?;
     let started = Instant::now();
     let limit = Duration::from_secs(240);
     let result = loop {
