@@ -15,9 +15,6 @@ use std::time::{Duration, Instant};
 mod balance;
 #[path = "e2e/dashboard.rs"]
 mod dashboard;
-// Post-copy is switched off (the daemon refuses it): on the merged main its case failed in
-// the destination agent's Place; it comes back into CASES with the fix.
-#[allow(dead_code)]
 #[path = "e2e/postcopy.rs"]
 mod postcopy;
 
@@ -1791,6 +1788,10 @@ const CASES: &[Case] = &[
     (
         "user_tools_run_lock_block_and_bring_home",
         tools::user_tools_run_lock_block_and_bring_home,
+    ),
+    (
+        "a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive",
+        postcopy::a_busy_process_moves_by_post_copy_and_runs_before_its_pages_arrive,
     ),
     (
         "a_fourth_node_joins_from_one_members_address",

@@ -459,15 +459,6 @@ impl Node {
         request: MigrationRequest,
     ) -> Result<MigrationJob, (u16, String)> {
         let pid = request.pid;
-        if request.mode == MigrationMode::Postcopy {
-            return Err((
-                409,
-                "post-copy is switched off in this build: on the merged main, placing pages \
-                 into the resumed process fails at the destination's agent, and the process \
-                 would be lost; use --mode precopy or stop"
-                    .into(),
-            ));
-        }
         if request.to == self.me.name {
             return Err((
                 400,
