@@ -886,21 +886,7 @@ pub struct PinnedBuffer {
 impl PinnedBuffer {
     /// A buffer of `len` bytes (a multiple of the page size).
     pub fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing;
-        // nothing else refers to it.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let ptr = anonymous_mapping(len)?;
         let mut buf = PinnedBuffer {
             ptr: ptr.cast(),
             len,
@@ -946,12 +932,10 @@ impl Drop for PinnedBuffer {
     }
 }
 
-/// For tests: a fresh private anonymous mapping of `len` bytes that nothing touched yet; it
-/// stays for the life of the test process.
-#[cfg(test)]
-pub(crate) fn untouched_mapping(len: usize) -> io::Result<u64> {
-    // SAFETY: a new anonymous private mapping at an address of the kernel's choosing; no
-    // Rust reference to it is ever made (tests reach it through /proc/self/mem).
+/// A new private anonymous read-write mapping of `len` bytes at an address of the kernel's
+/// choosing, none of it touched yet; the caller owns it.
+fn anonymous_mapping(len: usize) -> io::Result<*mut libc::c_void> {
+    // SAFETY: a new anonymous private mapping; nothing else refers to it.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -965,7 +949,15 @@ pub(crate) fn untouched_mapping(len: usize) -> io::Result<u64> {
     if ptr == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    Ok(ptr as u64)
+    Ok(ptr)
+}
+
+/// For tests: a fresh private anonymous mapping of `len` bytes that nothing touched yet; it
+/// stays for the life of the test process (tests reach it through /proc/self/mem, never by
+/// a Rust reference).
+#[cfg(test)]
+pub(crate) fn untouched_mapping(len: usize) -> io::Result<u64> {
+    anonymous_mapping(len).map(|p| p as u64)
 }
 
 /// For tests: a userfaultfd of this process with `start..start+len` registered for missing

@@ -11,107 +11,18 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_guest_agent::migrate::dump;
 use ferry_guest_agent::migrate::image::{MappingKind, PageRef, ProcessImage, PAGE_SIZE};
 use ferry_guest_agent::migrate::restore;
 
-/// The workload: a 64 MiB buffer of seeded random bytes, and every 100 ms a line
-/// `n acc crc` appended to the file in argv[1]: a counter, a running value over the counter
-/// (kept in Python objects) and the buffer's CRC-32.
-/// Descriptors leaked into the test (e.g. a jobserver pipe) are closed first: the dump refuses
-/// pipes beyond fds 0-2.
-const WORKLOAD: &str = r#"
-import os, random, sys, time, zlib
-os.closerange(3, 65536)
-random.seed(7)
-buf = bytearray(random.randbytes(64 << 20))
-out = open(sys.argv[1], "a", buffering=1)
-n, acc = 0, 1
-while True:
-    n += 1
-    acc = (acc * 31 + n) % 1000000007
-    out.write("%d %d %d\n" % (n, acc, zlib.crc32(buf)))
-    time.sleep(0.1)
-"#;
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
-        .unwrap_or(false)
-}
-
-fn python3() -> Option<PathBuf> {
-    ["/usr/bin/python3", "/usr/local/bin/python3"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
-/// One line of the workload's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Line {
-    n: u64,
-    acc: u64,
-    crc: u64,
-}
-
-fn read_lines(path: &Path) -> Vec<Line> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ').map(|x| x.parse::<u64>().ok());
-            Some(Line {
-                n: f.next()??,
-                acc: f.next()??,
-                crc: f.next()??,
-            })
-        })
-        .collect()
-}
-
-fn wait_for_lines(path: &Path, at_least: usize, timeout: Duration) -> Vec<Line> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let lines = read_lines(path);
-        if lines.len() >= at_least || Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Kills (and reaps) what the test started, however it ends.
-struct Cleanup {
-    source: Option<Child>,
-    moved: Option<u32>,
-    dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.source.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(pid) = self.moved.take() {
-            kill_and_reap(pid);
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn kill_and_reap(pid: u32) {
-    let pid = pid as libc::pid_t;
-    // SAFETY: kill(2) of a positive pid the test created; no memory is involved.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let mut status = 0;
-    // SAFETY: `status` is a valid, writable int; the pid is this process's child.
-    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-}
+mod common;
+use common::{
+    is_root, python3, read_lines, start_workload, wait_for_lines, Cleanup, Line, Started, WORKLOAD,
+};
 
 /// The pages whose contents the destination must receive: every private anonymous one
 /// (pagemap says so), and every present page of a writable private mapping.
@@ -165,40 +76,15 @@ fn copy_pages(from: u32, to: u32, vaddrs: &[u64]) -> u64 {
 
 #[test]
 fn a_python_workload_moves_and_keeps_counting() {
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace, pagemap frames, PR_SET_MM_MAP)");
-        return;
-    }
-    let Some(python) = python3() else {
-        eprintln!("skipped: no python3 in /usr/bin or /usr/local/bin");
+    let Some(Started {
+        mut cleanup,
+        pid: source_pid,
+        dir,
+        out,
+    }) = start_workload("migrate-local", "ptrace, pagemap frames, PR_SET_MM_MAP")
+    else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("ferry-migrate-local-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("counter.txt");
-    let mut cleanup = Cleanup {
-        source: None,
-        moved: None,
-        dir: dir.clone(),
-    };
-    let child = Command::new(&python)
-        .arg("-c")
-        .arg(WORKLOAD)
-        .arg(&out)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting python3");
-    let source_pid = child.id();
-    cleanup.source = Some(child);
-    let before = wait_for_lines(&out, 5, Duration::from_secs(30));
-    assert!(
-        before.len() >= 5,
-        "the workload wrote {} lines in 30 s",
-        before.len()
-    );
 
     // Freeze, rebuild, copy, resume.
     let t0 = Instant::now();

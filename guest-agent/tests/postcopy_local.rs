@@ -10,10 +10,8 @@
 //! Needs root and python3 (as `migrate_local`): skipped with a printed reason otherwise.
 
 use std::collections::{BTreeSet, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_guest_agent::migrate::dump;
@@ -21,90 +19,8 @@ use ferry_guest_agent::migrate::image::{MappingKind, ProcessImage, PAGE_SIZE};
 use ferry_guest_agent::migrate::lazy::{LazyPages, Placement, STAGING_SLOTS, ZERO_SLOT};
 use ferry_guest_agent::migrate::restore;
 
-/// The workload of `migrate_local`: a 64 MiB buffer of seeded random bytes, and every 100 ms
-/// a line `n acc crc` (counter, running value, the buffer's CRC-32).
-const WORKLOAD: &str = r#"
-import os, random, sys, time, zlib
-os.closerange(3, 65536)
-random.seed(7)
-buf = bytearray(random.randbytes(64 << 20))
-out = open(sys.argv[1], "a", buffering=1)
-n, acc = 0, 1
-while True:
-    n += 1
-    acc = (acc * 31 + n) % 1000000007
-    out.write("%d %d %d\n" % (n, acc, zlib.crc32(buf)))
-    time.sleep(0.1)
-"#;
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
-        .unwrap_or(false)
-}
-
-fn python3() -> Option<PathBuf> {
-    ["/usr/bin/python3", "/usr/local/bin/python3"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Line {
-    n: u64,
-    acc: u64,
-    crc: u64,
-}
-
-fn read_lines(path: &Path) -> Vec<Line> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ').map(|x| x.parse::<u64>().ok());
-            Some(Line {
-                n: f.next()??,
-                acc: f.next()??,
-                crc: f.next()??,
-            })
-        })
-        .collect()
-}
-
-fn wait_for_lines(path: &Path, at_least: usize, timeout: Duration) -> Vec<Line> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let lines = read_lines(path);
-        if lines.len() >= at_least || Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct Cleanup {
-    source: Option<Child>,
-    moved: Option<u32>,
-    dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.source.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(pid) = self.moved.take() {
-            let pid = pid as libc::pid_t;
-            // SAFETY: kill(2) of a positive pid the test created; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let mut status = 0;
-            // SAFETY: `status` is a valid, writable int; the pid is this process's child.
-            unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
+mod common;
+use common::{read_lines, start_workload, wait_for_lines, Line, Started};
 
 /// The kind of the mapping holding `vaddr`, for a private mapping that is not the kernel's.
 fn private_kind(image: &ProcessImage, vaddr: u64) -> Option<(MappingKind, u64, u64)> {
@@ -124,40 +40,18 @@ fn private_kind(image: &ProcessImage, vaddr: u64) -> Option<(MappingKind, u64, u
 
 #[test]
 fn a_python_workload_runs_before_its_pages_arrive_and_keeps_counting() {
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace, pagemap frames, userfaultfd of another process)");
-        return;
-    }
-    let Some(python) = python3() else {
-        eprintln!("skipped: no python3 in /usr/bin or /usr/local/bin");
+    let Some(Started {
+        mut cleanup,
+        pid: source_pid,
+        out,
+        ..
+    }) = start_workload(
+        "postcopy-local",
+        "ptrace, pagemap frames, userfaultfd of another process",
+    )
+    else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("ferry-postcopy-local-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("counter.txt");
-    let mut cleanup = Cleanup {
-        source: None,
-        moved: None,
-        dir: dir.clone(),
-    };
-    let child = Command::new(&python)
-        .arg("-c")
-        .arg(WORKLOAD)
-        .arg(&out)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting python3");
-    let source_pid = child.id();
-    cleanup.source = Some(child);
-    let before = wait_for_lines(&out, 5, Duration::from_secs(30));
-    assert!(
-        before.len() >= 5,
-        "the workload wrote {} lines",
-        before.len()
-    );
 
     let t0 = Instant::now();
     let frozen = dump::freeze(source_pid).expect("freezing the workload");

@@ -1,0 +1,159 @@
+//! What the local migration tests (`migrate_local`, `postcopy_local`) share: the counting
+//! Python workload, reading its output, and cleaning up after it. Each test uses part of it.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workload: a 64 MiB buffer of seeded random bytes, and every 100 ms a line
+/// `n acc crc` appended to the file in argv[1]: a counter, a running value over the counter
+/// (kept in Python objects) and the buffer's CRC-32.
+/// Descriptors leaked into the test (e.g. a jobserver pipe) are closed first: the dump refuses
+/// pipes beyond fds 0-2.
+pub const WORKLOAD: &str = r#"
+import os, random, sys, time, zlib
+os.closerange(3, 65536)
+random.seed(7)
+buf = bytearray(random.randbytes(64 << 20))
+out = open(sys.argv[1], "a", buffering=1)
+n, acc = 0, 1
+while True:
+    n += 1
+    acc = (acc * 31 + n) % 1000000007
+    out.write("%d %d %d\n" % (n, acc, zlib.crc32(buf)))
+    time.sleep(0.1)
+"#;
+
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
+        .unwrap_or(false)
+}
+
+pub fn python3() -> Option<PathBuf> {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// One line of the workload's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line {
+    pub n: u64,
+    pub acc: u64,
+    pub crc: u64,
+}
+
+pub fn read_lines(path: &Path) -> Vec<Line> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ').map(|x| x.parse::<u64>().ok());
+            Some(Line {
+                n: f.next()??,
+                acc: f.next()??,
+                crc: f.next()??,
+            })
+        })
+        .collect()
+}
+
+pub fn wait_for_lines(path: &Path, at_least: usize, timeout: Duration) -> Vec<Line> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lines = read_lines(path);
+        if lines.len() >= at_least || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills (and reaps) what the test started, however it ends.
+pub struct Cleanup {
+    pub source: Option<Child>,
+    pub moved: Option<u32>,
+    pub dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.source.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(pid) = self.moved.take() {
+            kill_and_reap(pid);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn kill_and_reap(pid: u32) {
+    let pid = pid as libc::pid_t;
+    // SAFETY: kill(2) of a positive pid the test created; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let mut status = 0;
+    // SAFETY: `status` is a valid, writable int; the pid is this process's child.
+    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+}
+
+/// The workload, started and counting.
+pub struct Started {
+    /// Kills it (and what it became) and removes `dir` at the end.
+    pub cleanup: Cleanup,
+    pub pid: u32,
+    /// Its working directory.
+    pub dir: PathBuf,
+    /// Where it writes its lines.
+    pub out: PathBuf,
+}
+
+/// Starts [`WORKLOAD`] in a fresh directory `ferry-NAME-PID` under the temporary directory
+/// and waits for its first five lines; `None`, with the reason printed, without root (the
+/// test needs it for `why`) or python3.
+pub fn start_workload(name: &str, why: &str) -> Option<Started> {
+    if !is_root() {
+        eprintln!("skipped: needs root ({why})");
+        return None;
+    }
+    let Some(python) = python3() else {
+        eprintln!("skipped: no python3 in /usr/bin or /usr/local/bin");
+        return None;
+    };
+    let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("counter.txt");
+    let mut cleanup = Cleanup {
+        source: None,
+        moved: None,
+        dir: dir.clone(),
+    };
+    let child = Command::new(&python)
+        .arg("-c")
+        .arg(WORKLOAD)
+        .arg(&out)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting python3");
+    let pid = child.id();
+    cleanup.source = Some(child);
+    let before = wait_for_lines(&out, 5, Duration::from_secs(30));
+    assert!(
+        before.len() >= 5,
+        "the workload wrote {} lines in 30 s",
+        before.len()
+    );
+    Some(Started {
+        cleanup,
+        pid,
+        dir,
+        out,
+    })
+}
