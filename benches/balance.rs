@@ -30,7 +30,9 @@ use ferry::cluster::api::Process;
 use ferry::cluster::control::Cluster;
 use ferry::nested::NestedHost;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+mod common;
+use common::cluster::{run_ferry, FERRY};
+
 const CLUSTER: &str = "benchbal";
 const NODES: [&str; 3] = ["bal-1", "bal-2", "bal-3"];
 const QUICK: Duration = Duration::from_secs(120);
@@ -97,36 +99,11 @@ fn main() {
 
 /// `ferry ARGS`: its stdout, or an error with both streams.
 fn ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<String> {
-    use std::io::Write;
-    let mut child = Command::new(FERRY)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start ferry")?;
-    let mut input = child.stdin.take().expect("stdin is piped");
-    let bytes = stdin.to_vec();
-    std::thread::spawn(move || {
-        let _ = input.write_all(&bytes);
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = rx
-        .recv_timeout(limit)
-        .with_context(|| format!("`ferry {}` took over {} s", args.join(" "), limit.as_secs()))??;
-    if !out.status.success() {
-        bail!(
-            "`ferry {}` exited {}: {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let (ok, out, err) = run_ferry(args, stdin, limit)?;
+    if !ok {
+        bail!("`ferry {}` failed: {out}{err}", args.join(" "));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out)
 }
 
 /// The bench's cluster: brought down (and purged) when dropped, and the nested host stopped
