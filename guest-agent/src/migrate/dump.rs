@@ -778,6 +778,9 @@ impl Injector {
         if facts.locked_kib != 0 {
             return held;
         }
+        // One call for each run of adjacent private mappings (each injected call costs the
+        // frozen process time).
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         let private = maps.iter().map(|m| &m.mapping).filter(|m| {
             !m.shared
                 && matches!(
@@ -789,9 +792,15 @@ impl Injector {
                 )
         });
         for m in private {
-            let args = [m.start, m.end - m.start, MLOCK_ONFAULT, 0, 0, 0];
+            match runs.last_mut() {
+                Some(run) if run.1 == m.start => run.1 = m.end,
+                _ => runs.push((m.start, m.end)),
+            }
+        }
+        for (start, end) in runs {
+            let args = [start, end - start, MLOCK_ONFAULT, 0, 0, 0];
             match self.call(SYS_MLOCK2, args, "mlock2(2)") {
-                Ok(_) => held.locked.push((m.start, m.end)),
+                Ok(_) => held.locked.push((start, end)),
                 Err(e) => {
                     crate::server::log(format_args!(
                         "pid {pid}: cannot lock its pages in place while it moves: {e}"
