@@ -409,8 +409,8 @@ pub struct Balancer {
     backoff: Mutex<HashMap<u32, Instant>>,
     /// The migrations this balancer started and has not seen end yet.
     started: Mutex<HashSet<u64>>,
-    /// Its moves that ended well lately: the destination, and when.
-    arrived: Mutex<Vec<(String, Instant)>>,
+    /// Its moves that ended well lately.
+    arrived: Mutex<Vec<Sent>>,
     /// Wakes the loop when the policy changes.
     changed: tokio::sync::Notify,
 }
@@ -553,8 +553,8 @@ impl Node {
             .collect();
         {
             let mut arrived = lock(&self.balancer.arrived);
-            arrived.retain(|(_, at)| now.saturating_duration_since(*at) < settle_time(&policy));
-            credit_arrivals(&mut peers, &arrived);
+            arrived.retain(|s| now.saturating_duration_since(s.at) < settle_time(&policy));
+            credit_arrivals(&mut me_load, &mut peers, &arrived);
         }
         let Some(decision) = decide(&policy, &me_load, &peers, &candidates) else {
             return;
@@ -685,7 +685,11 @@ impl Node {
                 continue;
             }
             if job.state == JobState::Done {
-                lock(&self.balancer.arrived).push((job.to.clone(), now));
+                lock(&self.balancer.arrived).push(Sent {
+                    to: job.to.clone(),
+                    at: now,
+                    mib: job.bytes_total >> 20,
+                });
             }
             if job.state == JobState::Failed {
                 lock(&self.balancer.backoff).insert(job.pid, now + BACKOFF);
@@ -790,13 +794,30 @@ pub fn balancer_report(statuses: &[BalancerStatus], events: usize) -> String {
     out
 }
 
-/// Counts the processes this node sent lately as CPU-bound at their destinations, whose
-/// published loads may not show them yet: so the next move can follow at once without
-/// overloading the same node.
-fn credit_arrivals(peers: &mut [NodeLoad], arrived: &[(String, Instant)]) {
+/// A process this balancer moved away lately.
+#[derive(Debug, Clone)]
+struct Sent {
+    /// Its destination.
+    to: String,
+    /// When the move ended.
+    at: Instant,
+    /// Its private memory, MiB.
+    mib: u64,
+}
+
+/// Counts the processes this node sent lately where loads sampled before their moves ended
+/// do not show them yet: CPU-bound at their destinations, their memory taken there and freed
+/// here. So the next move can follow at once without overloading the same node, and a node
+/// short of memory does not send a second process away before its own figure shows the first
+/// one gone.
+fn credit_arrivals(me: &mut NodeLoad, peers: &mut [NodeLoad], arrived: &[Sent]) {
     for p in peers {
-        p.busy += arrived.iter().filter(|(to, _)| *to == p.name).count() as u32;
+        for s in arrived.iter().filter(|s| s.to == p.name) {
+            p.busy += 1;
+            p.mem_available_mib = p.mem_available_mib.saturating_sub(s.mib);
+        }
     }
+    me.mem_available_mib += arrived.iter().map(|s| s.mib).sum::<u64>();
 }
 
 /// How long a destination's published load may miss a process that arrived: two of its
@@ -881,16 +902,21 @@ mod tests {
         let policy = Policy::default();
         let stale = vec![node("b", 2, 0), node("c", 2, 0)];
         let mut busy = 12;
-        let mut arrived: Vec<(String, Instant)> = Vec::new();
+        let mut arrived: Vec<Sent> = Vec::new();
         let mut sent = HashMap::new();
         while let Some(d) = {
             let mut peers = stale.clone();
-            credit_arrivals(&mut peers, &arrived);
-            decide(&policy, &node("a", 2, busy), &peers, &busy_procs(busy))
+            let mut me = node("a", 2, busy);
+            credit_arrivals(&mut me, &mut peers, &arrived);
+            decide(&policy, &me, &peers, &busy_procs(busy))
         } {
             busy -= 1;
             *sent.entry(d.to.clone()).or_insert(0) += 1;
-            arrived.push((d.to, Instant::now()));
+            arrived.push(Sent {
+                to: d.to,
+                at: Instant::now(),
+                mib: 1,
+            });
         }
         assert_eq!(busy, 4);
         assert_eq!((sent["b"], sent["c"]), (4, 4));
@@ -965,6 +991,40 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(decide(&off, &me, &[node("b", 2, 0)], &c), None);
+    }
+
+    #[test]
+    fn a_node_that_just_ushered_does_not_send_more_before_its_figure_shows_it() {
+        // Two 120 MiB holders on a node under 40%; its own sample still shows the first one
+        // there after it left.
+        let policy = Policy {
+            memory_low_percent: 40,
+            ..Policy::default()
+        };
+        let mut stale_me = node("a", 2, 0);
+        stale_me.mem_available_mib = 170; // under 40% of 512 (204)
+        let peers = vec![node("b", 2, 0), node("c", 2, 0)];
+        let mut c = busy_procs(2);
+        for x in &mut c {
+            x.busy = false;
+            x.rss_kib = 120 * 1024;
+        }
+        let first = decide(&policy, &stale_me, &peers, &c).expect("the first one goes");
+        let sent = [Sent {
+            to: first.to.clone(),
+            at: Instant::now(),
+            mib: 120,
+        }];
+        let (mut me, mut credited) = (stale_me.clone(), peers.clone());
+        credit_arrivals(&mut me, &mut credited, &sent);
+        assert_eq!(me.mem_available_mib, 290);
+        let rest: Vec<Candidate> = c.iter().filter(|x| x.pid != first.pid).cloned().collect();
+        assert_eq!(decide(&policy, &me, &credited, &rest), None);
+        // Without the credit it would have sent the second one too.
+        assert!(decide(&policy, &stale_me, &peers, &rest).is_some());
+        // And the destination's memory counts the arrival.
+        let dest = credited.iter().find(|p| p.name == first.to).unwrap();
+        assert_eq!(dest.mem_available_mib, 400 - 120);
     }
 
     fn proc(pid: u32, cpu_seconds: f64, command: &str) -> Process {

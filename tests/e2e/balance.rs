@@ -285,7 +285,12 @@ fn usher(file: &str) -> CaseResult {
             .iter()
             .filter(|(_, p)| p.command.contains("/root/m.py"))
             .collect();
-        let away: Vec<_> = held.iter().filter(|(n, _)| n != "node-1").collect();
+        // Not one still being rebuilt at its destination (stopped under the agent's ptrace,
+        // `t`): its origin is recorded once it runs.
+        let away: Vec<_> = held
+            .iter()
+            .filter(|(n, p)| n != "node-1" && p.state != "t")
+            .collect();
         if let Some((node, p)) = away.first() {
             check_moved(node, p)?;
             eprintln!(
