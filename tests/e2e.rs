@@ -1486,7 +1486,7 @@ while True:
 "#;
 
 /// [`BUSY_WORKLOAD`] with `mib` MiB of memory instead of 256.
-fn busy_workload(mib: u32) -> String {
+fn busy_workload(mib: u64) -> String {
     let from = "N = 256 << 20";
     assert!(
         BUSY_WORKLOAD.contains(from),
@@ -1535,9 +1535,21 @@ fn counts_on(file: &str, node: &str, before: u64, what: &str) -> CaseResult {
 /// Checks the busy workload `pid` on `node`: it counts on past `before` and its pages agree
 /// with its table.
 fn busy_intact(file: &str, node: &str, pid: u32, before: u64, what: &str) -> CaseResult {
+    busy_intact_of(256, file, node, pid, before, what)
+}
+
+/// [`busy_intact`] for a [`busy_workload`] of `mib` MiB.
+fn busy_intact_of(
+    mib: u64,
+    file: &str,
+    node: &str,
+    pid: u32,
+    before: u64,
+    what: &str,
+) -> CaseResult {
     counts_on(file, node, before, what)?;
     let (bad, pages, count) = workload_sums(file, node, pid)?;
-    if bad != 0 || pages != 65536 || count < before {
+    if bad != 0 || pages != mib << 8 || count < before {
         return Err(format!(
             "{what}: {bad} of {pages} pages disagree with the workload's table (count {count}, was {before})"
         ));

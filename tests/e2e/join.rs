@@ -182,7 +182,8 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
     // one that just joined), and the moved process would wait out the difference first.
     // 64 MiB, not the 256 of the migration cases: four guests share the nested host's two
     // vCPUs here, and what this case shows is that node-4 takes part, not how large a move is.
-    let pid = start_python(file, "node-1", "b", &busy_workload(64))?;
+    const MIB: u64 = 64;
+    let pid = start_python(file, "node-1", "b", &busy_workload(MIB))?;
     let deadline = Instant::now() + BOOT_LIMIT;
     while last_count(file, "node-1").unwrap_or(0) < 3 {
         if Instant::now() > deadline {
@@ -204,7 +205,14 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
         .and_then(|r| r.split(' ').next())
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| format!("no new pid in the summary\n{}", out.explain()))?;
-    busy_intact(file, "node-4", new_pid, before, "after moving to node-4")?;
+    busy_intact_of(
+        MIB,
+        file,
+        "node-4",
+        new_pid,
+        before,
+        "after moving to node-4",
+    )?;
     if runs_with(file, "node-1", pid, "b.py")? {
         return Err("the workload still runs on node-1".into());
     }
