@@ -103,7 +103,7 @@ fn ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<Outcome, String
     std::thread::spawn(move || {
         let _ = input.write_all(&bytes);
     });
-    wait_with_limit(child, limit)
+    wait_with_limit(child, limit).map_err(|e| format!("`ferry {}`: {e}", args.join(" ")))
 }
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
