@@ -12,7 +12,6 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_guest_agent::migrate::dump;
@@ -20,9 +19,7 @@ use ferry_guest_agent::migrate::image::{MappingKind, PageRef, ProcessImage, PAGE
 use ferry_guest_agent::migrate::restore;
 
 mod common;
-use common::{
-    is_root, python3, read_lines, start_workload, wait_for_lines, Cleanup, Line, Started, WORKLOAD,
-};
+use common::{read_lines, start_workload, wait_for_lines, Line, Started};
 
 /// The pages whose contents the destination must receive: every private anonymous one
 /// (pagemap says so), and every present page of a writable private mapping.
@@ -244,42 +241,21 @@ fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
 fn a_nobody_workload_keeps_its_pid_when_it_is_free() {
     use std::os::unix::fs::PermissionsExt;
 
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace, pagemap frames, PR_SET_MM_MAP, clone3 set_tid)");
-        return;
-    }
-    let Some(python) = python3() else {
-        eprintln!("skipped: no python3 in /usr/bin or /usr/local/bin");
-        return;
-    };
     const NOBODY: u32 = 65534;
-    let dir = std::env::temp_dir().join(format!("ferry-migrate-samepid-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
-    let out = dir.join("counter.txt");
-    let mut cleanup = Cleanup {
-        source: None,
-        moved: None,
-        dir: dir.clone(),
+    let Some(Started {
+        mut cleanup,
+        pid: source_pid,
+        dir,
+        out,
+    }) = start_workload(
+        "migrate-samepid",
+        "ptrace, pagemap frames, PR_SET_MM_MAP, clone3 set_tid",
+    )
+    else {
+        return;
     };
-    let child = Command::new(&python)
-        .arg("-c")
-        .arg(WORKLOAD)
-        .arg(&out)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting python3");
-    let source_pid = child.id();
-    cleanup.source = Some(child);
-    let before = wait_for_lines(&out, 5, Duration::from_secs(30));
-    assert!(
-        before.len() >= 5,
-        "the workload wrote {} lines",
-        before.len()
-    );
+    // The rebuilt process runs as nobody and goes on writing its file here.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
 
     let frozen = dump::freeze(source_pid).expect("freezing the workload");
     let mut image = frozen.image().clone();
