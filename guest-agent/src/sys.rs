@@ -36,6 +36,19 @@ pub fn clock_ticks_per_sec() -> u32 {
     u32::try_from(n).ok().filter(|&n| n > 0).unwrap_or(100)
 }
 
+/// `clock`'s current time in nanoseconds (`clock_gettime(2)`), as this process sees it.
+pub fn clock_ns(clock: libc::clockid_t) -> io::Result<i64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ts.tv_sec * 1_000_000_000 + ts.tv_nsec)
+}
+
 /// The page size in bytes (`sysconf(_SC_PAGESIZE)`); 4096 if unknown.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf only reads system state.

@@ -19,7 +19,7 @@ use ferry_guest_agent::migrate::image::{MappingKind, PageRef, ProcessImage, PAGE
 use ferry_guest_agent::migrate::restore;
 
 mod common;
-use common::{read_lines, start_workload, wait_for_lines, Line, Started};
+use common::{read_lines, start_workload, start_workload_under, wait_for_lines, Line, Started};
 
 /// The pages whose contents the destination must receive: every private anonymous one
 /// (pagemap says so), and every present page of a writable private mapping.
@@ -341,4 +341,96 @@ fn a_nobody_workload_keeps_its_pid_when_it_is_free() {
     use std::os::unix::fs::MetadataExt;
     let owner = fs::metadata(format!("/proc/{pid}/mem")).unwrap().uid();
     assert_eq!(owner, NOBODY);
+}
+
+/// A process from a node that booted ten minutes before this one: the workload runs in a
+/// time namespace whose clocks are 600 s ahead of this machine's, as that node's would be.
+/// It sleeps until deadlines on its own monotonic clock (Python's `time.sleep`). Rebuilt
+/// with this node's clocks, it would sleep ten minutes and see its clock go back; it must
+/// go on counting at once, its clock carrying on from where it stopped, 600 s ahead.
+#[test]
+fn a_process_from_a_node_that_booted_earlier_keeps_its_clock_and_sleeps_as_asked() {
+    const AHEAD_S: i64 = 600;
+    let ahead = AHEAD_S.to_string();
+    let Some(Started {
+        mut cleanup,
+        pid: source_pid,
+        out,
+        ..
+    }) = start_workload_under(
+        "migrate-clocks",
+        "ptrace, pagemap frames, PR_SET_MM_MAP, time namespaces",
+        &[
+            "unshare",
+            "--time",
+            "--fork",
+            "--kill-child",
+            "--monotonic",
+            &ahead,
+            "--boottime",
+            &ahead,
+        ],
+    )
+    else {
+        return;
+    };
+    assert_eq!(
+        monotonic_offset_s(source_pid),
+        AHEAD_S,
+        "the workload does not run 600 s ahead"
+    );
+
+    let frozen = dump::freeze(source_pid).expect("freezing the workload");
+    let image = frozen.image();
+    let mut skeleton = restore::build(image).expect("building the skeleton");
+    let new_pid = skeleton.pid();
+    let vaddrs = pages_to_copy(image, frozen.pages());
+    skeleton.frames(&vaddrs).expect("frames of the skeleton");
+    let last_before = *read_lines(&out).last().unwrap();
+    copy_pages(source_pid, new_pid, &vaddrs);
+    let resumed = skeleton.resume().expect("resuming the skeleton");
+    cleanup.moved = Some(resumed);
+    frozen.kill().expect("killing the source");
+    if let Some(mut c) = cleanup.source.take() {
+        c.wait().expect("reaping the source's unshare");
+    }
+
+    // It counts on within seconds, not ten minutes...
+    let lines = wait_for_lines(&out, last_before.n as usize + 5, Duration::from_secs(20));
+    let after: Vec<Line> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.n > last_before.n)
+        .collect();
+    assert!(
+        after.len() >= 5,
+        "only {} lines in 20 s after the move (last before: {last_before:?}): it sleeps on a \
+         clock that went back",
+        after.len()
+    );
+    // ...its clock going on from where it stopped...
+    let first = after[0];
+    assert_eq!(first.n, last_before.n + 1);
+    assert!(
+        last_before.ms <= first.ms && first.ms <= last_before.ms + 20_000,
+        "the monotonic clock went from {} ms to {} ms across the move",
+        last_before.ms,
+        first.ms
+    );
+    // ...in a time namespace of its own, 600 s ahead of this machine.
+    let monotonic_s = monotonic_offset_s(new_pid);
+    assert!(
+        (AHEAD_S - 1..=AHEAD_S).contains(&monotonic_s),
+        "the moved process's monotonic offset is {monotonic_s} s, not about {AHEAD_S}"
+    );
+}
+
+/// The whole seconds of `pid`'s monotonic clock offset (`/proc/PID/timens_offsets`).
+fn monotonic_offset_s(pid: u32) -> i64 {
+    let offsets = fs::read_to_string(format!("/proc/{pid}/timens_offsets")).unwrap();
+    offsets
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("monotonic"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no monotonic offset for {pid} in:\n{offsets}"))
 }

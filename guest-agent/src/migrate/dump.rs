@@ -23,9 +23,10 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::clocks;
 use super::image::{
-    Creds, FileKind, Mapping, MappingKind, MmLayout, OpenFile, PageRef, ProcessImage, Rlimit,
-    SigAction, PAGE_SIZE, USER_REGS_LEN,
+    Clocks, Creds, FileKind, Mapping, MappingKind, MmLayout, OpenFile, PageRef, ProcessImage,
+    Rlimit, SigAction, PAGE_SIZE, USER_REGS_LEN,
 };
 use crate::procfs;
 use crate::sys::{self, UserRegs, WaitStatus};
@@ -466,6 +467,7 @@ pub fn freeze(pid: u32) -> Result<Frozen, DumpError> {
             mappings: Vec::new(),
             files: Vec::new(),
             thp_disabled: false,
+            clocks: Clocks::default(),
         },
         pages: Vec::new(),
         resume_regs: None,
@@ -504,6 +506,11 @@ fn read_image(frozen: &mut Frozen) -> Result<(), DumpError> {
     let regs = sys::ptrace_get_regs(pid).map_err(sys_err("PTRACE_GETREGS"))?;
     let xstate = sys::ptrace_get_xstate(pid).map_err(sys_err("PTRACE_GETREGSET"))?;
     let sigmask = sys::ptrace_get_sigmask(pid).map_err(sys_err("PTRACE_GETSIGMASK"))?;
+    // The clocks as it stopped, for the destination to carry on from.
+    let clocks = clocks::of_process(pid).map_err(|source| DumpError::Read {
+        path: PathBuf::from(format!("/proc/{pid}/timens_offsets")),
+        source,
+    })?;
     let mut rlimits = Vec::new();
     for resource in 0..RLIMIT_COUNT {
         match sys::prlimit_get(pid, resource) {
@@ -572,6 +579,7 @@ fn read_image(frozen: &mut Frozen) -> Result<(), DumpError> {
         mappings,
         files: files.into_iter().map(|f| f.file).collect(),
         thp_disabled: facts.thp_disabled,
+        clocks,
     };
     debug_assert_eq!(frozen.image.regs.len(), USER_REGS_LEN);
     Ok(())

@@ -20,7 +20,8 @@
 //!      arg_end, env_start, env_end: u64 each, auxv [u64] },
 //! mappings [{ start u64, end u64, prot u8, shared bool, offset u64, kind u8, path opt str }],
 //! files [{ fd u32, kind u8, path str, flags u32, offset u64 }],
-//! thp_disabled bool
+//! thp_disabled bool,
+//! clocks { realtime, monotonic, boottime: i64 each, as u64 }
 //! ```
 //!
 //! A [`PageRef`] is `vaddr u64, pfn u64, anon bool` (17 bytes).
@@ -71,6 +72,20 @@ pub struct ProcessImage {
     /// The process turned transparent huge pages off (`PR_SET_THP_DISABLE`; `THP_enabled: 0`
     /// in `/proc/PID/status`).
     pub thp_disabled: bool,
+    /// The process's clocks as it froze (see [`crate::migrate::clocks`]).
+    pub clocks: Clocks,
+}
+
+/// A process's clocks at one moment, in nanoseconds: the wall-clock time, and the monotonic
+/// and boot-time clocks as the process reads them (its time namespace's offsets included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Clocks {
+    /// `CLOCK_REALTIME`.
+    pub realtime_ns: i64,
+    /// `CLOCK_MONOTONIC`.
+    pub monotonic_ns: i64,
+    /// `CLOCK_BOOTTIME`.
+    pub boottime_ns: i64,
 }
 
 /// A process's user and group ids.
@@ -353,6 +368,13 @@ impl ProcessImage {
             p.u64(f.offset);
         });
         p.flag(self.thp_disabled);
+        for ns in [
+            self.clocks.realtime_ns,
+            self.clocks.monotonic_ns,
+            self.clocks.boottime_ns,
+        ] {
+            p.u64(ns as u64);
+        }
     }
 
     /// Reads the encoding (see the module's "Encoding").
@@ -449,6 +471,11 @@ impl ProcessImage {
             mappings,
             files,
             thp_disabled: r.flag()?,
+            clocks: Clocks {
+                realtime_ns: r.u64()? as i64,
+                monotonic_ns: r.u64()? as i64,
+                boottime_ns: r.u64()? as i64,
+            },
         })
     }
 }
@@ -567,6 +594,11 @@ pub(crate) mod tests {
                 })
                 .collect(),
             thp_disabled: true,
+            clocks: Clocks {
+                realtime_ns: 1_795_000_000_123_456_789,
+                monotonic_ns: 600_000_000_001,
+                boottime_ns: -1,
+            },
         }
     }
 
@@ -601,6 +633,7 @@ pub(crate) mod tests {
             mappings: vec![],
             files: vec![],
             thp_disabled: false,
+            clocks: Clocks::default(),
         };
         for image in [full, empty] {
             assert_eq!(decode(&encode(&image)), Ok(image.clone()));
@@ -673,12 +706,17 @@ pub(crate) mod tests {
             decode(&b),
             Err(ProtocolError::Truncated { .. } | ProtocolError::InvalidUtf8 { .. })
         ));
-        // The last count (files, before the one-byte THP flag) claiming 4 billion entries.
-        let tail = 1;
+        // The last count (files, before the one-byte THP flag and three clocks) claiming 4
+        // billion entries.
+        let tail = 1 + 3 * 8;
         let mut b = bytes.clone();
         let n = b.len() - tail;
         b[n - 4..n].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode(&b), truncated);
+        // The flag and clocks are read as a first file entry, until a tag or the end fails.
+        assert!(matches!(
+            decode(&b),
+            Err(ProtocolError::Truncated { .. } | ProtocolError::InvalidTag { .. })
+        ));
         // A mapping kind, a file kind, a shared flag and a path tag out of range.
         let one = |m: Mapping, f: Vec<OpenFile>| {
             encode(&ProcessImage {

@@ -14,7 +14,9 @@
 //! 2. drop the rseq area and robust-futex list it inherited from the agent, and turn
 //!    transparent huge pages off for it until [`Skeleton::resume`] (see below);
 //! 3. map a trampoline (a `syscall` instruction and scratch memory) where the image has
-//!    nothing, and unmap everything else but the kernel's `[vvar]`/`[vdso]`;
+//!    nothing; enter a time namespace whose monotonic and boot-time clocks go on from the
+//!    image's (see [`super::clocks`]; none when this node's agree), and unmap everything
+//!    else but the kernel's `[vvar]`/`[vdso]`;
 //! 4. move `[vvar]`/`[vdso]` to the image's addresses (mremap: the same kernel build on every
 //!    node means the same vdso code);
 //! 5. create every mapping at its address: anonymous private for anonymous, heap and stack
@@ -44,7 +46,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use crate::migrate::image::{FileKind, Mapping, MappingKind, ProcessImage, PAGE_SIZE};
+use crate::migrate::clocks::{self, Offsets};
+use crate::migrate::image::{Clocks, FileKind, Mapping, MappingKind, ProcessImage, PAGE_SIZE};
 use crate::migrate::inject::{self, parse_range, InjectError, Tracee};
 use crate::sys::{self, Resume};
 
@@ -258,6 +261,7 @@ pub fn build(image: &ProcessImage) -> Result<Skeleton, RestoreError> {
     sk.check_xstate()?;
     sk.drop_inherited_thread_state()?;
     sk.place_trampoline(image)?;
+    sk.carry_clocks(&image.clocks)?;
     sk.clear_address_space()?;
     sk.move_vdso(&image.mappings)?;
     sk.map_all(&image.mappings)?;
@@ -474,6 +478,59 @@ impl Skeleton {
             || format!("setting PR_SET_THP_DISABLE to {}", u8::from(off)),
         )
         .map(drop)
+    }
+
+    /// Puts the skeleton into a new time namespace whose offsets carry `image`'s monotonic
+    /// and boot-time clocks on (see [`super::clocks`]): unshare(CLONE_NEWTIME) makes the
+    /// namespace its children would get, the agent writes its offsets, and setns enters it
+    /// (the kernel then maps the namespace's clock page in place of `[vvar]`'s). Nothing when
+    /// this node's clocks already agree; a warning when this kernel has no time namespaces.
+    fn carry_clocks(&mut self, image: &Clocks) -> Result<(), RestoreError> {
+        let here = clocks::here().ctx(|| "reading this node's clocks".into())?;
+        let offsets = Offsets::between(image, &here);
+        if offsets.negligible() {
+            return Ok(());
+        }
+        let rc = self
+            .t()?
+            .syscall(
+                libc::SYS_unshare,
+                [libc::CLONE_NEWTIME as u64, 0, 0, 0, 0, 0],
+            )
+            .ctx(|| "creating a time namespace".into())?;
+        match rc {
+            0 => {}
+            rc if rc == -i64::from(libc::EINVAL) => {
+                self.warnings.push(format!(
+                    "this kernel has no time namespaces (CONFIG_TIME_NS): the process's clocks \
+                     are this node's, which differ from the source's by {offsets}"
+                ));
+                return Ok(());
+            }
+            rc => {
+                return Err(RestoreError::Io {
+                    what: "creating a time namespace".into(),
+                    source: io::Error::from_raw_os_error(-rc as i32),
+                })
+            }
+        }
+        let path = format!("/proc/{}/timens_offsets", self.pid);
+        std::fs::write(&path, offsets.proc_text())
+            .ctx(|| format!("setting the time namespace's offsets ({offsets}) in {path}"))?;
+        let ns = "/proc/self/ns/time_for_children";
+        let fd = self
+            .open(ns, (libc::O_RDONLY | libc::O_CLOEXEC) as u32)?
+            .map_err(|errno| RestoreError::Io {
+                what: format!("opening {ns}"),
+                source: io::Error::from_raw_os_error(errno),
+            })?;
+        let entered = self.call(
+            libc::SYS_setns,
+            [fd, libc::CLONE_NEWTIME as u64, 0, 0, 0, 0],
+            || format!("entering the time namespace ({offsets})"),
+        );
+        self.close(fd)?;
+        entered.map(drop)
     }
 
     /// Maps the trampoline where neither the image nor the child has anything: one code page

@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The workload: a 64 MiB buffer of seeded random bytes, and every 100 ms a line
-/// `n acc crc` appended to the file in argv[1]: a counter, a running value over the counter
-/// (kept in Python objects) and the buffer's CRC-32.
+/// `n acc crc ms` appended to the file in argv[1]: a counter, a running value over the
+/// counter (kept in Python objects), the buffer's CRC-32 and its monotonic clock in ms.
 /// Descriptors leaked into the test (e.g. a jobserver pipe) are closed first: the dump refuses
 /// pipes beyond fds 0-2.
 pub const WORKLOAD: &str = r#"
@@ -22,7 +22,7 @@ n, acc = 0, 1
 while True:
     n += 1
     acc = (acc * 31 + n) % 1000000007
-    out.write("%d %d %d\n" % (n, acc, zlib.crc32(buf)))
+    out.write("%d %d %d %d\n" % (n, acc, zlib.crc32(buf), time.monotonic() * 1000))
     time.sleep(0.1)
 "#;
 
@@ -45,6 +45,8 @@ pub struct Line {
     pub n: u64,
     pub acc: u64,
     pub crc: u64,
+    /// `time.monotonic()` in milliseconds, as the workload read it.
+    pub ms: u64,
 }
 
 pub fn read_lines(path: &Path) -> Vec<Line> {
@@ -56,6 +58,7 @@ pub fn read_lines(path: &Path) -> Vec<Line> {
                 n: f.next()??,
                 acc: f.next()??,
                 crc: f.next()??,
+                ms: f.next()??,
             })
         })
         .collect()
@@ -116,6 +119,12 @@ pub struct Started {
 /// and waits for its first five lines; `None`, with the reason printed, without root (the
 /// test needs it for `why`) or python3.
 pub fn start_workload(name: &str, why: &str) -> Option<Started> {
+    start_workload_under(name, why, &[])
+}
+
+/// [`start_workload`], with python3 started by `wrapper` (a program and its arguments, e.g.
+/// `unshare --fork ...`), whose one child it must be: the pid is that child's.
+pub fn start_workload_under(name: &str, why: &str, wrapper: &[&str]) -> Option<Started> {
     if !is_root() {
         eprintln!("skipped: needs root ({why})");
         return None;
@@ -132,7 +141,15 @@ pub fn start_workload(name: &str, why: &str) -> Option<Started> {
         moved: None,
         dir: dir.clone(),
     };
-    let child = Command::new(&python)
+    let mut cmd = match wrapper {
+        [] => Command::new(&python),
+        [program, args @ ..] => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&python);
+            c
+        }
+    };
+    let child = cmd
         .arg("-c")
         .arg(WORKLOAD)
         .arg(&out)
@@ -141,8 +158,8 @@ pub fn start_workload(name: &str, why: &str) -> Option<Started> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("starting python3");
-    let pid = child.id();
+        .unwrap_or_else(|e| panic!("starting python3 (wrapped in {wrapper:?}): {e}"));
+    let wrapper_pid = child.id();
     cleanup.source = Some(child);
     let before = wait_for_lines(&out, 5, Duration::from_secs(30));
     assert!(
@@ -150,6 +167,17 @@ pub fn start_workload(name: &str, why: &str) -> Option<Started> {
         "the workload wrote {} lines in 30 s",
         before.len()
     );
+    let pid = if wrapper.is_empty() {
+        wrapper_pid
+    } else {
+        let children =
+            fs::read_to_string(format!("/proc/{wrapper_pid}/task/{wrapper_pid}/children"))
+                .unwrap_or_default();
+        match children.split_whitespace().collect::<Vec<_>>()[..] {
+            [one] => one.parse().unwrap(),
+            ref other => panic!("{wrapper:?} has children {other:?}, not just python3"),
+        }
+    };
     Some(Started {
         cleanup,
         pid,
