@@ -1886,16 +1886,47 @@ impl HostConsole {
     }
 }
 
+/// The guests of any cluster under `<cache>/clusters` that triple-faulted since `since`, as
+/// their daemons logged it (`[UNIX_SECONDS] the guest ended: the guest triple-faulted ...`):
+/// `node: the line`. Under the nested host's emulated SVM, guests do so now and then, idle
+/// ones included: the platform's, like a host stall.
+fn guest_triple_faults_since(since: std::time::SystemTime) -> Vec<String> {
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let clusters = ferry::debian::cache_dir().join("clusters");
+    let mut found = Vec::new();
+    for cluster in std::fs::read_dir(&clusters).into_iter().flatten().flatten() {
+        let nodes = cluster.path().join("nodes");
+        for node in std::fs::read_dir(&nodes).into_iter().flatten().flatten() {
+            let log = std::fs::read_to_string(node.path().join("daemon.log")).unwrap_or_default();
+            for line in log.lines() {
+                let Some((stamp, rest)) = line.strip_prefix('[').and_then(|l| l.split_once("] "))
+                else {
+                    continue;
+                };
+                let at: f64 = stamp.parse().unwrap_or(0.0);
+                if at >= since && rest.starts_with("the guest ended: the guest triple-faulted") {
+                    found.push(format!("{}: {rest}", node.file_name().to_string_lossy()));
+                }
+            }
+        }
+    }
+    found
+}
+
 /// After a failed attempt in the nested host: a host whose kernel reported a stall, a lockup
 /// or a panic during it is restarted (its guests, the cluster's nodes among them, may hang for
 /// good: the next `ferry up` brings the cluster back in the new host); otherwise, one that does
-/// not run a trivial command is.
-fn recover_host(console: &HostConsole) {
+/// not run a trivial command is. Whether the host was restarted: the attempt then says more
+/// about the platform than about the case.
+fn recover_host(console: &HostConsole) -> bool {
     match console.wedged() {
         Some(line) => {
             println!("e2e: the nested host's kernel reported `{line}`; restarting it");
             let _ = Command::new(FERRY).args(["host", "stop"]).status();
             let _ = Command::new(FERRY).args(["host", "start"]).status();
+            true
         }
         None => restart_host_if_unresponsive(),
     }
@@ -1903,9 +1934,10 @@ fn recover_host(console: &HostConsole) {
 
 /// Before a case's second attempt: if the nested host does not run a trivial command within a
 /// minute, it is stopped and started again, so one wedged host fails one case, not the rest.
-fn restart_host_if_unresponsive() {
+/// Whether it was restarted.
+fn restart_host_if_unresponsive() -> bool {
     match ferry(&["host", "exec", "--", "true"], b"", QUICK_LIMIT) {
-        Ok(out) if out.code() == 0 => {}
+        Ok(out) if out.code() == 0 => false,
         answer => {
             let why = match answer {
                 Ok(out) => format!("exit {}: {}", out.code(), out.stderr.trim()),
@@ -1914,6 +1946,7 @@ fn restart_host_if_unresponsive() {
             println!("e2e: the nested host does not run `true` ({why}); restarting it");
             let _ = Command::new(FERRY).args(["host", "stop"]).status();
             let _ = Command::new(FERRY).args(["host", "start"]).status();
+            true
         }
     }
 }
@@ -1998,7 +2031,8 @@ fn main() {
     // A case gets a second attempt: guests under the nested host's emulated SVM very rarely
     // stall or triple-fault in early boot. A case during one of whose attempts the nested
     // host's own kernel wedged (a CPU stalled for good: the platform's, see
-    // `HostConsole::wedged`; the host is restarted) gets a third. Every failed attempt is
+    // `HostConsole::wedged`), or stopped running commands (either way the host is
+    // restarted), or a guest triple-faulted (`guest_triple_faults_since`), gets a third. Every failed attempt is
     // printed, and the summary names the cases that needed more than one, so a flaky case
     // shows instead of hiding.
     let mut retried = Vec::new();
@@ -2009,15 +2043,20 @@ fn main() {
         let mut wedged = false;
         let result = loop {
             let console = HostConsole::mark(&suite);
+            let began = std::time::SystemTime::now();
             let result = case(&suite);
             let Err(why) = &result else {
                 break result;
             };
             let news = console.news();
-            wedged |= suite.nested && console.wedged().is_some();
+            // So that one wedged host fails one attempt, not the rest.
+            wedged |= suite.nested && recover_host(&console);
             if suite.nested {
-                // So that one wedged host fails one attempt, not the rest.
-                recover_host(&console);
+                let faults = guest_triple_faults_since(began);
+                for f in &faults {
+                    println!("e2e: a guest triple-faulted during the attempt: {f}");
+                }
+                wedged |= !faults.is_empty();
             }
             if attempt == 3 || (attempt == 2 && !wedged) {
                 println!(
