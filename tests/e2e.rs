@@ -880,6 +880,10 @@ fn cluster_leftovers(s: &Suite) -> Result<String, String> {
 fn cluster_up_ssh_api_status_and_down(s: &Suite) -> CaseResult {
     let file = local_cluster_file();
     let file = file.as_str();
+    // From nothing running, whatever an earlier attempt or run left: nodes still up, or a
+    // joined node-4 (`down` forgets joined nodes).
+    let out = ferry(&["down", file], b"", BOOT_LIMIT)?;
+    check(out.code() == 0, "`ferry down` clears what was left", &out)?;
     let out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
     check(out.code() == 0, "`ferry up` brings the cluster up", &out)?;
     for node in ["node-1", "node-2", "node-3"] {
@@ -1886,11 +1890,12 @@ impl HostConsole {
     }
 }
 
-/// The guests of any cluster under `<cache>/clusters` that triple-faulted since `since`, as
-/// their daemons logged it (`[UNIX_SECONDS] the guest ended: the guest triple-faulted ...`):
-/// `node: the line`. Under the nested host's emulated SVM, guests do so now and then, idle
-/// ones included: the platform's, like a host stall.
-fn guest_triple_faults_since(since: std::time::SystemTime) -> Vec<String> {
+/// The guests of any cluster under `<cache>/clusters` that died or reset by themselves since
+/// `since`, as their daemons logged it (`[UNIX_SECONDS] the guest ended: the guest
+/// triple-faulted ...`, `... the guest rebooted ...`): `node: the line`. Under the nested
+/// host's emulated SVM, guests triple-fault now and then, idle ones included: the
+/// platform's, like a host stall. Each is printed, so a pattern would show.
+fn guest_deaths_since(since: std::time::SystemTime) -> Vec<String> {
     let since = since
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
@@ -1906,7 +1911,9 @@ fn guest_triple_faults_since(since: std::time::SystemTime) -> Vec<String> {
                     continue;
                 };
                 let at: f64 = stamp.parse().unwrap_or(0.0);
-                if at >= since && rest.starts_with("the guest ended: the guest triple-faulted") {
+                let died = (rest.starts_with("the guest ended: ") && !rest.contains("powered off"))
+                    || rest.starts_with("the guest rebooted");
+                if at >= since && died {
                     found.push(format!("{}: {rest}", node.file_name().to_string_lossy()));
                 }
             }
@@ -2031,10 +2038,10 @@ fn main() {
     // A case gets a second attempt: guests under the nested host's emulated SVM very rarely
     // stall or triple-fault in early boot. A case during one of whose attempts the nested
     // host's own kernel wedged (a CPU stalled for good: the platform's, see
-    // `HostConsole::wedged`), or stopped running commands (either way the host is
-    // restarted), or a guest triple-faulted (`guest_triple_faults_since`), gets a third. Every failed attempt is
-    // printed, and the summary names the cases that needed more than one, so a flaky case
-    // shows instead of hiding.
+    // `HostConsole::wedged`), or the host stopped running commands (either way it is
+    // restarted), or a guest died or reset by itself (`guest_deaths_since`), gets a third.
+    // Every failed attempt is printed, and the summary names the cases that needed more than
+    // one, so a flaky case shows instead of hiding.
     let mut retried = Vec::new();
     for (name, case) in &selected {
         let t = Instant::now();
@@ -2052,9 +2059,9 @@ fn main() {
             // So that one wedged host fails one attempt, not the rest.
             wedged |= suite.nested && recover_host(&console);
             if suite.nested {
-                let faults = guest_triple_faults_since(began);
+                let faults = guest_deaths_since(began);
                 for f in &faults {
-                    println!("e2e: a guest triple-faulted during the attempt: {f}");
+                    println!("e2e: a guest died during the attempt: {f}");
                 }
                 wedged |= !faults.is_empty();
             }

@@ -1018,6 +1018,11 @@ impl Node {
         let resumed = done_rx
             .await
             .unwrap_or_else(|_| Err("the landing thread ended".into()));
+        // It runs here from now on, whatever the source makes of the note below: `ps` shows
+        // where it came from as soon as it runs.
+        if let Ok(pid) = &resumed {
+            lock(&self.jobs.arrivals).insert(*pid, origin.clone());
+        }
         let outcome = resumed
             .as_ref()
             .map(|pid| format!("pid {pid}"))
@@ -1031,7 +1036,6 @@ impl Node {
             "process {pid} ({comm}) arrived from {from}: {} pages, {} zero",
             stats.pages, stats.zero_pages
         ));
-        lock(&self.jobs.arrivals).insert(pid, origin);
         Ok(())
     }
 }
