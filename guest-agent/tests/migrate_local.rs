@@ -19,7 +19,7 @@ use ferry_guest_agent::migrate::image::{MappingKind, PageRef, ProcessImage, PAGE
 use ferry_guest_agent::migrate::restore;
 
 mod common;
-use common::{read_lines, start_workload, start_workload_under, wait_for_lines, Line, Started};
+use common::{lines_after, read_lines, start_workload, start_workload_under, Line, Started};
 
 /// The pages whose contents the destination must receive: every private anonymous one
 /// (pagemap says so), and every present page of a writable private mapping.
@@ -132,13 +132,7 @@ fn a_python_workload_moves_and_keeps_counting() {
         !Path::new(&format!("/proc/{source_pid}")).exists(),
         "the source process {source_pid} is still there"
     );
-    let want = last_before.n as usize + 10;
-    let lines = wait_for_lines(&out, want, Duration::from_secs(20));
-    let after: Vec<Line> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.n > last_before.n)
-        .collect();
+    let after = lines_after(&out, last_before, 10, Duration::from_secs(20));
     assert!(
         after.len() >= 10,
         "only {} lines after the move (last before: {last_before:?})",
@@ -309,12 +303,7 @@ fn a_nobody_workload_keeps_its_pid_when_it_is_free() {
     let pid = skeleton.resume().expect("resuming");
     cleanup.moved = Some(pid);
 
-    let lines = wait_for_lines(&out, last_before.n as usize + 5, Duration::from_secs(20));
-    let after: Vec<Line> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.n > last_before.n)
-        .collect();
+    let after = lines_after(&out, last_before, 5, Duration::from_secs(20));
     assert!(
         after.len() >= 5,
         "only {} lines after the move",
@@ -396,12 +385,7 @@ fn a_process_from_a_node_that_booted_earlier_keeps_its_clock_and_sleeps_as_asked
     }
 
     // It counts on within seconds, not ten minutes...
-    let lines = wait_for_lines(&out, last_before.n as usize + 5, Duration::from_secs(20));
-    let after: Vec<Line> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.n > last_before.n)
-        .collect();
+    let after = lines_after(&out, last_before, 5, Duration::from_secs(20));
     assert!(
         after.len() >= 5,
         "only {} lines in 20 s after the move (last before: {last_before:?}): it sleeps on a \

@@ -20,7 +20,7 @@ use ferry_guest_agent::migrate::lazy::{LazyPages, Placement, STAGING_SLOTS, ZERO
 use ferry_guest_agent::migrate::restore;
 
 mod common;
-use common::{read_lines, start_workload, wait_for_lines, Line, Started};
+use common::{lines_after, read_lines, start_workload, Line, Started};
 
 /// The kind of the mapping holding `vaddr`, for a private mapping that is not the kernel's.
 fn private_kind(image: &ProcessImage, vaddr: u64) -> Option<(MappingKind, u64, u64)> {
@@ -171,13 +171,7 @@ fn a_python_workload_runs_before_its_pages_arrive_and_keeps_counting() {
         "the process never waited for a page: it did not run before its pages arrived"
     );
 
-    let want = last_before.n as usize + 10;
-    let lines = wait_for_lines(&out, want, Duration::from_secs(30));
-    let after: Vec<Line> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.n > last_before.n)
-        .collect();
+    let after = lines_after(&out, last_before, 10, Duration::from_secs(30));
     assert!(
         after.len() >= 10,
         "only {} lines after the move (last before: {last_before:?})",

@@ -75,6 +75,14 @@ pub fn wait_for_lines(path: &Path, at_least: usize, timeout: Duration) -> Vec<Li
     }
 }
 
+/// The lines counted after `last`, once there are `at_least` of them or `timeout` passed.
+pub fn lines_after(path: &Path, last: Line, at_least: usize, timeout: Duration) -> Vec<Line> {
+    wait_for_lines(path, last.n as usize + at_least, timeout)
+        .into_iter()
+        .filter(|l| l.n > last.n)
+        .collect()
+}
+
 /// Kills (and reaps) what the test started, however it ends.
 pub struct Cleanup {
     pub source: Option<Child>,
