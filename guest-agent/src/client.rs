@@ -341,6 +341,24 @@ impl<S: Stream> AgentConnection<S> {
         }
     }
 
+    /// Pre-copy's first look at running process `pid`: its outline (the image as `/proc`
+    /// shows it while it runs, without registers) and the frames of its present pages. The
+    /// process is not stopped. [`ClientError::CantMove`] says why it cannot move.
+    pub fn outline(&mut self, pid: u32) -> Result<(ProcessImage, Vec<PageRef>), ClientError> {
+        let image = self.request(
+            Message::Outline { pid },
+            "waiting for the process's outline",
+            |m| match m {
+                Message::Outlined(image) => Some(Ok(image)),
+                Message::CantMove { reason } => Some(Err(reason)),
+                _ => None,
+            },
+        )?;
+        let image = image.map_err(ClientError::CantMove)?;
+        let pages = self.page_frames(Vec::new())?;
+        Ok((image, pages))
+    }
+
     /// Lets frozen process `pid` go on unchanged (`kill` false), or kills it.
     pub fn release(&mut self, pid: u32, kill: bool) -> Result<(), ClientError> {
         self.request(
@@ -357,6 +375,24 @@ impl<S: Stream> AgentConnection<S> {
             "waiting for the rebuilt process",
             |m| match m {
                 Message::Rebuilt { pid } => Some(pid),
+                _ => None,
+            },
+        )
+    }
+
+    /// Completes the skeleton built from an outline (a [`AgentConnection::rebuild`] of an
+    /// image without registers) with the frozen process's `image`. Returns its pid (a new
+    /// one when it had to be built anew) and the ranges whose frames, reported before, no
+    /// longer hold.
+    pub fn complete(
+        &mut self,
+        image: &ProcessImage,
+    ) -> Result<(u32, Vec<(u64, u64)>), ClientError> {
+        self.request(
+            Message::Complete(image.clone()),
+            "waiting for the completed process",
+            |m| match m {
+                Message::Completed { pid, stale } => Some((pid, stale)),
                 _ => None,
             },
         )

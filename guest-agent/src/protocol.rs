@@ -42,7 +42,9 @@
 //! `Freeze`, `Frozen`, `PageFrames`, `PageFramesEnd`, `CantMove`, `Recheck`, `Release`,
 //! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32); for
 //! pre-copy `Survey` (33); for the user tools `Start`, `Started` (34, 35); for post-copy
-//! `Lazy`, `Place`, `WaitFaults`, `Faults`, `LazyEnd` (36 to 40).
+//! `Lazy`, `Place`, `WaitFaults`, `Faults`, `LazyEnd` (36 to 40); for building the
+//! destination's process during pre-copy `Outline`, `Outlined`, `Complete`, `Completed` (41 to
+//! 44).
 //!
 //! # Starting a process
 //!
@@ -61,8 +63,14 @@
 //! `Recheck { pid }` is answered the same way, with only the pages whose frame changed.
 //! `Survey { pid }` checks that a running process could move and lists its present pages
 //! without stopping it (a pre-copy round): answered like `Freeze`, without the `Frozen`.
+//! `Outline { pid }` is answered like `Freeze` with `Outlined(image)` in place of `Frozen`:
+//! the running process's image as far as `/proc` tells it without stopping it (no registers,
+//! xstate, signal state or exact break), and its present pages; it is not stopped.
 //! `Release { pid, kill }` thaws (or kills) a frozen process: `Released { pid }`.
-//! Destination agent: `Rebuild(image)` → `Rebuilt { pid }`; `WantFrames(vaddrs)` (at most
+//! Destination agent: `Rebuild(image)` → `Rebuilt { pid }`; `Rebuild` of an outline (an
+//! image without registers) builds its address space only, and `Complete(image)` later
+//! completes it from the freeze's image → `Completed { pid, stale }`, `stale` (u32 count, then
+//! start and end as u64 each) the ranges whose frames reported before no longer hold; `WantFrames(vaddrs)` (at most
 //! [`PAGE_FRAMES_BATCH`]) → one `PageFrames` with a frame for each address, in order;
 //! `Resume { pid }` → `Resumed { pid }`; `Abort { pid }` → `Released { pid }`. Post-copy,
 //! between `Rebuild` and `WantFrames`: `Lazy(ranges)` (u32 count, then start and end as u64
@@ -242,6 +250,14 @@ pub enum MessageType {
     Faults = 39,
     /// [`Message::LazyEnd`].
     LazyEnd = 40,
+    /// [`Message::Outline`].
+    Outline = 41,
+    /// [`Message::Outlined`].
+    Outlined = 42,
+    /// [`Message::Complete`].
+    Complete = 43,
+    /// [`Message::Completed`].
+    Completed = 44,
 }
 
 impl MessageType {
@@ -289,6 +305,10 @@ impl MessageType {
             38 => WaitFaults,
             39 => Faults,
             40 => LazyEnd,
+            41 => Outline,
+            42 => Outlined,
+            43 => Complete,
+            44 => Completed,
             _ => return None,
         })
     }
@@ -552,6 +572,17 @@ pub enum Message {
         /// The running process.
         pid: u32,
     },
+    /// Host → source agent, pre-copy: the running process's outline and present pages,
+    /// without stopping it. Answered like `Freeze`, with [`Message::Outlined`] in place of
+    /// `Frozen`.
+    Outline {
+        /// The running process.
+        pid: u32,
+    },
+    /// Agent → host: the answer to [`Message::Outline`]: the image as `/proc` shows it while
+    /// the process runs; `regs` and `xstate` are empty, and so are the signal state and the
+    /// exact program break.
+    Outlined(ProcessImage),
     /// Host → source agent: let a frozen process go on (`kill` false), or kill it (after
     /// the destination took over). Answered with [`Message::Released`].
     Release {
@@ -572,6 +603,19 @@ pub enum Message {
     Rebuilt {
         /// The skeleton's pid at the destination.
         pid: u32,
+    },
+    /// Host → destination agent, pre-copy: complete the skeleton built from an outline
+    /// (`Rebuild` of an image without registers) with the frozen process's image: its
+    /// mappings as they are now, then everything else. Answered with [`Message::Completed`].
+    Complete(ProcessImage),
+    /// Agent → host: the skeleton is complete.
+    Completed {
+        /// The skeleton's pid.
+        pid: u32,
+        /// The `(start, end)` ranges whose frames, reported before, no longer hold their
+        /// pages (mappings that changed since the outline; the whole address space when the
+        /// skeleton had to be built anew). Frames elsewhere still do.
+        stale: Vec<(u64, u64)>,
     },
     /// Host → destination agent: the frames backing these page addresses of the skeleton
     /// (at most [`PAGE_FRAMES_BATCH`]). Answered with one [`Message::PageFrames`], one entry
@@ -673,6 +717,10 @@ impl Message {
             Message::WaitFaults { .. } => MessageType::WaitFaults,
             Message::Faults(_) => MessageType::Faults,
             Message::LazyEnd { .. } => MessageType::LazyEnd,
+            Message::Outline { .. } => MessageType::Outline,
+            Message::Outlined(_) => MessageType::Outlined,
+            Message::Complete(_) => MessageType::Complete,
+            Message::Completed { .. } => MessageType::Completed,
         }
     }
 
@@ -764,13 +812,24 @@ impl Message {
             Message::Freeze { pid }
             | Message::Recheck { pid }
             | Message::Survey { pid }
+            | Message::Outline { pid }
             | Message::Released { pid }
             | Message::Rebuilt { pid }
             | Message::Resume { pid }
             | Message::Resumed { pid }
             | Message::Abort { pid }
             | Message::LazyEnd { pid } => p.u32(*pid),
-            Message::Frozen(image) | Message::Rebuild(image) => image.write(&mut p),
+            Message::Frozen(image)
+            | Message::Outlined(image)
+            | Message::Rebuild(image)
+            | Message::Complete(image) => image.write(&mut p),
+            Message::Completed { pid, stale } => {
+                p.u32(*pid);
+                p.list(stale, |p, &(s, e)| {
+                    p.u64(s);
+                    p.u64(e);
+                });
+            }
             Message::PageFrames(pages) => p.list(pages, |p, page| page.write(p)),
             Message::PageFramesEnd { count } => p.u64(*count),
             Message::CantMove { reason } => p.str(reason),
@@ -956,6 +1015,13 @@ impl Message {
             MessageType::WaitFaults => Message::WaitFaults { wait_ms: r.u32()? },
             MessageType::Faults => Message::Faults(r.list(|r| r.u64())?),
             MessageType::LazyEnd => Message::LazyEnd { pid: r.u32()? },
+            MessageType::Outline => Message::Outline { pid: r.u32()? },
+            MessageType::Outlined => Message::Outlined(ProcessImage::read(&mut r)?),
+            MessageType::Complete => Message::Complete(ProcessImage::read(&mut r)?),
+            MessageType::Completed => Message::Completed {
+                pid: r.u32()?,
+                stale: r.list(|r| Ok((r.u64()?, r.u64()?)))?,
+            },
         };
         r.finish()?;
         Ok(msg)
@@ -1283,6 +1349,13 @@ mod tests {
             Message::Released { pid: 3 },
             Message::Rebuild(crate::migrate::image::tests::sample_image()),
             Message::Rebuilt { pid: 5 },
+            Message::Outline { pid: 12 },
+            Message::Outlined(crate::migrate::image::tests::sample_image()),
+            Message::Complete(crate::migrate::image::tests::sample_image()),
+            Message::Completed {
+                pid: 13,
+                stale: vec![(0x1000, 0x3000), (0, u64::MAX)],
+            },
             Message::WantFrames(vec![0x1000, u64::MAX, 0]),
             Message::Resume { pid: 6 },
             Message::Resumed { pid: 7 },
@@ -1799,10 +1872,10 @@ mod tests {
         assert_eq!(PROTOCOL_VERSION, 1);
         assert_eq!(MessageType::Hello as u8, 1);
         assert_eq!(MessageType::Pong as u8, 12);
-        for b in 1..=40 {
+        for b in 1..=44 {
             assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
         }
-        assert_eq!(MessageType::from_byte(41), None);
+        assert_eq!(MessageType::from_byte(45), None);
         assert_eq!(MessageType::from_byte(0), None);
     }
 

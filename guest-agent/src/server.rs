@@ -20,7 +20,7 @@ use crate::client::Stream;
 use crate::migrate::dump::{self, DumpError, Frozen};
 use crate::migrate::image::{PageRef, PAGE_SIZE};
 use crate::migrate::lazy::LazyPages;
-use crate::migrate::restore::{self, Skeleton};
+use crate::migrate::restore::{self, RestoreError, Skeleton};
 use crate::procfs;
 use crate::protocol::{
     Decoder, ExecRequest, Hello, Message, MessageType, ProtocolError, PAGE_FRAMES_BATCH,
@@ -272,6 +272,13 @@ impl Agent {
                     ),
                 }
             }
+            Message::Outline { pid } => match dump::outline(pid) {
+                Ok((image, pages)) => {
+                    send(writer, &Message::Outlined(image))?;
+                    send_pages(writer, &pages)
+                }
+                Err(e) => send(writer, &dump_failed(MessageType::Outline, pid, e)),
+            },
             Message::Survey { pid } => match dump::survey(pid) {
                 Ok(pages) => send_pages(writer, &pages),
                 Err(e) => send(writer, &dump_failed(MessageType::Survey, pid, e)),
@@ -298,7 +305,14 @@ impl Agent {
                 if let Some(old) = session.skeleton.take() {
                     old.abort();
                 }
-                match restore::build(&image) {
+                // An image without registers is an outline (pre-copy): its address space now,
+                // the rest at `Complete`.
+                let built = if image.regs.is_empty() {
+                    restore::build_outline(&image)
+                } else {
+                    restore::build(&image)
+                };
+                match built {
                     Ok(skeleton) => {
                         let pid = skeleton.pid();
                         for w in skeleton.warnings() {
@@ -310,6 +324,47 @@ impl Agent {
                     Err(e) => send(
                         writer,
                         &migration_failed(MessageType::Rebuild, image.pid, &causes(&e)),
+                    ),
+                }
+            }
+            Message::Complete(image) => {
+                let Some(mut skeleton) = session.skeleton.take() else {
+                    return send(
+                        writer,
+                        &migration_failed(
+                            MessageType::Complete,
+                            image.pid,
+                            "has no skeleton built from an outline on this connection",
+                        ),
+                    );
+                };
+                let completed = match skeleton.complete(&image) {
+                    Ok(stale) => Ok((skeleton, stale)),
+                    Err(RestoreError::Outdated(why)) => {
+                        log(format_args!(
+                            "rebuilding pid {} anew: the skeleton built from its outline cannot take it: {why}",
+                            image.pid
+                        ));
+                        skeleton.abort();
+                        restore::build(&image).map(|fresh| (fresh, vec![(0, u64::MAX)]))
+                    }
+                    Err(e) => {
+                        skeleton.abort();
+                        Err(e)
+                    }
+                };
+                match completed {
+                    Ok((skeleton, stale)) => {
+                        let pid = skeleton.pid();
+                        for w in skeleton.warnings() {
+                            log(format_args!("rebuilding pid {}: {w}", image.pid));
+                        }
+                        session.skeleton = Some(skeleton);
+                        send(writer, &Message::Completed { pid, stale })
+                    }
+                    Err(e) => send(
+                        writer,
+                        &migration_failed(MessageType::Complete, image.pid, &causes(&e)),
                     ),
                 }
             }
@@ -482,6 +537,8 @@ impl Agent {
             | Message::Unsupported { .. }
             | Message::RequestFailed { .. }
             | Message::Frozen(_)
+            | Message::Outlined(_)
+            | Message::Completed { .. }
             | Message::PageFrames(_)
             | Message::PageFramesEnd { .. }
             | Message::CantMove { .. }

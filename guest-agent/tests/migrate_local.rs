@@ -19,7 +19,7 @@ use ferry_guest_agent::migrate::image::{MappingKind, PageRef, ProcessImage, PAGE
 use ferry_guest_agent::migrate::restore;
 
 mod common;
-use common::{lines_after, read_lines, start_workload, start_workload_under, Line, Started};
+use common::{lines_after, read_lines, start_workload, start_workload_under, Started};
 
 /// The pages whose contents the destination must receive: every private anonymous one
 /// (pagemap says so), and every present page of a writable private mapping.
@@ -67,6 +67,26 @@ fn copy_pages(from: u32, to: u32, vaddrs: &[u64]) -> u64 {
         dst.write_all_at(&buf, s)
             .unwrap_or_else(|e2| panic!("writing skeleton pages {s:#x}-{e:#x}: {e2}"));
         copied += e - s;
+    }
+    copied
+}
+
+/// Copies `vaddrs` from a process that still runs to the skeleton, as a pre-copy round does:
+/// pages it unmapped meanwhile are skipped (the final copy brings what matters).
+fn copy_running_pages(from: u32, to: u32, vaddrs: &[u64]) -> u64 {
+    let src = File::open(format!("/proc/{from}/mem")).expect("source memory");
+    let dst = OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{to}/mem"))
+        .expect("skeleton memory");
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut copied = 0;
+    for &v in vaddrs {
+        if src.read_exact_at(&mut page, v).is_ok() {
+            dst.write_all_at(&page, v)
+                .unwrap_or_else(|e| panic!("writing skeleton page {v:#x}: {e}"));
+            copied += PAGE_SIZE;
+        }
     }
     copied
 }
@@ -417,4 +437,128 @@ fn monotonic_offset_s(pid: u32) -> i64 {
         .find_map(|l| l.trim().strip_prefix("monotonic"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no monotonic offset for {pid} in:\n{offsets}"))
+}
+
+/// Pre-copy's early skeleton: the destination builds the process's address space from its
+/// outline (read while it runs), pins and fills its pages while it still runs at the source,
+/// then completes it from the freeze's image. The workload maps and unmaps memory all the
+/// time, so its mappings at the freeze differ from the outline's: completing must follow
+/// them, name the ranges whose frames changed, and keep every other frame (and its contents)
+/// as it was filled.
+#[test]
+fn a_process_built_from_its_outline_while_it_ran_moves_with_its_changed_mappings() {
+    let Some(Started {
+        mut cleanup,
+        pid: source_pid,
+        out,
+        ..
+    }) = common::start_script(
+        "migrate-outline",
+        "ptrace, pagemap frames, PR_SET_MM_MAP",
+        &[],
+        common::CHURNING_WORKLOAD,
+    )
+    else {
+        return;
+    };
+
+    // While it runs: the outline, the skeleton's address space, its pages pinned and filled.
+    let (outline, outline_pages) = dump::outline(source_pid).expect("outlining the workload");
+    assert!(outline.regs.is_empty() && outline.xstate.is_empty());
+    let mut skeleton = restore::build_outline(&outline).expect("building from the outline");
+    let early = pages_to_copy(&outline, &outline_pages);
+    let early_frames = skeleton
+        .frames(&early)
+        .expect("frames of the outline's pages");
+    copy_running_pages(source_pid, skeleton.pid(), &early);
+    std::thread::sleep(Duration::from_millis(600));
+
+    // The freeze: its image's mappings changed (blocks mapped and unmapped meanwhile).
+    let frozen = dump::freeze(source_pid).expect("freezing the workload");
+    let image = frozen.image();
+    let last_before = *read_lines(&out).last().unwrap();
+    let changed: Vec<_> = image
+        .mappings
+        .iter()
+        .filter(|m| !outline.mappings.contains(m))
+        .collect();
+    assert!(
+        !changed.is_empty(),
+        "the workload's mappings did not change in 600 ms"
+    );
+    let stale = skeleton
+        .complete(image)
+        .expect("completing the skeleton with the frozen image");
+    let in_stale = |v: u64| stale.iter().any(|&(s, e)| s <= v && v < e);
+    for m in &changed {
+        assert!(
+            in_stale(m.start) && in_stale(m.end - PAGE_SIZE),
+            "new mapping {:#x}-{:#x} is not among the stale ranges {stale:x?}",
+            m.start,
+            m.end
+        );
+    }
+    let vaddrs = pages_to_copy(image, frozen.pages());
+    let frames = skeleton.frames(&vaddrs).expect("frames after completing");
+    let now: std::collections::HashMap<u64, u64> =
+        vaddrs.iter().copied().zip(frames.iter().copied()).collect();
+    let mut kept = 0;
+    for (v, f) in early.iter().zip(&early_frames) {
+        if in_stale(*v) {
+            continue;
+        }
+        if let Some(g) = now.get(v) {
+            assert_eq!(g, f, "page {v:#x} outside the stale ranges changed frame");
+            kept += 1;
+        }
+    }
+    assert!(
+        kept as u64 >= (64 << 20) / PAGE_SIZE,
+        "only {kept} pages kept their frame: the 64 MiB buffer is not among them"
+    );
+    // The last copy: what changed since (here everything is copied again; the VMM sends
+    // only what KVM's dirty log and the stale ranges say).
+    copy_pages(source_pid, skeleton.pid(), &vaddrs);
+    let new_pid = skeleton.resume().expect("resuming the completed skeleton");
+    cleanup.moved = Some(new_pid);
+    frozen.kill().expect("killing the source");
+    if let Some(mut c) = cleanup.source.take() {
+        c.wait().expect("reaping the source");
+    }
+
+    let after = lines_after(&out, last_before, 10, Duration::from_secs(20));
+    assert!(
+        after.len() >= 10,
+        "only {} lines after the move (last before: {last_before:?})",
+        after.len()
+    );
+    let mut prev = last_before;
+    for l in &after {
+        assert_eq!(l.n, prev.n + 1, "counter jumped after {prev:?}: {l:?}");
+        assert_eq!(l.acc, (prev.acc * 31 + l.n) % 1_000_000_007);
+        assert_eq!(l.crc, last_before.crc, "buffer checksum changed at {l:?}");
+        prev = *l;
+    }
+}
+
+/// A skeleton built from an outline has no registers yet: it refuses to run until completed.
+#[test]
+fn a_skeleton_built_from_an_outline_refuses_to_run_before_it_is_completed() {
+    let Some(Started {
+        pid, cleanup: _c, ..
+    }) = start_workload("outline-early", "ptrace, PR_SET_MM_MAP")
+    else {
+        return;
+    };
+    let (outline, _) = dump::outline(pid).expect("outlining the workload");
+    let skeleton = restore::build_outline(&outline).expect("building from the outline");
+    let skeleton_pid = skeleton.pid();
+    match skeleton.resume() {
+        Err(restore::RestoreError::Incomplete { pid }) => assert_eq!(pid, skeleton_pid),
+        other => panic!("resuming an outline's skeleton: {other:?}"),
+    }
+    assert!(
+        !Path::new(&format!("/proc/{skeleton_pid}")).exists(),
+        "the refused skeleton {skeleton_pid} was not removed"
+    );
 }

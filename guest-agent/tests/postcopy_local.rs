@@ -20,7 +20,7 @@ use ferry_guest_agent::migrate::lazy::{LazyPages, Placement, STAGING_SLOTS, ZERO
 use ferry_guest_agent::migrate::restore;
 
 mod common;
-use common::{lines_after, read_lines, start_workload, Line, Started};
+use common::{lines_after, read_lines, start_workload, Started};
 
 /// The kind of the mapping holding `vaddr`, for a private mapping that is not the kernel's.
 fn private_kind(image: &ProcessImage, vaddr: u64) -> Option<(MappingKind, u64, u64)> {

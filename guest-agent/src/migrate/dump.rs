@@ -507,6 +507,67 @@ fn read_image(frozen: &mut Frozen) -> Result<(), DumpError> {
     let xstate = sys::ptrace_get_xstate(pid).map_err(sys_err("PTRACE_GETREGSET"))?;
     let sigmask = sys::ptrace_get_sigmask(pid).map_err(sys_err("PTRACE_GETSIGMASK"))?;
     // The clocks as it stopped, for the destination to carry on from.
+    let parts = read_parts(pid)?;
+
+    // What only the process itself can tell: its handlers and its exact break.
+    let mut injector = Injector::new(pid, regs, &maps)?;
+    let result = injector.read_inside(facts.caught | facts.ignored);
+    if result.is_ok() {
+        frozen.held = Some(injector.hold_frames(&maps, &facts));
+    }
+    // Registers as they must be for it to go on (a stopped system call restarted).
+    frozen.resume_regs = injector.touched.then(|| {
+        let mut r = restart_syscall(&regs);
+        r[ORIG_RAX] = u64::MAX;
+        r
+    });
+    let (sigactions, brk) = result?;
+    let Parts {
+        clocks,
+        rlimits,
+        mut mm,
+        cwd,
+        cmdline,
+    } = parts;
+    mm.brk = brk;
+
+    let mappings: Vec<Mapping> = maps.iter().map(|m| m.mapping.clone()).collect();
+    frozen.pages = present_pages(pid, &mappings)?;
+    frozen.image = ProcessImage {
+        pid,
+        comm: facts.comm,
+        cmdline,
+        cwd,
+        creds: facts.creds,
+        regs: restart_syscall(&regs)
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect(),
+        xstate,
+        sigmask,
+        sigactions,
+        rlimits,
+        mm,
+        mappings,
+        files: files.into_iter().map(|f| f.file).collect(),
+        thp_disabled: facts.thp_disabled,
+        clocks,
+    };
+    debug_assert_eq!(frozen.image.regs.len(), USER_REGS_LEN);
+    Ok(())
+}
+
+/// What an image holds that `/proc` tells without stopping the process.
+struct Parts {
+    clocks: Clocks,
+    rlimits: Vec<Rlimit>,
+    mm: MmLayout,
+    cwd: String,
+    cmdline: Vec<String>,
+}
+
+/// Reads the [`Parts`] of process `pid` (stopped or running: a running one's are a snapshot).
+fn read_parts(pid: u32) -> Result<Parts, DumpError> {
     let clocks = clocks::of_process(pid).map_err(|source| DumpError::Read {
         path: PathBuf::from(format!("/proc/{pid}/timens_offsets")),
         source,
@@ -543,46 +604,13 @@ fn read_image(frozen: &mut Frozen) -> Result<(), DumpError> {
         source,
     })?;
     let cmdline = procfs::parse_cmdline(&read_file(&proc.join("cmdline"))?, usize::MAX);
-
-    // What only the process itself can tell: its handlers and its exact break.
-    let mut injector = Injector::new(pid, regs, &maps)?;
-    let result = injector.read_inside(facts.caught | facts.ignored);
-    if result.is_ok() {
-        frozen.held = Some(injector.hold_frames(&maps, &facts));
-    }
-    // Registers as they must be for it to go on (a stopped system call restarted).
-    frozen.resume_regs = injector.touched.then(|| {
-        let mut r = restart_syscall(&regs);
-        r[ORIG_RAX] = u64::MAX;
-        r
-    });
-    let (sigactions, brk) = result?;
-    mm.brk = brk;
-
-    let mappings: Vec<Mapping> = maps.iter().map(|m| m.mapping.clone()).collect();
-    frozen.pages = present_pages(pid, &mappings)?;
-    frozen.image = ProcessImage {
-        pid,
-        comm: facts.comm,
-        cmdline,
-        cwd: cwd.to_string_lossy().into_owned(),
-        creds: facts.creds,
-        regs: restart_syscall(&regs)
-            .iter()
-            .flat_map(|r| r.to_le_bytes())
-            .collect(),
-        xstate,
-        sigmask,
-        sigactions,
+    Ok(Parts {
+        clocks,
         rlimits,
         mm,
-        mappings,
-        files: files.into_iter().map(|f| f.file).collect(),
-        thp_disabled: facts.thp_disabled,
-        clocks,
-    };
-    debug_assert_eq!(frozen.image.regs.len(), USER_REGS_LEN);
-    Ok(())
+        cwd: cwd.to_string_lossy().into_owned(),
+        cmdline,
+    })
 }
 
 /// The registers with a stopped system call's restart applied, as the kernel would on its way
@@ -957,6 +985,45 @@ pub fn survey(pid: u32) -> Result<Vec<PageRef>, DumpError> {
     check_files(&read_files(pid)?).map_err(|r| DumpError::cant(pid, r))?;
     let mappings: Vec<Mapping> = maps.into_iter().map(|m| m.mapping).collect();
     present_pages(pid, &mappings)
+}
+
+/// Pre-copy's first look at running process `pid`: what [`survey`] checks and lists, and
+/// its image as `/proc` shows it without stopping it: mappings, files, working directory,
+/// credentials, limits, memory layout and clocks, but no registers, xstate, signal state or
+/// exact program break (`regs` and `xstate` are empty), which only the freeze can read. The
+/// destination builds the process's address space from it while the pages stream, and
+/// completes it from the freeze's image.
+pub fn outline(pid: u32) -> Result<(ProcessImage, Vec<PageRef>), DumpError> {
+    if !PathBuf::from(format!("/proc/{pid}")).exists() {
+        return Err(DumpError::NoProcess(pid));
+    }
+    let facts = read_facts(pid)?;
+    check_process(pid, &facts, &agent_lineage(), false)?;
+    let maps = read_maps(pid)?;
+    check_maps(&maps).map_err(|r| DumpError::cant(pid, r))?;
+    let files = read_files(pid)?;
+    check_files(&files).map_err(|r| DumpError::cant(pid, r))?;
+    let parts = read_parts(pid)?;
+    let mappings: Vec<Mapping> = maps.into_iter().map(|m| m.mapping).collect();
+    let pages = present_pages(pid, &mappings)?;
+    let image = ProcessImage {
+        pid,
+        comm: facts.comm,
+        cmdline: parts.cmdline,
+        cwd: parts.cwd,
+        creds: facts.creds,
+        regs: Vec::new(),
+        xstate: Vec::new(),
+        sigmask: 0,
+        sigactions: Vec::new(),
+        rlimits: parts.rlimits,
+        mm: parts.mm,
+        mappings,
+        files: files.into_iter().map(|f| f.file).collect(),
+        thp_disabled: facts.thp_disabled,
+        clocks: parts.clocks,
+    };
+    Ok((image, pages))
 }
 
 /// Every present page of `mappings` (except `[vvar]` and `[vsyscall]`), by address. Pages

@@ -26,6 +26,13 @@
 //! 8. the working directory, the signal dispositions and mask, the command name, the
 //!    resource limits (RLIMIT_MEMLOCK waits for [`Skeleton::resume`]: pinning needs it open).
 //!
+//! Pre-copy builds in two parts, so that the pages can land while the process still runs at
+//! the source: [`build_outline`] does steps 1 to 5 from the running process's outline (an
+//! image without registers), and [`Skeleton::complete`] follows the mappings the process
+//! changed until the freeze and does steps 6 to 8 from the frozen image. The time
+//! namespace's offsets from the outline's clocks hold for the frozen image too: they are the
+//! difference between two clocks that tick alike.
+//!
 //! Credentials are switched in [`Skeleton::resume`], just before the registers: pinning
 //! (CAP_IPC_LOCK) and PR_SET_MM_MAP (CAP_SYS_RESOURCE) need the agent's root.
 //!
@@ -141,6 +148,17 @@ pub enum RestoreError {
         /// Why.
         reason: String,
     },
+    /// The image's mappings changed since the outline in a way the skeleton cannot follow
+    /// (a mapping over the trampoline, a moved vdso, a trampoline too small): it must be built
+    /// anew from the image.
+    #[error("the skeleton built from the outline cannot take this image: {0}")]
+    Outdated(String),
+    /// A skeleton built from an outline was asked to resume before [`Skeleton::complete`].
+    #[error("skeleton process {pid} was built from an outline and not completed")]
+    Incomplete {
+        /// The skeleton.
+        pid: u32,
+    },
     /// The skeleton was already resumed or aborted.
     #[error("the skeleton process {pid} is no longer under construction")]
     Finished {
@@ -220,6 +238,8 @@ pub struct Skeleton {
     memlock: Option<(u64, u64)>,
     /// The image's `PR_SET_THP_DISABLE`, set again at the resume.
     thp_disabled: bool,
+    /// Built from an outline and not completed yet: the outline's mappings.
+    outline: Option<Vec<Mapping>>,
     warnings: Vec<String>,
     /// Resumed or aborted: nothing left for `Drop` to do.
     done: bool,
@@ -228,13 +248,34 @@ pub struct Skeleton {
 /// Builds the skeleton of `image`'s process (see the module documentation). On error the
 /// half-built process is killed and reaped.
 pub fn build(image: &ProcessImage) -> Result<Skeleton, RestoreError> {
-    let regs = inject::regs_from_bytes(&image.regs).ok_or_else(|| {
+    let regs = image_regs(image)?;
+    let mut sk = build_address_space(image)?;
+    sk.finish_from(image, regs)?;
+    Ok(sk)
+}
+
+/// Pre-copy: builds the address space of `outline`, the image of a process that still runs
+/// at the source (no registers; see [`crate::migrate::dump::outline`]): steps 1 to 5 of
+/// [`build`]. Its pages can be pinned and filled ([`Skeleton::frames`]) while the source's
+/// rounds go on; [`Skeleton::complete`] finishes it from the freeze's image.
+pub fn build_outline(outline: &ProcessImage) -> Result<Skeleton, RestoreError> {
+    let mut sk = build_address_space(outline)?;
+    sk.outline = Some(outline.mappings.clone());
+    Ok(sk)
+}
+
+fn image_regs(image: &ProcessImage) -> Result<inject::Regs, RestoreError> {
+    inject::regs_from_bytes(&image.regs).ok_or_else(|| {
         RestoreError::BadImage(format!(
             "{} bytes of registers, expected {}",
             image.regs.len(),
             inject::REGS_LEN
         ))
-    })?;
+    })
+}
+
+/// Steps 1 to 5 of [`build`]: the stopped child with `image`'s clocks and mappings.
+fn build_address_space(image: &ProcessImage) -> Result<Skeleton, RestoreError> {
     check_mappings(&image.mappings)?;
     let pid = spawn_stopped(image.pid)?;
     let mut sk = Skeleton {
@@ -243,13 +284,14 @@ pub fn build(image: &ProcessImage) -> Result<Skeleton, RestoreError> {
         regions: Vec::new(),
         trampoline: (0, 0),
         locked: Vec::new(),
-        regs,
-        xstate: image.xstate.clone(),
+        regs: inject::regs_from_bytes(&[0; inject::REGS_LEN]).expect("REGS_LEN bytes"),
+        xstate: Vec::new(),
         uid: image.creds.uid,
         gid: image.creds.gid,
         groups: image.creds.groups.clone(),
         memlock: None,
         thp_disabled: image.thp_disabled,
+        outline: None,
         warnings: Vec::new(),
         done: false,
     };
@@ -258,20 +300,36 @@ pub fn build(image: &ProcessImage) -> Result<Skeleton, RestoreError> {
         Tracee::new(pid, libc::PTRACE_O_EXITKILL as u32)
             .ctx(|| format!("taking over skeleton process {pid}"))?,
     );
-    sk.check_xstate()?;
     sk.drop_inherited_thread_state()?;
     sk.place_trampoline(image)?;
     sk.carry_clocks(&image.clocks)?;
     sk.clear_address_space()?;
     sk.move_vdso(&image.mappings)?;
     sk.map_all(&image.mappings)?;
-    sk.set_mm(image)?;
-    sk.set_files(image)?;
-    sk.set_cwd(&image.cwd)?;
-    sk.set_signals(image)?;
-    sk.set_comm(&image.comm)?;
-    sk.set_rlimits(image)?;
     Ok(sk)
+}
+
+/// Scratch memory the trampoline needs for `image`: room for its longest path, its groups,
+/// its `prctl_mm_map` and aux vector, and at least [`MIN_SCRATCH`].
+fn scratch_len(image: &ProcessImage) -> u64 {
+    let longest_path = image
+        .mappings
+        .iter()
+        .filter_map(|m| m.path.as_ref().map(String::len))
+        .chain(image.files.iter().map(|f| f.path.len()))
+        .chain([image.cwd.len()])
+        .max()
+        .unwrap_or(0) as u64;
+    [
+        MIN_SCRATCH,
+        image.creds.groups.len() as u64 * 4,
+        PRCTL_MM_MAP_LEN as u64 + image.mm.auxv.len() as u64 * 8,
+        longest_path + 1,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(MIN_SCRATCH)
+    .next_multiple_of(PAGE_SIZE)
 }
 
 /// Checks that the mappings are page-aligned, non-empty, ascending and disjoint, and that
@@ -426,6 +484,96 @@ impl Skeleton {
         .map(drop)
     }
 
+    /// Steps 6 to 8 of [`build`], and what [`Skeleton::resume`] will need, from `image`.
+    fn finish_from(
+        &mut self,
+        image: &ProcessImage,
+        regs: inject::Regs,
+    ) -> Result<(), RestoreError> {
+        self.regs = regs;
+        self.xstate = image.xstate.clone();
+        self.uid = image.creds.uid;
+        self.gid = image.creds.gid;
+        self.groups = image.creds.groups.clone();
+        self.thp_disabled = image.thp_disabled;
+        self.check_xstate()?;
+        self.set_mm(image)?;
+        self.set_files(image)?;
+        self.set_cwd(&image.cwd)?;
+        self.set_signals(image)?;
+        self.set_comm(&image.comm)?;
+        self.set_rlimits(image)
+    }
+
+    /// Pre-copy: completes a skeleton built from an outline ([`build_outline`]) with the
+    /// frozen process's `image`. Mappings the process dropped or changed since the outline
+    /// are unmapped, and those it made are mapped; then everything else is set as [`build`]
+    /// does. Returns the ranges whose frames, reported before, no longer hold (the changed
+    /// mappings'); elsewhere the pages pinned and filled meanwhile stay as they are.
+    ///
+    /// [`RestoreError::Outdated`] means the skeleton cannot follow (it is left as it was):
+    /// build it anew with [`build`]. Any other error leaves it half-done: abort it.
+    pub fn complete(&mut self, image: &ProcessImage) -> Result<Vec<(u64, u64)>, RestoreError> {
+        let pid = self.pid;
+        let outline = self.outline.clone().ok_or_else(|| {
+            RestoreError::BadImage(format!(
+                "skeleton process {pid} was not built from an outline"
+            ))
+        })?;
+        let regs = image_regs(image)?;
+        check_mappings(&image.mappings)?;
+        let kernel = |ms: &[Mapping]| -> Vec<Mapping> {
+            ms.iter()
+                .filter(|m| is_vdso_kind(m.kind) || m.kind == MappingKind::Vsyscall)
+                .cloned()
+                .collect()
+        };
+        if kernel(&outline) != kernel(&image.mappings) {
+            return Err(RestoreError::Outdated("its [vvar]/[vdso] moved".into()));
+        }
+        let (ts, te) = self.trampoline;
+        if PAGE_SIZE + scratch_len(image) > te - ts {
+            return Err(RestoreError::Outdated(
+                "the trampoline's scratch memory is too small for it".into(),
+            ));
+        }
+        let gone: Vec<&Mapping> = outline
+            .iter()
+            .filter(|m| !image.mappings.contains(m))
+            .collect();
+        let new: Vec<Mapping> = image
+            .mappings
+            .iter()
+            .filter(|m| !outline.contains(m))
+            .cloned()
+            .collect();
+        // One free page either side of the trampoline, as it was placed.
+        if let Some(m) = new
+            .iter()
+            .find(|m| m.start < te + PAGE_SIZE && ts < m.end + PAGE_SIZE)
+        {
+            return Err(RestoreError::Outdated(format!(
+                "a new mapping at {:#x}-{:#x} meets the trampoline at {ts:#x}-{te:#x}",
+                m.start, m.end
+            )));
+        }
+        let mut stale = Vec::new();
+        for m in gone {
+            let (s, e) = (m.start, m.end);
+            self.call(libc::SYS_munmap, [s, e - s, 0, 0, 0, 0], || {
+                format!("unmapping {s:#x}-{e:#x}, gone since the outline")
+            })?;
+            self.regions.retain(|r| r.end <= s || e <= r.start);
+            self.locked.retain(|&(ls, le)| le <= s || e <= ls);
+            stale.push((s, e));
+        }
+        stale.extend(new.iter().map(|m| (m.start, m.end)));
+        self.map_all(&new)?;
+        self.outline = None;
+        self.finish_from(image, regs)?;
+        Ok(stale)
+    }
+
     fn check_xstate(&mut self) -> Result<(), RestoreError> {
         let pid = self.pid;
         let here = self
@@ -536,24 +684,7 @@ impl Skeleton {
     /// Maps the trampoline where neither the image nor the child has anything: one code page
     /// (`syscall`) and scratch pages after it, and makes the tracee use both.
     fn place_trampoline(&mut self, image: &ProcessImage) -> Result<(), RestoreError> {
-        let longest_path = image
-            .mappings
-            .iter()
-            .filter_map(|m| m.path.as_ref().map(String::len))
-            .chain(image.files.iter().map(|f| f.path.len()))
-            .chain([image.cwd.len()])
-            .max()
-            .unwrap_or(0) as u64;
-        let scratch = [
-            MIN_SCRATCH,
-            image.creds.groups.len() as u64 * 4,
-            PRCTL_MM_MAP_LEN as u64 + image.mm.auxv.len() as u64 * 8,
-            longest_path + 1,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(MIN_SCRATCH)
-        .next_multiple_of(PAGE_SIZE);
+        let scratch = scratch_len(image);
         let len = PAGE_SIZE + scratch;
 
         let mut busy: Vec<(u64, u64)> = image
@@ -1305,6 +1436,9 @@ impl Skeleton {
 
     fn resume_inner(&mut self) -> Result<(), RestoreError> {
         let pid = self.pid;
+        if self.outline.is_some() {
+            return Err(RestoreError::Incomplete { pid });
+        }
         for r in self.regions.clone() {
             if r.fillable {
                 self.call(

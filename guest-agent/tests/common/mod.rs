@@ -26,6 +26,28 @@ while True:
     time.sleep(0.1)
 "#;
 
+/// [`WORKLOAD`] that also changes its mappings all the time: every line, it maps 1 MiB of
+/// private anonymous memory, writes the count into it, and unmaps the oldest of the four it
+/// keeps.
+pub const CHURNING_WORKLOAD: &str = r#"
+import mmap, os, random, sys, time, zlib
+os.closerange(3, 65536)
+random.seed(7)
+buf = bytearray(random.randbytes(64 << 20))
+out = open(sys.argv[1], "a", buffering=1)
+n, acc, blocks = 0, 1, []
+while True:
+    n += 1
+    acc = (acc * 31 + n) % 1000000007
+    b = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    b[:8] = n.to_bytes(8, "little")
+    blocks.append(b)
+    if len(blocks) > 4:
+        blocks.pop(0).close()
+    out.write("%d %d %d %d\n" % (n, acc, zlib.crc32(buf), time.monotonic() * 1000))
+    time.sleep(0.1)
+"#;
+
 pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
@@ -133,6 +155,11 @@ pub fn start_workload(name: &str, why: &str) -> Option<Started> {
 /// [`start_workload`], with python3 started by `wrapper` (a program and its arguments, e.g.
 /// `unshare --fork ...`), whose one child it must be: the pid is that child's.
 pub fn start_workload_under(name: &str, why: &str, wrapper: &[&str]) -> Option<Started> {
+    start_script(name, why, wrapper, WORKLOAD)
+}
+
+/// [`start_workload`] with another `script` (taking the output file as its argument).
+pub fn start_script(name: &str, why: &str, wrapper: &[&str], script: &str) -> Option<Started> {
     if !is_root() {
         eprintln!("skipped: needs root ({why})");
         return None;
@@ -159,7 +186,7 @@ pub fn start_workload_under(name: &str, why: &str, wrapper: &[&str]) -> Option<S
     };
     let child = cmd
         .arg("-c")
-        .arg(WORKLOAD)
+        .arg(script)
         .arg(&out)
         .current_dir(&dir)
         .stdin(Stdio::null())
