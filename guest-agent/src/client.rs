@@ -422,6 +422,22 @@ impl<S: Stream> AgentConnection<S> {
         Ok(out)
     }
 
+    /// Drops pages of the skeleton pinned from the outline that the frozen process no
+    /// longer has (asked in batches of [`PAGE_FRAMES_BATCH`]).
+    pub fn discard(&mut self, vaddrs: &[u64]) -> Result<(), ClientError> {
+        for batch in vaddrs.chunks(PAGE_FRAMES_BATCH) {
+            self.request(
+                Message::Discard(batch.to_vec()),
+                "waiting for the skeleton's pages to be dropped",
+                |m| match m {
+                    Message::Released { .. } => Some(()),
+                    _ => None,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     /// Lets the rebuilt process `pid` run; returns its pid.
     pub fn resume(&mut self, pid: u32) -> Result<u32, ClientError> {
         self.request(

@@ -43,8 +43,8 @@
 //! `Released`, `Rebuild`, `Rebuilt`, `WantFrames`, `Resume`, `Resumed`, `Abort` (19 to 32); for
 //! pre-copy `Survey` (33); for the user tools `Start`, `Started` (34, 35); for post-copy
 //! `Lazy`, `Place`, `WaitFaults`, `Faults`, `LazyEnd` (36 to 40); for building the
-//! destination's process during pre-copy `Outline`, `Outlined`, `Complete`, `Completed` (41 to
-//! 44).
+//! destination's process during pre-copy `Outline`, `Outlined`, `Complete`, `Completed`,
+//! `Discard` (41 to 45).
 //!
 //! # Starting a process
 //!
@@ -70,7 +70,9 @@
 //! Destination agent: `Rebuild(image)` → `Rebuilt { pid }`; `Rebuild` of an outline (an
 //! image without registers) builds its address space only, and `Complete(image)` later
 //! completes it from the freeze's image → `Completed { pid, stale }`, `stale` (u32 count, then
-//! start and end as u64 each) the ranges whose frames reported before no longer hold; `WantFrames(vaddrs)` (at most
+//! start and end as u64 each) the ranges whose frames reported before no longer hold;
+//! `Discard(vaddrs)` (as `WantFrames`) drops pages pinned from the outline that the frozen
+//! process no longer has → `Released { pid }`; `WantFrames(vaddrs)` (at most
 //! [`PAGE_FRAMES_BATCH`]) → one `PageFrames` with a frame for each address, in order;
 //! `Resume { pid }` → `Resumed { pid }`; `Abort { pid }` → `Released { pid }`. Post-copy,
 //! between `Rebuild` and `WantFrames`: `Lazy(ranges)` (u32 count, then start and end as u64
@@ -258,6 +260,8 @@ pub enum MessageType {
     Complete = 43,
     /// [`Message::Completed`].
     Completed = 44,
+    /// [`Message::Discard`].
+    Discard = 45,
 }
 
 impl MessageType {
@@ -309,6 +313,7 @@ impl MessageType {
             42 => Outlined,
             43 => Complete,
             44 => Completed,
+            45 => Discard,
             _ => return None,
         })
     }
@@ -617,6 +622,11 @@ pub enum Message {
         /// skeleton had to be built anew). Frames elsewhere still do.
         stale: Vec<(u64, u64)>,
     },
+    /// Host → destination agent, pre-copy, after [`Message::Complete`]: pages of the
+    /// skeleton pinned (and filled) from the outline that the frozen process no longer has
+    /// (at most [`PAGE_FRAMES_BATCH`]): unpin and drop them, so that they read as at the
+    /// source (zeros, or the file's contents). Answered with [`Message::Released`].
+    Discard(Vec<u64>),
     /// Host → destination agent: the frames backing these page addresses of the skeleton
     /// (at most [`PAGE_FRAMES_BATCH`]). Answered with one [`Message::PageFrames`], one entry
     /// per address in the same order.
@@ -721,6 +731,7 @@ impl Message {
             Message::Outlined(_) => MessageType::Outlined,
             Message::Complete(_) => MessageType::Complete,
             Message::Completed { .. } => MessageType::Completed,
+            Message::Discard(_) => MessageType::Discard,
         }
     }
 
@@ -837,7 +848,7 @@ impl Message {
                 p.u32(*pid);
                 p.flag(*kill);
             }
-            Message::WantFrames(vaddrs) | Message::Faults(vaddrs) => {
+            Message::WantFrames(vaddrs) | Message::Faults(vaddrs) | Message::Discard(vaddrs) => {
                 p.list(vaddrs, |p, v| p.u64(*v))
             }
             Message::Lazy(ranges) => p.list(ranges, |p, &(s, e)| {
@@ -1018,6 +1029,7 @@ impl Message {
             MessageType::Outline => Message::Outline { pid: r.u32()? },
             MessageType::Outlined => Message::Outlined(ProcessImage::read(&mut r)?),
             MessageType::Complete => Message::Complete(ProcessImage::read(&mut r)?),
+            MessageType::Discard => Message::Discard(r.list(|r| r.u64())?),
             MessageType::Completed => Message::Completed {
                 pid: r.u32()?,
                 stale: r.list(|r| Ok((r.u64()?, r.u64()?)))?,
@@ -1356,6 +1368,7 @@ mod tests {
                 pid: 13,
                 stale: vec![(0x1000, 0x3000), (0, u64::MAX)],
             },
+            Message::Discard(vec![0x7000, 0x9000]),
             Message::WantFrames(vec![0x1000, u64::MAX, 0]),
             Message::Resume { pid: 6 },
             Message::Resumed { pid: 7 },
@@ -1872,10 +1885,10 @@ mod tests {
         assert_eq!(PROTOCOL_VERSION, 1);
         assert_eq!(MessageType::Hello as u8, 1);
         assert_eq!(MessageType::Pong as u8, 12);
-        for b in 1..=44 {
+        for b in 1..=45 {
             assert_eq!(MessageType::from_byte(b).unwrap() as u8, b);
         }
-        assert_eq!(MessageType::from_byte(45), None);
+        assert_eq!(MessageType::from_byte(46), None);
         assert_eq!(MessageType::from_byte(0), None);
     }
 

@@ -368,6 +368,26 @@ impl Agent {
                     ),
                 }
             }
+            Message::Discard(vaddrs) => {
+                let Some(skeleton) = session.skeleton.as_mut() else {
+                    return send(
+                        writer,
+                        &Message::RequestFailed {
+                            request: MessageType::Discard as u8,
+                            message: "ferry-agent: no process is being rebuilt on this connection"
+                                .into(),
+                        },
+                    );
+                };
+                let pid = skeleton.pid();
+                match skeleton.discard(&vaddrs) {
+                    Ok(()) => send(writer, &Message::Released { pid }),
+                    Err(e) => send(
+                        writer,
+                        &migration_failed(MessageType::Discard, pid, &causes(&e)),
+                    ),
+                }
+            }
             Message::WantFrames(vaddrs) => {
                 let Some(skeleton) = session.skeleton.as_mut() else {
                     return send(

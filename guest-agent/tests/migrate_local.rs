@@ -444,7 +444,8 @@ fn monotonic_offset_s(pid: u32) -> i64 {
 /// then completes it from the freeze's image. The workload maps and unmaps memory all the
 /// time, so its mappings at the freeze differ from the outline's: completing must follow
 /// them, name the ranges whose frames changed, and keep every other frame (and its contents)
-/// as it was filled.
+/// as it was filled. It also drops a page it had written (MADV_DONTNEED) after the outline:
+/// that page, filled early, must read 0 again after the move.
 #[test]
 fn a_process_built_from_its_outline_while_it_ran_moves_with_its_changed_mappings() {
     let Some(Started {
@@ -471,6 +472,7 @@ fn a_process_built_from_its_outline_while_it_ran_moves_with_its_changed_mappings
         .frames(&early)
         .expect("frames of the outline's pages");
     copy_running_pages(source_pid, skeleton.pid(), &early);
+    fs::write(out.with_file_name("drop"), b"").unwrap();
     std::thread::sleep(Duration::from_millis(600));
 
     // The freeze: its image's mappings changed (blocks mapped and unmapped meanwhile).
@@ -499,12 +501,39 @@ fn a_process_built_from_its_outline_while_it_ran_moves_with_its_changed_mappings
         );
     }
     let vaddrs = pages_to_copy(image, frozen.pages());
+    // Gone: filled early, and no longer the process's own page at the freeze (the dropped
+    // one, read since, maps the shared zero page).
+    let anon_then: HashSet<u64> = outline_pages
+        .iter()
+        .filter(|p| p.anon)
+        .map(|p| p.vaddr)
+        .collect();
+    let anon_now: HashSet<u64> = frozen
+        .pages()
+        .iter()
+        .filter(|p| p.anon)
+        .map(|p| p.vaddr)
+        .collect();
+    let listed: HashSet<u64> = vaddrs.iter().copied().collect();
+    let gone: Vec<u64> = early
+        .iter()
+        .copied()
+        .filter(|v| {
+            !in_stale(*v)
+                && (!listed.contains(v) || (anon_then.contains(v) && !anon_now.contains(v)))
+        })
+        .collect();
+    assert!(
+        !gone.is_empty(),
+        "the dropped page is not among the pages gone"
+    );
+    skeleton.discard(&gone).expect("dropping the pages gone");
     let frames = skeleton.frames(&vaddrs).expect("frames after completing");
     let now: std::collections::HashMap<u64, u64> =
         vaddrs.iter().copied().zip(frames.iter().copied()).collect();
     let mut kept = 0;
     for (v, f) in early.iter().zip(&early_frames) {
-        if in_stale(*v) {
+        if in_stale(*v) || gone.contains(v) {
             continue;
         }
         if let Some(g) = now.get(v) {
@@ -539,6 +568,30 @@ fn a_process_built_from_its_outline_while_it_ran_moves_with_its_changed_mappings
         assert_eq!(l.crc, last_before.crc, "buffer checksum changed at {l:?}");
         prev = *l;
     }
+    // The dropped page reads 0 at the destination too.
+    fs::write(out.with_file_name("check"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bytes = loop {
+        let text = fs::read_to_string(&out).unwrap();
+        let bytes: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|b| *b != "-1")
+            .map(String::from)
+            .collect();
+        if bytes.len() >= 3 || Instant::now() > deadline {
+            break bytes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        bytes.len() >= 3,
+        "the workload did not read the page: {bytes:?}"
+    );
+    assert!(
+        bytes.iter().all(|b| b == "0"),
+        "the page dropped before the freeze reads {bytes:?} after the move"
+    );
 }
 
 /// A skeleton built from an outline has no registers yet: it refuses to run until completed.

@@ -1320,6 +1320,37 @@ impl Skeleton {
             .collect()
     }
 
+    /// Pre-copy: drops pages pinned (and filled) from the outline that the frozen process
+    /// no longer has: unpinned, then `MADV_DONTNEED`, so that they read as at the source
+    /// (zeros in anonymous memory, the file's contents in a private file mapping).
+    pub fn discard(&mut self, vaddrs: &[u64]) -> Result<(), RestoreError> {
+        let mut sorted = Vec::with_capacity(vaddrs.len());
+        for &v in vaddrs {
+            self.fillable_region(v)?;
+            sorted.push(v);
+        }
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for v in sorted {
+            match runs.last_mut() {
+                Some(run) if run.1 == v => run.1 = v + PAGE_SIZE,
+                _ => runs.push((v, v + PAGE_SIZE)),
+            }
+        }
+        for (s, e) in runs {
+            self.call(libc::SYS_munlock, [s, e - s, 0, 0, 0, 0], || {
+                format!("unpinning {s:#x}-{e:#x}, gone since the outline")
+            })?;
+            self.call(
+                libc::SYS_madvise,
+                [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0],
+                || format!("dropping {s:#x}-{e:#x}, gone since the outline"),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Post-copy: creates a userfaultfd inside the process, registers `ranges` (each inside
     /// one private anonymous mapping of the image) for missing-page faults, and takes the
     /// descriptor into the agent (pidfd_getfd); the process keeps none. From then on a page

@@ -26,16 +26,24 @@ while True:
     time.sleep(0.1)
 "#;
 
-/// [`WORKLOAD`] that also changes its mappings all the time: every line, it maps 1 MiB of
+/// [`WORKLOAD`] that also changes its memory all the time: every line, it maps 1 MiB of
 /// private anonymous memory, writes the count into it, and unmaps the oldest of the four it
-/// keeps.
+/// keeps. It keeps one page of another 1 MiB area written (255) until a file `drop` appears
+/// next to its output, then drops it (`MADV_DONTNEED`: it would read 0 from then on) and
+/// leaves it alone. Once a file `check` appears, each line ends with that page's first byte,
+/// before with -1: `n acc crc ms byte`.
 pub const CHURNING_WORKLOAD: &str = r#"
 import mmap, os, random, sys, time, zlib
 os.closerange(3, 65536)
 random.seed(7)
 buf = bytearray(random.randbytes(64 << 20))
 out = open(sys.argv[1], "a", buffering=1)
-n, acc, blocks = 0, 1, []
+flag = os.path.join(os.path.dirname(sys.argv[1]), "drop")
+check = os.path.join(os.path.dirname(sys.argv[1]), "check")
+# Executable too, so that the kernel never merges it with the blocks around it.
+area = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                 prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+n, acc, blocks, dropped = 0, 1, [], False
 while True:
     n += 1
     acc = (acc * 31 + n) % 1000000007
@@ -44,7 +52,13 @@ while True:
     blocks.append(b)
     if len(blocks) > 4:
         blocks.pop(0).close()
-    out.write("%d %d %d %d\n" % (n, acc, zlib.crc32(buf), time.monotonic() * 1000))
+    if not dropped and os.path.exists(flag):
+        area.madvise(mmap.MADV_DONTNEED)
+        dropped = True
+    elif not dropped:
+        area[5 * 4096] = 255
+    byte = area[5 * 4096] if os.path.exists(check) else -1
+    out.write("%d %d %d %d %d\n" % (n, acc, zlib.crc32(buf), time.monotonic() * 1000, byte))
     time.sleep(0.1)
 "#;
 
