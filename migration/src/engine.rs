@@ -274,6 +274,10 @@ pub struct Stats {
     pub zero_pages: u64,
     /// Of `pages`, those the destination already held from pre-copy (sent as markers).
     pub held_pages: u64,
+    /// At the destination: of `held_pages`, those already in their frames, landed while the
+    /// process still ran at the source (an [`Early`] skeleton): nothing to write after the
+    /// freeze.
+    pub early_pages: u64,
     /// At the destination: pages that arrived in pre-copy rounds (a page sent in several
     /// rounds counts each time).
     pub precopy_pages: u64,
@@ -391,6 +395,33 @@ impl Precopied {
             _ => None,
         }
     }
+}
+
+/// Pre-copy, before the first round: sends the running process's outline (`image`, the
+/// agent's encoded outline, opaque here) and the vaddrs of the pages the first round will
+/// send, for the destination to build the process and pin those pages while the rounds go
+/// on ([`Message::Outline`]).
+pub async fn outline<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    job_id: u64,
+    image: &[u8],
+    vaddrs: &[u64],
+    timeouts: &Timeouts,
+) -> Result<(), MigrationError> {
+    const OUTLINING: &str = "sending the process's outline";
+    check_job(image, &[])?;
+    let mut stats = Stats::default();
+    let outline = Message::Outline(Hello {
+        job_id,
+        page_count: vaddrs.len() as u64,
+        image: image.to_vec(),
+    });
+    write_message(stream, &outline, &mut stats, timeouts.io, OUTLINING).await?;
+    for chunk in vaddrs.chunks(MAX_PAGE_LIST) {
+        let list = Message::PageList(chunk.to_vec());
+        write_message(stream, &list, &mut stats, timeouts.io, OUTLINING).await?;
+    }
+    flush(stream, timeouts.io, OUTLINING).await
 }
 
 /// One pre-copy round: sends the pages of `pages` (`(vaddr, pfn)` pairs, read from `source`
@@ -736,44 +767,143 @@ impl<S> std::fmt::Debug for Incoming<'_, S> {
 }
 
 /// Pages a destination holds from pre-copy rounds, by vaddr (a page sent again replaces its
-/// copy in place).
+/// copy in place), each with its checksum digest and the frame it already landed in, if any.
 #[derive(Debug, Default)]
 struct HeldPages {
-    /// vaddr -> the page's slot in `data`, or `None` for a zero page.
-    index: HashMap<u64, Option<usize>>,
+    index: HashMap<u64, HeldPage>,
     data: Vec<u8>,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct HeldPage {
+    /// The copy's slot in `data`; `None` for a zero page.
+    slot: Option<usize>,
+    /// Its [`page_digest`].
+    digest: u64,
+    /// The frame that holds this very copy (landed early), if any.
+    frame: Option<u64>,
+}
+
 impl HeldPages {
-    fn hold(&mut self, vaddr: u64, page: Option<&[u8]>) {
-        let Some(page) = page else {
-            self.index.insert(vaddr, None);
-            return;
-        };
-        match self.index.get(&vaddr) {
-            Some(&Some(slot)) => {
-                self.data[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE].copy_from_slice(page)
+    /// Holds `page` (`None`: a zero page) for `vaddr`, and lands it in `early` (its frame and
+    /// where frames are written) when given.
+    fn hold(
+        &mut self,
+        vaddr: u64,
+        page: Option<&[u8]>,
+        early: Option<(u64, &dyn PageSink)>,
+    ) -> Result<(), MigrationError> {
+        let data = page.unwrap_or(&ZERO_PAGE);
+        let digest = page_digest(vaddr, data);
+        let slot = match (page, self.index.get(&vaddr).and_then(|h| h.slot)) {
+            (None, _) => None,
+            (Some(page), Some(slot)) => {
+                self.data[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE].copy_from_slice(page);
+                Some(slot)
             }
-            _ => {
-                self.index.insert(vaddr, Some(self.data.len() / PAGE_SIZE));
+            (Some(page), None) => {
                 self.data.extend_from_slice(page);
+                Some(self.data.len() / PAGE_SIZE - 1)
             }
+        };
+        let mut frame = None;
+        if let Some((pfn, sink)) = early {
+            sink.write_page(pfn, data)
+                .map_err(|source| MigrationError::WritePage { vaddr, pfn, source })?;
+            frame = Some(pfn);
         }
+        self.index.insert(
+            vaddr,
+            HeldPage {
+                slot,
+                digest,
+                frame,
+            },
+        );
+        Ok(())
     }
 
-    /// The held copy of the page at `vaddr`: `Some(None)` for a zero page.
-    fn get(&self, vaddr: u64) -> Option<Option<&[u8]>> {
-        self.index
-            .get(&vaddr)
-            .map(|slot| slot.map(|s| &self.data[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]))
+    /// Lands every held page that has a frame in `frames` and is not in it yet.
+    fn land_early(
+        &mut self,
+        frames: &HashMap<u64, u64>,
+        sink: &dyn PageSink,
+    ) -> Result<u64, MigrationError> {
+        let mut landed = 0;
+        for (&vaddr, h) in self.index.iter_mut() {
+            let Some(&pfn) = frames.get(&vaddr) else {
+                continue;
+            };
+            if h.frame == Some(pfn) {
+                continue;
+            }
+            let data = match h.slot {
+                Some(s) => &self.data[s * PAGE_SIZE..(s + 1) * PAGE_SIZE],
+                None => &ZERO_PAGE[..],
+            };
+            sink.write_page(pfn, data)
+                .map_err(|source| MigrationError::WritePage { vaddr, pfn, source })?;
+            h.frame = Some(pfn);
+            landed += 1;
+        }
+        Ok(landed)
+    }
+
+    /// The held copy of the page at `vaddr`.
+    fn get(&self, vaddr: u64) -> Option<HeldCopy<'_>> {
+        self.index.get(&vaddr).map(|h| HeldCopy {
+            data: h
+                .slot
+                .map(|s| &self.data[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]),
+            digest: h.digest,
+            frame: h.frame,
+        })
     }
 }
 
+/// A held page as [`HeldPages::get`] gives it.
+struct HeldCopy<'a> {
+    /// `None` for a zero page.
+    data: Option<&'a [u8]>,
+    digest: u64,
+    /// The frame it landed in early, if any.
+    frame: Option<u64>,
+}
+
+/// Pre-copy at the destination: building the process while the rounds go on. When the
+/// source's [`Message::Outline`] arrives, [`receive_early`] hands it to `on_outline` (start
+/// building from it, without blocking); once `frames` delivers the frames of (some of) the
+/// outline's pages, every held page with a frame lands in it, and each later copy as it
+/// arrives. A dropped `frames` sender means none: every page lands after the freeze.
+pub struct Early<'a> {
+    /// Gets the outline's image (the agent's encoded outline, opaque here) and the vaddrs of
+    /// the first round's pages.
+    pub on_outline: Box<dyn FnOnce(Vec<u8>, Vec<u64>) + Send + 'a>,
+    /// The frames, as `(vaddr, pfn)`, once the process is built and they are pinned.
+    pub frames: tokio::sync::oneshot::Receiver<Vec<(u64, u64)>>,
+    /// Where the pages land.
+    pub sink: &'a (dyn PageSink + Sync),
+}
+
 /// Accepts a job at the destination: holds the pages of any pre-copy rounds, then reads
-/// `Hello` and the whole vaddr list (each frame within `timeouts.io`).
+/// `Hello` and the whole vaddr list (each frame within `timeouts.io`). A job that sends an
+/// outline is refused: use [`receive_early`] to take one.
 pub async fn receive<'s, S>(
     stream: &'s mut S,
     timeouts: &Timeouts,
+) -> Result<Incoming<'s, S>, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    receive_early(stream, timeouts, None).await
+}
+
+/// [`receive`], landing pre-copied pages early when the source sends an outline and `early`
+/// is given (see [`Early`]).
+pub async fn receive_early<'s, S>(
+    stream: &'s mut S,
+    timeouts: &Timeouts,
+    early: Option<Early<'_>>,
 ) -> Result<Incoming<'s, S>, MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -784,9 +914,32 @@ where
     let mut stats = Stats::default();
     let mut held = HeldPages::default();
     let mut lazy = Vec::new();
+    let (mut on_outline, mut pending, sink) = match early {
+        Some(e) => (Some(e.on_outline), Some(e.frames), Some(e.sink)),
+        None => (None, None, None),
+    };
+    let mut frames: HashMap<u64, u64> = HashMap::new();
+    // Takes the early frames once they are known, and lands what is held in them.
+    let mut take_frames =
+        |held: &mut HeldPages, frames: &mut HashMap<u64, u64>| -> Result<(), MigrationError> {
+            let (Some(rx), Some(sink)) = (pending.as_mut(), sink) else {
+                return Ok(());
+            };
+            match rx.try_recv() {
+                Ok(list) => {
+                    pending = None;
+                    *frames = list.into_iter().collect();
+                    held.land_early(frames, sink)?;
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => pending = None,
+            }
+            Ok(())
+        };
     let result = async {
         const PRECOPY: &str = "receiving pre-copied pages";
         let hello = loop {
+            take_frames(&mut held, &mut frames)?;
             let header = timeout(timeouts.io, read_frame(stream, &mut buf, PRECOPY))
                 .await
                 .map_err(|_| MigrationError::Timeout {
@@ -803,13 +956,25 @@ where
                 let batch =
                     PageBatchView::parse_as(MessageType::Precopy, payload).map_err(protocol)?;
                 for page in batch.pages() {
-                    held.hold(page.vaddr, page.data);
+                    let early = match (sink, frames.get(&page.vaddr)) {
+                        (Some(sink), Some(&pfn)) => Some((pfn, sink as &dyn PageSink)),
+                        _ => None,
+                    };
+                    held.hold(page.vaddr, page.data, early)?;
                 }
                 stats.precopy_pages += batch.len() as u64;
                 continue;
             }
             match Message::decode(header.message, payload).map_err(protocol)? {
                 Message::Hello(h) => break h,
+                Message::Outline(o) if on_outline.is_some() => {
+                    let vaddrs =
+                        read_page_list(stream, &mut buf, &mut stats, timeouts.io, o.page_count)
+                            .await?;
+                    if let Some(f) = on_outline.take() {
+                        f(o.image, vaddrs);
+                    }
+                }
                 Message::Postcopy(list) => {
                     if lazy.len() + list.len() > MAX_JOB_PAGES as usize {
                         return Err(protocol(ProtocolError::TooMany {
@@ -830,28 +995,10 @@ where
                 }
             }
         };
-        // The list grows with what arrives, not with what Hello announced.
-        let announced = hello.page_count as usize;
-        let mut vaddrs = Vec::with_capacity(announced.min(MAX_PAGE_LIST));
-        while vaddrs.len() < announced {
-            match read_counted(stream, &mut buf, &mut stats, timeouts.io, DESCRIBING).await? {
-                Message::PageList(list) => {
-                    if vaddrs.len() + list.len() > announced {
-                        return Err(MigrationError::Protocol {
-                            during: DESCRIBING,
-                            source: ProtocolError::TooMany {
-                                message: MessageType::PageList,
-                                what: "vaddrs in all",
-                                count: (vaddrs.len() + list.len()) as u64,
-                                max: announced as u64,
-                            },
-                        });
-                    }
-                    vaddrs.extend(list);
-                }
-                other => return Err(unexpected_or_abort(other, DESCRIBING, "PageList")),
-            }
-        }
+        // Frames that came with the last round.
+        take_frames(&mut held, &mut frames)?;
+        let vaddrs =
+            read_page_list(stream, &mut buf, &mut stats, timeouts.io, hello.page_count).await?;
         Ok((hello, vaddrs))
     }
     .await;
@@ -875,6 +1022,40 @@ where
         stats,
         clock_start,
     })
+}
+
+/// Reads the `announced` vaddrs of the PageList frames after a Hello or an Outline.
+async fn read_page_list<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    stats: &mut Stats,
+    io: Duration,
+    announced: u64,
+) -> Result<Vec<u64>, MigrationError> {
+    const DESCRIBING: &str = "receiving the job description";
+    // The list grows with what arrives, not with what was announced.
+    let announced = announced as usize;
+    let mut vaddrs = Vec::with_capacity(announced.min(MAX_PAGE_LIST));
+    while vaddrs.len() < announced {
+        match read_counted(stream, buf, stats, io, DESCRIBING).await? {
+            Message::PageList(list) => {
+                if vaddrs.len() + list.len() > announced {
+                    return Err(MigrationError::Protocol {
+                        during: DESCRIBING,
+                        source: ProtocolError::TooMany {
+                            message: MessageType::PageList,
+                            what: "vaddrs in all",
+                            count: (vaddrs.len() + list.len()) as u64,
+                            max: announced as u64,
+                        },
+                    });
+                }
+                vaddrs.extend(list);
+            }
+            other => return Err(unexpected_or_abort(other, DESCRIBING, "PageList")),
+        }
+    }
+    Ok(vaddrs)
 }
 
 impl<'s, S> Incoming<'s, S>
@@ -901,6 +1082,16 @@ where
     /// (see [`crate::postcopy`]); empty for any other job.
     pub fn lazy_vaddrs(&self) -> &[u64] {
         &self.lazy
+    }
+
+    /// Forgets that held pages in `ranges` (`(start, end)` vaddrs) landed early: their frames
+    /// changed (the process's mappings there changed since its outline), so they land again.
+    pub fn forget_early(&mut self, ranges: &[(u64, u64)]) {
+        for (&vaddr, h) in self.held.index.iter_mut() {
+            if ranges.iter().any(|&(s, e)| s <= vaddr && vaddr < e) {
+                h.frame = None;
+            }
+        }
     }
 
     /// Refuses the job (e.g. the skeleton could not be built): sends `Abort` with `reason`,
@@ -1023,24 +1214,29 @@ where
                         got: page.vaddr,
                     });
                 }
-                let (data, held) = match (page.kind(), page.data) {
-                    (PageKind::Held, _) => match self.held.get(page.vaddr) {
-                        Some(data) => (data, true),
+                // A held page's digest is known; one that landed early in this very frame
+                // is in place already.
+                let (data, digest, in_place) = match page.kind() {
+                    PageKind::Held => match self.held.get(page.vaddr) {
+                        Some(h) => (h.data, Some(h.digest), h.frame == Some(pfn)),
                         None => return Err(MigrationError::NotHeld { vaddr: page.vaddr }),
                     },
-                    (_, data) => (data, false),
+                    _ => (page.data, None, false),
                 };
-                stats.held_pages += u64::from(held);
-                let data = match data {
-                    Some(data) => {
-                        checksum.add_page(page.vaddr, data);
-                        Some(data)
-                    }
-                    None => {
+                stats.held_pages += u64::from(digest.is_some());
+                stats.early_pages += u64::from(in_place);
+                match (digest, data) {
+                    (Some(d), _) => checksum.add_digest(d),
+                    (None, Some(data)) => checksum.add_page(page.vaddr, data),
+                    (None, None) => {
                         checksum.add_zero_page(page.vaddr);
-                        stats.zero_pages += u64::from(!held);
-                        (!frames_zeroed).then_some(&ZERO_PAGE[..])
+                        stats.zero_pages += 1;
                     }
+                }
+                let data = match data {
+                    _ if in_place => None,
+                    Some(data) => Some(data),
+                    None => (!frames_zeroed).then_some(&ZERO_PAGE[..]),
                 };
                 if let Some(data) = data {
                     sink.write_page(pfn, data)

@@ -4,7 +4,9 @@
 //! - [`protocol`]: the frames on the wire and the order they come in, written down once.
 //! - [`engine`]: [`engine::send`] (source) and [`engine::receive`] (destination) over any
 //!   async byte stream (mutual TLS between nodes), with [`engine::precopy`] rounds before
-//!   [`engine::send_after_precopy`] for a process that runs on meanwhile; reading and writing
+//!   [`engine::send_after_precopy`] for a process that runs on meanwhile (the destination
+//!   building it from its [`engine::outline`] and landing pages in it during the rounds,
+//!   [`engine::receive_early`]); reading and writing
 //!   guest pages through
 //!   [`engine::PageSource`] and [`engine::PageSink`] (implemented for vm-memory's
 //!   `GuestMemoryMmap`).
@@ -20,8 +22,8 @@ pub mod postcopy;
 pub mod protocol;
 
 pub use engine::{
-    precopy, receive, send, send_after_precopy, Incoming, Landed, MigrationError, PageError,
-    PageSink, PageSource, Precopied, Stats, Timeouts,
+    outline, precopy, receive, receive_early, send, send_after_precopy, Early, Incoming, Landed,
+    MigrationError, PageError, PageSink, PageSource, Precopied, Stats, Timeouts,
 };
 pub use postcopy::{receive_postcopy, send_postcopy, serve_postcopy, LazyTarget, PlaceRequest};
 pub use protocol::PROTOCOL_VERSION;

@@ -45,6 +45,19 @@
 //! Hello ... as above, with PageBatch entries of kind Held for pages held and unchanged
 //! ```
 //!
+//! A pre-copy job may start with [`Message::Outline`] (encoded as [`Hello`]) and its own
+//! [`Message::PageList`] frames: the running process's outline (an image without registers)
+//! and the vaddrs of the first round's pages. The destination builds the process from it
+//! while the rounds go on, and lands each held page in its frame as soon as both are there;
+//! after the freeze, `Hello` brings the full image, which completes it, and only pages that
+//! changed (or whose mapping did) still need landing.
+//!
+//! ```text
+//! Outline {job_id, page_count, image} ->   the destination's agent starts building
+//! PageList {vaddrs} ...               ->   (page_count vaddrs: what to pin early)
+//! Precopy ... Hello ... as above
+//! ```
+//!
 //! Pages travel in [`PageList`] order, each exactly once: the i-th page of the batches is the
 //! i-th vaddr of the list, so the destination needs no lookup table and notices a lost,
 //! repeated or reordered page at once. The source sends the vaddr list before the pages
@@ -93,7 +106,7 @@
 use std::fmt;
 
 /// The protocol version this code speaks; carried in every frame header.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The two bytes every frame starts with ("ferry migration").
 pub const MAGIC: [u8; 2] = *b"FM";
@@ -240,6 +253,8 @@ pub enum MessageType {
     PageRequest = 11,
     /// [`Message::Placed`], destination to source.
     Placed = 12,
+    /// [`Message::Outline`], source to destination.
+    Outline = 13,
 }
 
 impl MessageType {
@@ -259,6 +274,7 @@ impl MessageType {
             10 => LazyBatch,
             11 => PageRequest,
             12 => Placed,
+            13 => Outline,
             _ => return None,
         })
     }
@@ -267,7 +283,7 @@ impl MessageType {
     pub const fn max_payload(self) -> usize {
         match self {
             // job_id, page_count, image length, image.
-            MessageType::Hello => 8 + 8 + 4 + MAX_IMAGE,
+            MessageType::Hello | MessageType::Outline => 8 + 8 + 4 + MAX_IMAGE,
             MessageType::PageList | MessageType::Postcopy | MessageType::PageRequest => {
                 4 + 8 * MAX_PAGE_LIST
             }
@@ -430,6 +446,11 @@ pub struct Ack {
 pub enum Message {
     /// Source → destination, first: the job and the process description.
     Hello(Hello),
+    /// Source → destination, pre-copy, before the first [`Message::Precopy`]: the running
+    /// process's outline (an image without registers) and, in the [`Message::PageList`]
+    /// frames that follow, the vaddrs of the pages the first round sends. Encoded as
+    /// [`Message::Hello`].
+    Outline(Hello),
     /// Source → destination, after [`Message::Hello`]: the next vaddrs of the job's pages
     /// (page-aligned, at most [`MAX_PAGE_LIST`] per frame), in the order the pages will
     /// travel. Repeated until [`Hello::page_count`] vaddrs have been sent; none when the job
@@ -484,6 +505,7 @@ impl Message {
     pub fn message_type(&self) -> MessageType {
         match self {
             Message::Hello(_) => MessageType::Hello,
+            Message::Outline(_) => MessageType::Outline,
             Message::PageList(_) => MessageType::PageList,
             Message::Ready => MessageType::Ready,
             Message::PageBatch(_) => MessageType::PageBatch,
@@ -512,7 +534,7 @@ impl Message {
         out.extend_from_slice(&[0; HEADER_LEN]);
         let mut p = Payload(&mut out);
         match self {
-            Message::Hello(h) => {
+            Message::Hello(h) | Message::Outline(h) => {
                 if h.page_count > MAX_JOB_PAGES {
                     return Err(ProtocolError::TooMany {
                         message: ty,
@@ -617,7 +639,7 @@ impl Message {
         }
         let mut r = Reader { buf: payload, ty };
         let msg = match ty {
-            MessageType::Hello => {
+            MessageType::Hello | MessageType::Outline => {
                 let job_id = r.u64()?;
                 let page_count = r.u64()?;
                 if page_count > MAX_JOB_PAGES {
@@ -629,11 +651,16 @@ impl Message {
                     });
                 }
                 let image = r.bytes()?.to_vec();
-                Message::Hello(Hello {
+                let hello = Hello {
                     job_id,
                     page_count,
                     image,
-                })
+                };
+                if ty == MessageType::Outline {
+                    Message::Outline(hello)
+                } else {
+                    Message::Hello(hello)
+                }
             }
             MessageType::PageList | MessageType::Postcopy | MessageType::PageRequest => {
                 let n = r.count("vaddrs", MAX_PAGE_LIST)?;

@@ -789,7 +789,7 @@ fn core_openapi() -> serde_json::Value {
                 "responses": with(errors(&[("404", "")]), "200", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))},
                 "delete": {"summary": "cancel a migration in pre-copy (the process runs on here); 409 once the process is frozen for its final copy", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
                 "responses": with(errors(&[("404", ""), ("409", "")]), "200", ok(json!({"$ref": "#/components/schemas/MigrationJob"})))}},
-            "/v1/peer/migrations": {"post": {"summary": "peers only (cluster client certificate): a source node's page stream; the connection switches to the ferry-migration/2 protocol",
+            "/v1/peer/migrations": {"post": {"summary": "peers only (cluster client certificate): a source node's page stream; the connection switches to the ferry-migration/3 protocol",
                 "responses": {"101": {"description": "switching to the migration stream"}, "403": error.clone()}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": [],
                 "responses": {"200": {"description": "the OpenAPI document"}}}}

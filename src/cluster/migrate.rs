@@ -37,7 +37,7 @@ use super::daemon::{error_response, json_response, lock, log, Node};
 mod postcopy;
 
 /// The protocol name of the upgraded peer connection.
-pub const UPGRADE_PROTOCOL: &str = "ferry-migration/2";
+pub const UPGRADE_PROTOCOL: &str = "ferry-migration/3";
 
 /// The largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -204,10 +204,11 @@ struct Plan {
     mode: MigrationMode,
 }
 
-/// A job's first step: the frozen process (stop mode), or its pages while it runs (pre-copy).
+/// A job's first step: the frozen process (stop mode), or its outline and pages while it runs
+/// (pre-copy).
 enum First {
     Frozen(Box<(ProcessImage, Vec<PageRef>)>),
-    Surveyed(Vec<PageRef>),
+    Surveyed(Box<ProcessImage>, Vec<PageRef>),
 }
 
 /// Why a job ended without moving the process.
@@ -256,6 +257,7 @@ fn agent_failure(what: &'static str) -> impl Fn(ClientError) -> AgentFailure {
 
 /// One request to a job's agent thread.
 enum AgentCall {
+    Outline(tokio::sync::oneshot::Sender<Result<(ProcessImage, Vec<PageRef>), AgentFailure>>),
     Survey(tokio::sync::oneshot::Sender<Result<Vec<PageRef>, AgentFailure>>),
     Freeze(tokio::sync::oneshot::Sender<Result<(ProcessImage, Vec<PageRef>), AgentFailure>>),
     /// Kill the frozen process (`true`: it runs at the destination) or thaw it.
@@ -283,6 +285,7 @@ impl AgentThread {
                         Err(e) => {
                             let e = e.clone();
                             match call {
+                                AgentCall::Outline(r) => drop(r.send(Err(AgentFailure::Other(e)))),
                                 AgentCall::Survey(r) => drop(r.send(Err(AgentFailure::Other(e)))),
                                 AgentCall::Freeze(r) => drop(r.send(Err(AgentFailure::Other(e)))),
                                 AgentCall::Release(_, r) => drop(r.send(Err(e))),
@@ -291,6 +294,12 @@ impl AgentThread {
                         }
                     };
                     match call {
+                        AgentCall::Outline(reply) => {
+                            let outline = c
+                                .outline(pid)
+                                .map_err(agent_failure("outlining the process"));
+                            let _ = reply.send(outline);
+                        }
                         AgentCall::Survey(reply) => {
                             let pages = c
                                 .survey(pid)
@@ -323,6 +332,12 @@ impl AgentThread {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.calls.send(make(tx)).ok()?;
         rx.await.ok()
+    }
+
+    async fn outline(&self) -> Result<(ProcessImage, Vec<PageRef>), AgentFailure> {
+        self.call(AgentCall::Outline)
+            .await
+            .unwrap_or_else(|| Err(AgentFailure::Other("the migration thread ended".into())))
     }
 
     async fn survey(&self) -> Result<Vec<PageRef>, AgentFailure> {
@@ -494,14 +509,14 @@ impl Node {
                 None,
             ),
             MigrationMode::Precopy => {
-                let pages = agent.survey().await.map_err(refused)?;
+                let (outline, pages) = agent.outline().await.map_err(refused)?;
                 // Logging starts before any page is read: a write after a page was read
                 // always shows in the log.
                 let tracking = self
                     .dirty_log()?
                     .start()
                     .map_err(|e| (409, format!("node {}: {e}", self.me.name)))?;
-                (First::Surveyed(pages), Some(tracking))
+                (First::Surveyed(Box::new(outline), pages), Some(tracking))
             }
         };
         let job = self.jobs.create(MigrationJob {
@@ -511,7 +526,7 @@ impl Node {
             to: dest.name.clone(),
             state: match first {
                 First::Frozen(_) => JobState::Running,
-                First::Surveyed(_) => JobState::Precopy,
+                First::Surveyed(..) => JobState::Precopy,
             },
             mode: request.mode,
             new_pid: None,
@@ -522,7 +537,7 @@ impl Node {
             held_pages: 0,
             bytes_total: match &first {
                 First::Frozen(frozen) => private_pages(&frozen.1).len() as u64 * 4096,
-                First::Surveyed(pages) => private_pages(pages).len() as u64 * 4096,
+                First::Surveyed(_, pages) => private_pages(pages).len() as u64 * 4096,
             },
             bytes_sent: 0,
             bytes_remaining: 0,
@@ -549,7 +564,7 @@ impl Node {
                 frozen.1.len(),
                 dest.name
             )),
-            First::Surveyed(pages) => log(format!(
+            First::Surveyed(_, pages) => log(format!(
                 "migration {}: process {pid} pre-copy to {}: {} private pages of {} present, downtime budget {budget_ms} ms",
                 job.id,
                 dest.name,
@@ -713,8 +728,26 @@ impl Node {
         let mut precopy_bytes = 0;
         let (image, pages) = match first {
             First::Frozen(frozen) => *frozen,
-            First::Surveyed(pages) => {
+            First::Surveyed(outline, pages) => {
                 let tracking = tracking.ok_or("pre-copy without the dirty log")?;
+                // The destination builds the process from its outline while the rounds go
+                // on, and lands the first round's pages in it as they come.
+                let vaddrs: Vec<u64> = private_pages(&pages).iter().map(|p| p.0).collect();
+                ferry_migration::outline(
+                    &mut stream,
+                    plan.id,
+                    &Message::Outlined(*outline).encode(),
+                    &vaddrs,
+                    &Timeouts::default(),
+                )
+                .await
+                .map_err(|e| {
+                    format!(
+                        "sending the process's outline to {}: {}",
+                        dest.name,
+                        e.chain()
+                    )
+                })?;
                 let rounds = self.precopy_rounds(
                     plan,
                     agent,
@@ -936,9 +969,35 @@ impl Node {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let incoming = ferry_migration::receive(stream, &Timeouts::default())
-            .await
-            .map_err(|e| e.chain())?;
+        let memory = self.memory()?;
+        // The agent's connection builds the process and holds it until it runs (or is
+        // aborted), on one thread, like the source's.
+        let (calls, landing) = std::sync::mpsc::channel::<LandCall>();
+        let node = self.clone();
+        std::thread::Builder::new()
+            .name("land".into())
+            .spawn(move || node.landing_thread(landing))
+            .map_err(|e| format!("starting the landing thread: {e}"))?;
+        let (frames_tx, frames_rx) = tokio::sync::oneshot::channel();
+        let outline_calls = calls.clone();
+        let early = ferry_migration::Early {
+            on_outline: Box::new(move |image, vaddrs| {
+                match decode_image(&image) {
+                Ok(image) => {
+                    let _ = outline_calls.send(LandCall::Outline(image, vaddrs, frames_tx));
+                }
+                Err(e) => log(format!(
+                    "incoming migration from {from}: the outline: {e}; the process is built after the freeze"
+                )),
+            }
+            }),
+            frames: frames_rx,
+            sink: &memory,
+        };
+        let mut incoming =
+            ferry_migration::receive_early(stream, &Timeouts::default(), Some(early))
+                .await
+                .map_err(|e| e.chain())?;
         let image = match decode_image(incoming.image()) {
             Ok(i) => i,
             Err(e) => {
@@ -947,74 +1006,42 @@ impl Node {
             }
         };
         if !incoming.lazy_vaddrs().is_empty() {
+            // Post-copy has a landing of its own.
+            drop(calls);
             return self.receive_postcopy(incoming, image, from, origin).await;
         }
-        let vaddrs = incoming.vaddrs().to_vec();
-        // The agent's connection holds the skeleton until it runs (or is aborted), on one
-        // thread, like the source's.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<bool>();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<u32, String>>();
-        let node = self.clone();
         let comm = image.comm.clone();
         let image_pid = image.pid;
-        std::thread::Builder::new()
-            .name("land".into())
-            .spawn(move || {
-                let built = node.agent_connection().and_then(|mut conn| {
-                    let pid = conn
-                        .rebuild(&image)
-                        .map_err(|e| agent_error("rebuilding the process", &e))?;
-                    match conn.want_frames(&vaddrs) {
-                        Ok(frames) => Ok((conn, pid, frames)),
-                        Err(e) => {
-                            let _ = conn.abort(pid);
-                            Err(agent_error("pinning the skeleton's pages", &e))
-                        }
-                    }
-                });
-                let (mut conn, pid, frames) = match built {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = tx.send(Ok((pid, frames)));
-                let resume = cmd_rx.recv().unwrap_or(false);
-                let outcome = if resume {
-                    conn.resume(pid)
-                        .map_err(|e| agent_error("resuming the process", &e))
-                } else {
-                    let _ = conn.abort(pid);
-                    Err("aborted".into())
-                };
-                let _ = done_tx.send(outcome);
-            })
-            .map_err(|e| format!("starting the landing thread: {e}"))?;
-        let (skeleton, frames): (u32, Vec<PageRef>) = match rx.await {
-            Ok(Ok(v)) => v,
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = calls.send(LandCall::Final(image, incoming.vaddrs().to_vec(), tx));
+        let built = match rx.await {
+            Ok(Ok(built)) => built,
             Ok(Err(e)) => {
                 let _ = incoming.reject(&e).await;
                 return Err(e);
             }
             Err(_) => return Err("the landing thread ended early".into()),
         };
+        incoming.forget_early(&built.stale);
         log(format!(
-            "incoming process {} ({comm}) from {from}: skeleton pid {skeleton}, {} pages to land",
-            image_pid,
-            frames.len()
+            "incoming process {image_pid} ({comm}) from {from}: skeleton pid {}, {} pages to land{}",
+            built.pid,
+            built.frames.len(),
+            if built.completed {
+                format!(", built from its outline during pre-copy ({} ranges changed since)", built.stale.len())
+            } else {
+                String::new()
+            }
         ));
-        let pfns: Vec<u64> = frames.iter().map(|f| f.pfn).collect();
-        let memory = self.memory()?;
-        let landed = match incoming.land(&pfns, false, &memory, |_| {}).await {
+        let landed = match incoming.land(&built.frames, false, &memory, |_| {}).await {
             Ok(l) => l,
             Err(e) => {
-                let _ = cmd_tx.send(false);
+                let _ = calls.send(LandCall::Resume(false, None));
                 return Err(format!("landing the pages: {}", e.chain()));
             }
         };
-        let _ = cmd_tx.send(true);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let _ = calls.send(LandCall::Resume(true, Some(done_tx)));
         let resumed = done_rx
             .await
             .unwrap_or_else(|_| Err("the landing thread ended".into()));
@@ -1033,19 +1060,217 @@ impl Node {
             .map_err(|e| e.chain())?;
         let pid = resumed?;
         log(format!(
-            "process {pid} ({comm}) arrived from {from}: {} pages, {} zero",
-            stats.pages, stats.zero_pages
+            "process {pid} ({comm}) arrived from {from}: {} pages, {} zero, {} of them in place before the freeze",
+            stats.pages, stats.zero_pages, stats.early_pages
         ));
         Ok(())
     }
+
+    /// The landing thread of one incoming job: builds the process through the agent (from
+    /// its outline during pre-copy, then from the frozen image), reports frames, and resumes
+    /// or aborts it when told. Ends when the calls end.
+    fn landing_thread(&self, calls: std::sync::mpsc::Receiver<LandCall>) {
+        let mut conn: Option<AgentConnection<VsockStream>> = None;
+        // The skeleton built from the outline, and its pinned frames by vaddr.
+        let mut early: Option<(u32, HashMap<u64, u64>)> = None;
+        let mut skeleton = None;
+        for call in calls {
+            let c = match conn
+                .take()
+                .map(Ok)
+                .unwrap_or_else(|| self.agent_connection())
+            {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    match call {
+                        LandCall::Final(_, _, reply) => drop(reply.send(Err(e))),
+                        LandCall::Resume(_, Some(done)) => drop(done.send(Err(e))),
+                        _ => log(format!("incoming migration: {e}")),
+                    }
+                    continue;
+                }
+            };
+            match call {
+                LandCall::Outline(image, vaddrs, frames) => {
+                    let t = Instant::now();
+                    match build_early(c, &image, &vaddrs) {
+                        Ok((pid, pfns)) => {
+                            log(format!(
+                                "incoming process {} ({}): built from its outline with {} pages pinned in {} ms, during pre-copy",
+                                image.pid,
+                                image.comm,
+                                pfns.len(),
+                                t.elapsed().as_millis()
+                            ));
+                            let _ = frames.send(pfns.clone());
+                            early = Some((pid, pfns.into_iter().collect()));
+                        }
+                        Err(e) => log(format!(
+                            "incoming process {}: building it from its outline: {e}; it is built after the freeze",
+                            image.pid
+                        )),
+                    }
+                }
+                LandCall::Final(image, vaddrs, reply) => {
+                    let built = build_final(c, &image, &vaddrs, early.take());
+                    skeleton = built.as_ref().ok().map(|b| b.pid);
+                    let _ = reply.send(built);
+                }
+                LandCall::Resume(resume, done) => {
+                    let Some(pid) = skeleton.take() else {
+                        if let Some(done) = done {
+                            let _ = done.send(Err("no process was built".into()));
+                        }
+                        continue;
+                    };
+                    let outcome = if resume {
+                        c.resume(pid)
+                            .map_err(|e| agent_error("resuming the process", &e))
+                    } else {
+                        let _ = c.abort(pid);
+                        Err("aborted".into())
+                    };
+                    if let Some(done) = done {
+                        let _ = done.send(outcome);
+                    }
+                }
+            }
+        }
+    }
 }
 
-/// The process image inside an agent `Frozen` frame, as the source sent it.
+/// A request to an incoming job's landing thread.
+enum LandCall {
+    /// Pre-copy: build the process from its outline and pin the pages at these vaddrs;
+    /// their frames, as `(vaddr, pfn)`, go to the engine (nothing if it failed).
+    Outline(
+        ProcessImage,
+        Vec<u64>,
+        tokio::sync::oneshot::Sender<Vec<(u64, u64)>>,
+    ),
+    /// The frozen image and the final page list: complete (or build) the process and report
+    /// one frame per vaddr.
+    Final(
+        ProcessImage,
+        Vec<u64>,
+        tokio::sync::oneshot::Sender<Result<Built, String>>,
+    ),
+    /// Resume the built process (`true`) or abort it; the outcome (its pid) goes back.
+    Resume(
+        bool,
+        Option<tokio::sync::oneshot::Sender<Result<u32, String>>>,
+    ),
+}
+
+/// The process built at the destination, ready for its pages.
+struct Built {
+    pid: u32,
+    /// One frame per vaddr of the final list.
+    frames: Vec<u64>,
+    /// Ranges whose early frames no longer hold (see the agent's `Completed`).
+    stale: Vec<(u64, u64)>,
+    /// Completed from a skeleton built during pre-copy.
+    completed: bool,
+}
+
+/// Builds the skeleton from a running process's outline and pins the pages at `vaddrs`.
+fn build_early(
+    conn: &mut AgentConnection<VsockStream>,
+    outline: &ProcessImage,
+    vaddrs: &[u64],
+) -> Result<(u32, Vec<(u64, u64)>), String> {
+    let pid = conn
+        .rebuild(outline)
+        .map_err(|e| agent_error("building the process", &e))?;
+    match conn.want_frames(vaddrs) {
+        Ok(frames) => Ok((pid, frames.into_iter().map(|f| (f.vaddr, f.pfn)).collect())),
+        Err(e) => {
+            let _ = conn.abort(pid);
+            Err(agent_error("pinning its pages", &e))
+        }
+    }
+}
+
+/// Completes the skeleton built early (or builds one) from the frozen `image`, and returns
+/// a frame for every vaddr: the early frame where it still holds, a new one elsewhere. Early
+/// pages the process no longer has are dropped. A skeleton that cannot be completed is
+/// built anew.
+fn build_final(
+    conn: &mut AgentConnection<VsockStream>,
+    image: &ProcessImage,
+    vaddrs: &[u64],
+    early: Option<(u32, HashMap<u64, u64>)>,
+) -> Result<Built, String> {
+    let completed = early.is_some();
+    let (pid, stale, mut known) = match early.map(|(_, known)| (conn.complete(image), known)) {
+        Some((Ok((pid, stale)), mut known)) => {
+            known.retain(|v, _| !stale.iter().any(|&(s, e)| s <= *v && *v < e));
+            (pid, stale, known)
+        }
+        Some((Err(e), _)) => {
+            log(format!(
+                "process {}: {}; building it anew",
+                image.pid,
+                agent_error("completing it from its outline", &e)
+            ));
+            let pid = conn
+                .rebuild(image)
+                .map_err(|e| agent_error("rebuilding the process", &e))?;
+            (pid, vec![(0, u64::MAX)], HashMap::new())
+        }
+        None => {
+            let pid = conn
+                .rebuild(image)
+                .map_err(|e| agent_error("rebuilding the process", &e))?;
+            (pid, Vec::new(), HashMap::new())
+        }
+    };
+    let fail = |conn: &mut AgentConnection<VsockStream>, what: &str, e: ClientError| {
+        let _ = conn.abort(pid);
+        agent_error(what, &e)
+    };
+    let wanted: HashSet<u64> = vaddrs.iter().copied().collect();
+    let gone: Vec<u64> = known
+        .keys()
+        .copied()
+        .filter(|v| !wanted.contains(v))
+        .collect();
+    if !gone.is_empty() {
+        conn.discard(&gone)
+            .map_err(|e| fail(conn, "dropping pages the process no longer has", e))?;
+    }
+    let missing: Vec<u64> = vaddrs
+        .iter()
+        .copied()
+        .filter(|v| !known.contains_key(v))
+        .collect();
+    let frames = conn
+        .want_frames(&missing)
+        .map_err(|e| fail(conn, "pinning the process's pages", e))?;
+    known.extend(frames.into_iter().map(|f| (f.vaddr, f.pfn)));
+    let frames = vaddrs
+        .iter()
+        .map(|v| known.get(v).copied())
+        .collect::<Option<Vec<u64>>>()
+        .ok_or_else(|| {
+            let _ = conn.abort(pid);
+            "the agent reported frames for other pages than asked".to_string()
+        })?;
+    Ok(Built {
+        pid,
+        frames,
+        stale,
+        completed,
+    })
+}
+
+/// The process image inside an agent `Frozen` (or, for an outline, `Outlined`) frame, as
+/// the source sent it.
 fn decode_image(bytes: &[u8]) -> Result<ProcessImage, String> {
     let mut d = Decoder::new();
     d.push(bytes);
     match d.next() {
-        Ok(Some(Message::Frozen(image))) => Ok(image),
+        Ok(Some(Message::Frozen(image) | Message::Outlined(image))) => Ok(image),
         Ok(_) => Err("the job's description is not a process image".into()),
         Err(e) => Err(format!("the job's description does not decode: {e}")),
     }

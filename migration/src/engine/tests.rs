@@ -793,6 +793,100 @@ async fn precopied_pages_travel_again_only_when_written_or_moved() {
 }
 
 #[tokio::test]
+async fn with_an_outline_held_pages_land_during_precopy_and_only_changes_land_after() {
+    let (src_mem, dst_mem) = (source_guest(), destination_guest());
+    let job = Job::new(500, &src_mem);
+    let pages = job.pages.clone();
+    let (a, mut b) = duplex(256 * 1024);
+    let mut want: Vec<Vec<u8>> = (0..500)
+        .map(|i| {
+            if job.zero[i] {
+                vec![0; PAGE_SIZE]
+            } else {
+                pattern(i)
+            }
+        })
+        .collect();
+    let mut a = a;
+    let source = async {
+        let mut held = Precopied::new();
+        outline(&mut a, 7, b"an outline", &job.vaddrs(), &T)
+            .await
+            .unwrap();
+        precopy(&mut a, &pages, &src_mem, &mut held, &T, None, |_, _| {})
+            .await
+            .unwrap();
+        // Written while it ran: pages 0..50, sent again.
+        let mut dirty = HashSet::new();
+        for (i, page) in want.iter_mut().enumerate().take(50) {
+            *page = pattern(i + 1000);
+            src_mem
+                .write_slice(page, GuestAddress(pages[i].1 * 4096))
+                .unwrap();
+            dirty.insert(pages[i].1);
+        }
+        held.forget_dirty(&dirty);
+        let again: Vec<(u64, u64)> = pages[..50].to_vec();
+        precopy(&mut a, &again, &src_mem, &mut held, &T, None, |_, _| {})
+            .await
+            .unwrap();
+        // Frozen: page 7 written once more.
+        want[7] = pattern(2000);
+        src_mem
+            .write_slice(&want[7], GuestAddress(pages[7].1 * 4096))
+            .unwrap();
+        held.forget_dirty(&HashSet::from([pages[7].1]));
+        send_after_precopy(&mut a, 7, &job.image, &pages, &src_mem, &held, &T, |_| {}).await
+    };
+    let sink = CountingSink {
+        mem: &dst_mem,
+        writes: Cell::new(0),
+    };
+    let destination = async {
+        // The "agent" has frames for the first 400 pages of the outline as soon as it comes.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let seen = std::sync::Mutex::new(None);
+        let frames: Vec<(u64, u64)> = job.vaddrs()[..400]
+            .iter()
+            .copied()
+            .zip(job.frames.iter().copied())
+            .collect();
+        let early = Early {
+            on_outline: Box::new(|image, vaddrs| {
+                *seen.lock().unwrap() = Some((image, vaddrs));
+                let _ = tx.send(frames);
+            }),
+            frames: rx,
+            sink: &dst_mem,
+        };
+        let mut incoming = receive_early(&mut b, &T, Some(early)).await.unwrap();
+        let (image, vaddrs) = seen.lock().unwrap().take().expect("the outline arrived");
+        assert_eq!((&image[..], vaddrs), (&b"an outline"[..], job.vaddrs()));
+        // The mapping of pages 0..10 changed since the outline: they land again.
+        incoming.forget_early(&[(0x40_0000, 0x40_0000 + 10 * 4096)]);
+        let landed = incoming
+            .land(&job.frames, false, &sink, |_| {})
+            .await
+            .unwrap();
+        landed.finish(Ok(())).await
+    };
+    let (sent, landed) = tokio::join!(source, destination);
+    let (sent, landed) = (sent.unwrap(), landed.unwrap());
+    for (i, page) in want.iter().enumerate() {
+        let mut got = vec![0; PAGE_SIZE];
+        dst_mem
+            .read_slice(&mut got, GuestAddress(job.frames[i] * 4096))
+            .unwrap();
+        assert!(&got == page, "page {i} holds what the process last wrote");
+    }
+    assert_eq!((sent.held_pages, landed.held_pages), (499, 499));
+    // In place already: every held page with an early frame (0..400) but the 9 forgotten.
+    assert_eq!(landed.early_pages, 400 - 1 - 9);
+    // Written after the freeze: page 7, the 9 forgotten, the 100 without an early frame.
+    assert_eq!(sink.writes.get(), 1 + 9 + 100);
+}
+
+#[tokio::test]
 async fn a_held_marker_for_a_page_never_precopied_is_refused() {
     let held_batch = Message::PageBatch(PageBatch {
         entries: vec![

@@ -36,6 +36,11 @@ fn samples() -> Vec<Message> {
             image: b"opaque process image".to_vec(),
         }),
         Message::Hello(Hello::default()),
+        Message::Outline(Hello {
+            job_id: 7,
+            page_count: 2,
+            image: b"a running process's outline".to_vec(),
+        }),
         Message::PageList(vec![0x40_0000, 0x40_1000, 0x7fff_f000]),
         Message::PageList(vec![]),
         Message::Ready,
@@ -267,7 +272,7 @@ fn header(ty: u8, len: u32) -> [u8; HEADER_LEN] {
 
 #[test]
 fn oversize_lengths_are_refused_from_the_header() {
-    for ty in 1..=12u8 {
+    for ty in 1..=13u8 {
         let t = MessageType::from_byte(ty).unwrap();
         let max = t.max_payload() as u32;
         assert!(FrameHeader::decode(&header(ty, max)).is_ok());
@@ -356,7 +361,7 @@ fn encode_refuses_what_a_peer_would_refuse() {
 
 #[test]
 fn unknown_types_bad_magic_and_bad_version() {
-    for ty in [0u8, 13, 0x42, 0xff] {
+    for ty in [0u8, 14, 0x42, 0xff] {
         assert_eq!(
             FrameHeader::decode(&header(ty, 0)),
             Err(ProtocolError::UnknownType(ty))
