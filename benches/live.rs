@@ -1,8 +1,9 @@
 //! Live migration of a process between two nodes: ferry's stop-and-copy, pre-copy and
 //! post-copy against CRIU's, side by side, on the same guests in the same host.
 //!
-//! `cargo bench --bench live [-- [--sizes 64,256,1024] [--rounds 1] [--modes stop,precopy,postcopy]]`
-//! (`--modes`: only those modes' lines; the ratio line needs stop and precopy)
+//! `cargo bench --bench live [-- [--sizes 64,256,1024] [--rounds 1] [--modes stop,precopy,postcopy] [--rates light,heavy]]`
+//! (`--modes`, `--rates`: only those modes' and rates' lines; the ratio line needs stop and
+//! precopy)
 //!
 //! The setup is the migrate bench's (benches/common/cluster.rs): a cluster of the bench's own
 //! (cluster `benchlive`, nodes `bench-a` and `bench-b` with 1536 MiB each and Debian's `criu`),
@@ -98,13 +99,20 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let rates = match rates_arg(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bench: live: --rates: {e}");
+            std::process::exit(2);
+        }
+    };
     let Some((sizes, rounds)) = sizes_and_rounds(&args, 1) else {
         eprintln!(
-            "bench: usage: live [--sizes 64,256,1024] [--rounds N] [--modes stop,precopy,postcopy]"
+            "bench: usage: live [--sizes 64,256,1024] [--rounds N] [--modes stop,precopy,postcopy] [--rates light,heavy]"
         );
         std::process::exit(2);
     };
-    std::process::exit(match outer(&sizes, rounds, &modes) {
+    std::process::exit(match outer(&sizes, rounds, &modes, &rates) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("bench: live: {e:#}");
@@ -122,6 +130,24 @@ fn modes_arg(args: &[String]) -> Result<Vec<MigrationMode>, String> {
             .ok_or("give a list, e.g. --modes postcopy")?
             .split(',')
             .map(|m| m.parse::<MigrationMode>())
+            .collect(),
+    }
+}
+
+/// The write rates `--rates` names (both without it).
+fn rates_arg(args: &[String]) -> Result<Vec<&'static str>, String> {
+    match args.iter().position(|a| a == "--rates") {
+        None => Ok(RATES.to_vec()),
+        Some(i) => args
+            .get(i + 1)
+            .ok_or("give a list, e.g. --rates light")?
+            .split(',')
+            .map(|r| {
+                RATES
+                    .into_iter()
+                    .find(|known| *known == r)
+                    .ok_or_else(|| format!("{r:?} is not a rate: light or heavy"))
+            })
             .collect(),
     }
 }
@@ -270,13 +296,18 @@ fn prepare_criu(bench: &Bench) -> Result<common::criu::Criu, String> {
     criu
 }
 
-fn outer(sizes: &[u64], rounds: usize, modes: &[MigrationMode]) -> Result<()> {
+fn outer(
+    sizes: &[u64],
+    rounds: usize,
+    modes: &[MigrationMode],
+    rates: &[&'static str],
+) -> Result<()> {
     let ratio_wanted =
         modes.contains(&MigrationMode::Stop) && modes.contains(&MigrationMode::Precopy);
     let mut runner = Runner::up()?;
     let mut ratios = Vec::new();
     for &mib in sizes {
-        for rate in RATES {
+        for &rate in rates {
             let skip = runner.gone.clone();
             if let Some(why) = skip.or_else(|| runner.bench().does_not_fit(mib)) {
                 eprintln!("bench: {mib} MiB {rate} skipped: {why}");

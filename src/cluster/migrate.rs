@@ -774,6 +774,16 @@ impl Node {
                     .take()
                     .map_err(|e| format!("reading KVM's dirty log: {e}"))?;
                 held.forget_dirty(&dirty);
+                let again = private_pages(&frozen.1)
+                    .iter()
+                    .filter(|&&(v, f)| held.stale(v, f))
+                    .count();
+                log(format!(
+                    "migration {}: process {} frozen in {} ms; {again} pages to send again",
+                    plan.id,
+                    plan.pid,
+                    asked.elapsed().as_millis()
+                ));
                 frozen
             }
         };
@@ -1013,6 +1023,7 @@ impl Node {
         let comm = image.comm.clone();
         let image_pid = image.pid;
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let asked = Instant::now();
         let _ = calls.send(LandCall::Final(image, incoming.vaddrs().to_vec(), tx));
         let built = match rx.await {
             Ok(Ok(built)) => built,
@@ -1024,8 +1035,9 @@ impl Node {
         };
         incoming.forget_early(&built.stale);
         log(format!(
-            "incoming process {image_pid} ({comm}) from {from}: skeleton pid {}, {} pages to land{}",
+            "incoming process {image_pid} ({comm}) from {from}: skeleton pid {} in {} ms, {} pages to land{}",
             built.pid,
+            asked.elapsed().as_millis(),
             built.frames.len(),
             if built.completed {
                 format!(", built from its outline during pre-copy ({} ranges changed since)", built.stale.len())
