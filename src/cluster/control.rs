@@ -6,7 +6,7 @@
 //! waits for their guests, showing progress. A node that answers as booting or ready is left
 //! alone, so `up` on a running cluster changes nothing.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -898,9 +898,24 @@ pub fn spawn(opts: &SpawnOptions) -> Result<(), ControlError> {
         let node_dir = dir.node_dir(name);
         std::fs::create_dir_all(&node_dir)
             .map_err(io(format!("creating {}", node_dir.display())))?;
+        // Appended to, so that what an earlier daemon said (why its guest died, say) is
+        // still there after `up` restarted it.
         let log_path = dir.daemon_log(name);
-        let log = std::fs::File::create(&log_path)
-            .map_err(io(format!("creating {}", log_path.display())))?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?;
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        writeln!(
+            log,
+            "[{}.{:03}] ---- ferry up starts node {name}'s daemon ----",
+            t.as_secs(),
+            t.subsec_millis()
+        )
+        .map_err(io(format!("writing {}", log_path.display())))?;
         let err = log.try_clone().map_err(io("duplicating the log file"))?;
         let mut command = Command::new(&exe);
         crate::sys::no_inherited_fds(&mut command);
