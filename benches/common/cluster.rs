@@ -152,8 +152,20 @@ impl Bench {
         if !status.success() {
             bail!("`ferry up` exited {status}");
         }
+        // `up` is done once the agents answer; on fresh disks sshd may still be making its
+        // host keys under the nested host's emulation, for a minute or more.
         for node in [NODE_A, NODE_B] {
-            bench.ssh(node, "cat > /root/mig.py", WORKLOAD.as_bytes(), QUICK)?;
+            let mut tries = 1;
+            while let Err(e) = bench.ssh(node, "cat > /root/mig.py", WORKLOAD.as_bytes(), QUICK) {
+                if tries == 5 {
+                    return Err(e);
+                }
+                eprintln!(
+                    "bench: {node}'s sshd does not answer yet ({}); trying again",
+                    first_line(&format!("{e:#}"))
+                );
+                tries += 1;
+            }
         }
         Ok(bench)
     }

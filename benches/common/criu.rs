@@ -42,6 +42,8 @@ fail() {
     echo "criu-failed: $1"
     for f in $W/*.log; do [ -f $f ] && { echo "== bench-a $f"; grep -E 'Error|Warn' $f | tail -n 15; }; done
     $SSH "for f in $W/*.log; do [ -f \$f ] && { echo == bench-b \$f; grep -E 'Error|Warn' \$f | tail -n 15; }; done"
+    # The images in the tmpfs would keep their memory from the moves that follow.
+    rm -rf $I; $SSH "pkill -KILL -f '^criu page-server'; rm -rf $I"
     exit 1
 }
 # A page server on bench-b for the images directory $I/$1; $2: its parent's options.

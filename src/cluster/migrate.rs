@@ -1117,10 +1117,15 @@ impl Node {
                             let _ = frames.send(pfns.clone());
                             early = Some((pid, pfns.into_iter().collect()));
                         }
-                        Err(e) => log(format!(
-                            "incoming process {}: building it from its outline: {e}; it is built after the freeze",
-                            image.pid
-                        )),
+                        Err(e) => {
+                            log(format!(
+                                "incoming process {}: building it from its outline: {e}; it is built after the freeze",
+                                image.pid
+                            ));
+                            // The next call gets a fresh connection: this one may be what
+                            // failed.
+                            conn = None;
+                        }
                     }
                 }
                 LandCall::Final(image, vaddrs, reply) => {
