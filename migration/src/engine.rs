@@ -22,6 +22,10 @@
 //! Pre-copy: before [`send`], the source may call [`precopy`] for rounds of pages while the
 //! process still runs, then [`send_after_precopy`] once it is frozen; pages whose held copy is
 //! still good travel as markers. [`receive`] holds pre-copied pages until their marker comes.
+//! Before the first round the source may send the running process's [`outline`]; a
+//! destination that takes it ([`receive_early`]) builds the process meanwhile and lands each
+//! held page in its frame as soon as both are there, so that after the freeze a marker for a
+//! page already in place costs nothing.
 //!
 //! Both sides bound every wait ([`Timeouts`]): a dropped or silent connection is an error on
 //! both sides, never a hang. A side that fails tells its peer why with [`Message::Abort`] (or,
