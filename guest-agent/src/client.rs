@@ -282,15 +282,28 @@ impl<S: Stream> AgentConnection<S> {
     /// move. The process stays frozen until [`AgentConnection::release`] or this connection
     /// closes (the agent then thaws it).
     pub fn freeze(&mut self, pid: u32) -> Result<(ProcessImage, Vec<PageRef>), ClientError> {
-        let image = self.request(
+        self.image_and_pages(
             Message::Freeze { pid },
             "waiting for the frozen process's image",
             |m| match m {
-                Message::Frozen(image) => Some(Ok(image)),
-                Message::CantMove { reason } => Some(Err(reason)),
+                Message::Frozen(image) => Some(image),
                 _ => None,
             },
-        )?;
+        )
+    }
+
+    /// Sends `request` and reads the image (`image` picks it out) and the page frames that
+    /// answer it, or the reason the process cannot move.
+    fn image_and_pages(
+        &mut self,
+        request: Message,
+        waiting: &'static str,
+        image: fn(Message) -> Option<ProcessImage>,
+    ) -> Result<(ProcessImage, Vec<PageRef>), ClientError> {
+        let image = self.request(request, waiting, |m| match m {
+            Message::CantMove { reason } => Some(Err(reason)),
+            m => image(m).map(Ok),
+        })?;
         let image = image.map_err(ClientError::CantMove)?;
         let pages = self.page_frames(Vec::new())?;
         Ok((image, pages))
@@ -345,18 +358,14 @@ impl<S: Stream> AgentConnection<S> {
     /// shows it while it runs, without registers) and the frames of its present pages. The
     /// process is not stopped. [`ClientError::CantMove`] says why it cannot move.
     pub fn outline(&mut self, pid: u32) -> Result<(ProcessImage, Vec<PageRef>), ClientError> {
-        let image = self.request(
+        self.image_and_pages(
             Message::Outline { pid },
             "waiting for the process's outline",
             |m| match m {
-                Message::Outlined(image) => Some(Ok(image)),
-                Message::CantMove { reason } => Some(Err(reason)),
+                Message::Outlined(image) => Some(image),
                 _ => None,
             },
-        )?;
-        let image = image.map_err(ClientError::CantMove)?;
-        let pages = self.page_frames(Vec::new())?;
-        Ok((image, pages))
+        )
     }
 
     /// Lets frozen process `pid` go on unchanged (`kill` false), or kills it.

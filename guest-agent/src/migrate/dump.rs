@@ -431,17 +431,8 @@ fn let_go(pid: u32, regs: Option<&UserRegs>, signals: &[i32]) -> Result<(), Dump
 /// Freezes `pid`: checks that it can move, stops it under ptrace, and reads its image and the
 /// frames of its present pages. On any error the process goes on unchanged.
 pub fn freeze(pid: u32) -> Result<Frozen, DumpError> {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    if !proc.exists() {
-        return Err(DumpError::NoProcess(pid));
-    }
     // Everything that can be refused is checked before the process is touched...
-    let facts = read_facts(pid)?;
-    check_process(pid, &facts, &agent_lineage(), false)?;
-    let maps = read_maps(pid)?;
-    check_maps(&maps).map_err(|r| DumpError::cant(pid, r))?;
-    let files = read_files(pid)?;
-    check_files(&files).map_err(|r| DumpError::cant(pid, r))?;
+    let (facts, _, _) = check_running(pid)?;
 
     sys::ptrace_seize(pid).map_err(|source| match source.raw_os_error() {
         Some(libc::ESRCH) => DumpError::NoProcess(pid),
@@ -970,11 +961,9 @@ fn find_syscall_insn(pid: u32, maps: &[MapsEntry]) -> Result<u64, DumpError> {
     Err(DumpError::NoSyscallInsn(pid))
 }
 
-/// Checks everything about running process `pid` that [`freeze`] checks before touching it,
-/// and lists the frames of its present pages without stopping it: one pre-copy round. The
-/// process runs on, so the list is a snapshot; the caller learns of later writes from KVM's
-/// dirty log and of moved frames from the next survey (or the freeze's list).
-pub fn survey(pid: u32) -> Result<Vec<PageRef>, DumpError> {
+/// Reads running process `pid` from `/proc` and checks everything that can be refused without
+/// touching it: the process, its mappings and its files, as read.
+fn check_running(pid: u32) -> Result<(Facts, Vec<MapsEntry>, Vec<FdEntry>), DumpError> {
     if !PathBuf::from(format!("/proc/{pid}")).exists() {
         return Err(DumpError::NoProcess(pid));
     }
@@ -982,7 +971,17 @@ pub fn survey(pid: u32) -> Result<Vec<PageRef>, DumpError> {
     check_process(pid, &facts, &agent_lineage(), false)?;
     let maps = read_maps(pid)?;
     check_maps(&maps).map_err(|r| DumpError::cant(pid, r))?;
-    check_files(&read_files(pid)?).map_err(|r| DumpError::cant(pid, r))?;
+    let files = read_files(pid)?;
+    check_files(&files).map_err(|r| DumpError::cant(pid, r))?;
+    Ok((facts, maps, files))
+}
+
+/// Checks everything about running process `pid` that [`freeze`] checks before touching it,
+/// and lists the frames of its present pages without stopping it: one pre-copy round. The
+/// process runs on, so the list is a snapshot; the caller learns of later writes from KVM's
+/// dirty log and of moved frames from the next survey (or the freeze's list).
+pub fn survey(pid: u32) -> Result<Vec<PageRef>, DumpError> {
+    let (_, maps, _) = check_running(pid)?;
     let mappings: Vec<Mapping> = maps.into_iter().map(|m| m.mapping).collect();
     present_pages(pid, &mappings)
 }
@@ -994,15 +993,7 @@ pub fn survey(pid: u32) -> Result<Vec<PageRef>, DumpError> {
 /// destination builds the process's address space from it while the pages stream, and
 /// completes it from the freeze's image.
 pub fn outline(pid: u32) -> Result<(ProcessImage, Vec<PageRef>), DumpError> {
-    if !PathBuf::from(format!("/proc/{pid}")).exists() {
-        return Err(DumpError::NoProcess(pid));
-    }
-    let facts = read_facts(pid)?;
-    check_process(pid, &facts, &agent_lineage(), false)?;
-    let maps = read_maps(pid)?;
-    check_maps(&maps).map_err(|r| DumpError::cant(pid, r))?;
-    let files = read_files(pid)?;
-    check_files(&files).map_err(|r| DumpError::cant(pid, r))?;
+    let (facts, maps, files) = check_running(pid)?;
     let parts = read_parts(pid)?;
     let mappings: Vec<Mapping> = maps.into_iter().map(|m| m.mapping).collect();
     let pages = present_pages(pid, &mappings)?;

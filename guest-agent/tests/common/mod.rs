@@ -26,9 +26,10 @@ while True:
     time.sleep(0.1)
 "#;
 
-/// [`WORKLOAD`] that also changes its memory all the time: every line, it maps 1 MiB of
-/// private anonymous memory, writes the count into it, and unmaps the oldest of the four it
-/// keeps. It keeps one page of another 1 MiB area written (255) until a file `drop` appears
+/// [`WORKLOAD`] that also changes its memory all the time: every line, it maps 1 MiB more of
+/// private anonymous memory (up to 60) and writes the count into it; every third line it
+/// unmaps the oldest but one. (Mapping and unmapping alike would let the kernel hand the
+/// same addresses out again, in a cycle that can leave the list of mappings as it was.) It keeps one page of another 1 MiB area written (255) until a file `drop` appears
 /// next to its output, then drops it (`MADV_DONTNEED`: it would read 0 from then on) and
 /// leaves it alone. Once a file `check` appears, each line ends with that page's first byte,
 /// before with -1: `n acc crc ms byte`.
@@ -47,11 +48,12 @@ n, acc, blocks, dropped = 0, 1, [], False
 while True:
     n += 1
     acc = (acc * 31 + n) % 1000000007
-    b = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    b[:8] = n.to_bytes(8, "little")
-    blocks.append(b)
-    if len(blocks) > 4:
-        blocks.pop(0).close()
+    if len(blocks) < 60:
+        b = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        b[:8] = n.to_bytes(8, "little")
+        blocks.append(b)
+        if n % 3 == 0 and len(blocks) > 2:
+            blocks.pop(1).close()
     if not dropped and os.path.exists(flag):
         area.madvise(mmap.MADV_DONTNEED)
         dropped = True
