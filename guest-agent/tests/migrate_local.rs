@@ -19,7 +19,7 @@ use ferry_guest_agent::migrate::image::{MappingKind, PageRef, ProcessImage, PAGE
 use ferry_guest_agent::migrate::restore;
 
 mod common;
-use common::{lines_after, read_lines, start_workload, start_workload_under, Started};
+use common::{counts_on, lines_after, read_lines, start_workload, start_workload_under, Started};
 
 /// The pages whose contents the destination must receive: every private anonymous one
 /// (pagemap says so), and every present page of a writable private mapping.
@@ -152,23 +152,7 @@ fn a_python_workload_moves_and_keeps_counting() {
         !Path::new(&format!("/proc/{source_pid}")).exists(),
         "the source process {source_pid} is still there"
     );
-    let after = lines_after(&out, last_before, 10, Duration::from_secs(20));
-    assert!(
-        after.len() >= 10,
-        "only {} lines after the move (last before: {last_before:?})",
-        after.len()
-    );
-    let mut prev = last_before;
-    for l in &after {
-        assert_eq!(l.n, prev.n + 1, "counter jumped after {prev:?}: {l:?}");
-        assert_eq!(
-            l.acc,
-            (prev.acc * 31 + l.n) % 1_000_000_007,
-            "running value broken at {l:?}"
-        );
-        assert_eq!(l.crc, last_before.crc, "buffer checksum changed at {l:?}");
-        prev = *l;
-    }
+    counts_on(&out, last_before, 10, Duration::from_secs(20));
     let status = fs::read_to_string(format!("/proc/{new_pid}/status")).unwrap();
     assert!(
         status
@@ -323,18 +307,7 @@ fn a_nobody_workload_keeps_its_pid_when_it_is_free() {
     let pid = skeleton.resume().expect("resuming");
     cleanup.moved = Some(pid);
 
-    let after = lines_after(&out, last_before, 5, Duration::from_secs(20));
-    assert!(
-        after.len() >= 5,
-        "only {} lines after the move",
-        after.len()
-    );
-    let mut prev = last_before;
-    for l in &after {
-        assert_eq!(l.n, prev.n + 1, "counter jumped after {prev:?}: {l:?}");
-        assert_eq!(l.crc, last_before.crc, "buffer checksum changed at {l:?}");
-        prev = *l;
-    }
+    counts_on(&out, last_before, 5, Duration::from_secs(20));
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert_eq!(
         status_field(&status, "Uid:"),
@@ -555,19 +528,7 @@ fn a_process_built_from_its_outline_while_it_ran_moves_with_its_changed_mappings
         c.wait().expect("reaping the source");
     }
 
-    let after = lines_after(&out, last_before, 10, Duration::from_secs(20));
-    assert!(
-        after.len() >= 10,
-        "only {} lines after the move (last before: {last_before:?})",
-        after.len()
-    );
-    let mut prev = last_before;
-    for l in &after {
-        assert_eq!(l.n, prev.n + 1, "counter jumped after {prev:?}: {l:?}");
-        assert_eq!(l.acc, (prev.acc * 31 + l.n) % 1_000_000_007);
-        assert_eq!(l.crc, last_before.crc, "buffer checksum changed at {l:?}");
-        prev = *l;
-    }
+    counts_on(&out, last_before, 10, Duration::from_secs(20));
     // The dropped page reads 0 at the destination too.
     fs::write(out.with_file_name("check"), b"").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

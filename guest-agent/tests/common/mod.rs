@@ -121,6 +121,30 @@ pub fn lines_after(path: &Path, last: Line, at_least: usize, timeout: Duration) 
         .collect()
 }
 
+/// Waits up to `timeout` for `at_least` lines counted after `last`, and checks that the
+/// workload counted on from where it stopped: the counter up by one a line, the running value
+/// following it, the buffer's checksum as it was. The lines, for a test's own checks.
+pub fn counts_on(path: &Path, last: Line, at_least: usize, timeout: Duration) -> Vec<Line> {
+    let after = lines_after(path, last, at_least, timeout);
+    assert!(
+        after.len() >= at_least,
+        "only {} lines in {timeout:?} after the move (last before: {last:?})",
+        after.len()
+    );
+    let mut prev = last;
+    for l in &after {
+        assert_eq!(l.n, prev.n + 1, "counter jumped after {prev:?}: {l:?}");
+        assert_eq!(
+            l.acc,
+            (prev.acc * 31 + l.n) % 1_000_000_007,
+            "running value broken at {l:?}"
+        );
+        assert_eq!(l.crc, last.crc, "buffer checksum changed at {l:?}");
+        prev = *l;
+    }
+    after
+}
+
 /// Kills (and reaps) what the test started, however it ends.
 pub struct Cleanup {
     pub source: Option<Child>,
