@@ -169,6 +169,19 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether an sshd at `addr` port 22 greets a new connection (`SSH-...`) within a second or
+/// two.
+fn sshd_answers(addr: std::net::Ipv4Addr) -> bool {
+    use std::net::TcpStream;
+    let wait = Duration::from_secs(1);
+    let Ok(mut stream) = TcpStream::connect_timeout(&SocketAddr::from((addr, 22)), wait) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(wait));
+    let mut greeting = [0u8; 4];
+    stream.read_exact(&mut greeting).is_ok() && &greeting == b"SSH-"
+}
+
 /// Runs node `opts.node`'s daemon until it is told to stop.
 pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let dir = ClusterDir::at(opts.dir.clone());
@@ -772,6 +785,9 @@ impl Node {
     fn watch_agent(&self, cid: u32, exit: &ExitRequest, started: Instant) {
         let deadline = started + BOOT_TIMEOUT;
         let mut announced = false;
+        // Users ssh in as soon as `ferry up` says ready, and a fresh disk's sshd makes its host
+        // keys after the agent already answers: the node is ready once both answer.
+        let mut sshd_seen = false;
         while exit.get().is_none() {
             if lock(&self.agent).is_none() {
                 match VsockStream::connect(cid, vsock::AGENT_PORT)
@@ -822,13 +838,31 @@ impl Node {
                     }
                 }
             }
-            self.sample_load();
+            if !sshd_seen && lock(&self.agent).is_some() {
+                if sshd_answers(self.me.address.addr) {
+                    log(format!(
+                        "sshd answers after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    ));
+                    sshd_seen = true;
+                } else if Instant::now() > deadline {
+                    log(format!(
+                        "the guest's sshd did not answer within {} s; the node is ready without \
+                         it (see {})",
+                        BOOT_TIMEOUT.as_secs(),
+                        self.dir.console_log(&self.me.name).display()
+                    ));
+                    sshd_seen = true;
+                }
+            }
+            self.sample_load(!sshd_seen);
             let _ = exit.wait_timeout(LOAD_INTERVAL);
         }
     }
 
     /// One load sample from the agent; a failed one drops the connection (it is made again).
-    fn sample_load(&self) {
+    /// The node is ready after an answer, unless `sshd_pending` (still booting).
+    fn sample_load(&self, sshd_pending: bool) {
         let result = {
             let mut agent = lock(&self.agent);
             let Some(conn) = agent.as_mut() else { return };
@@ -863,7 +897,14 @@ impl Node {
                     busy: 0,
                 });
                 drop(s);
-                self.set_state(NodeState::Ready, None);
+                if sshd_pending {
+                    self.set_state(
+                        NodeState::Booting,
+                        Some("the guest's agent answers; its sshd does not yet".into()),
+                    );
+                } else {
+                    self.set_state(NodeState::Ready, None);
+                }
             }
             Err(e) => self.set_state(
                 NodeState::Booting,
