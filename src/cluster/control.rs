@@ -467,7 +467,7 @@ pub(super) fn progress(quiet: bool, msg: impl std::fmt::Display) {
 }
 
 /// How [`Cluster::statuses`] starts the detail of a node whose daemon gave no answer.
-const NO_ANSWER: &str = "no daemon answers at";
+pub const NO_ANSWER: &str = "no daemon answers at";
 
 /// How long `up` waits for a daemon that stopped answering (or never did) before it gives up
 /// on it: a daemon under load may miss a few polls.

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ferry::cluster::api::Process;
-use ferry::cluster::control::Cluster;
+use ferry::cluster::api::{NodeState, Process};
+use ferry::cluster::control::{self, Cluster};
 
 use super::{
     check, ferry, kill_on_nodes, local_cluster_file, up_with_clean_nodes, CaseResult, QUICK_LIMIT,
@@ -43,7 +43,26 @@ fn ssh(file: &str, node: &str, script: &str, stdin: &[u8]) -> Result<String, Str
 }
 
 /// The jobs' processes wherever they run: (node, job number, process).
+/// A node whose daemon says its guest is down (it died, say) fails the poll at once: the
+/// jobs could not reach it any more.
 fn jobs(cluster: &Cluster) -> Result<Vec<(String, u32, Process)>, String> {
+    super::platform_check()?;
+    let statuses = cluster
+        .statuses()
+        .map_err(|e| format!("asking the nodes' states: {e}"))?;
+    if let Some(down) = statuses.iter().find(|s| {
+        s.state == NodeState::Down
+            && !s
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with(control::NO_ANSWER))
+    }) {
+        return Err(format!(
+            "{} is down: {}",
+            down.name,
+            down.detail.as_deref().unwrap_or("no reason given")
+        ));
+    }
     let all = cluster
         .processes()
         .map_err(|e| format!("listing processes: {e}"))?;
