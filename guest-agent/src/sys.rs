@@ -768,10 +768,39 @@ const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFD_FEATURE_EVENT_REMAP`: mremap of a registered range is reported, and the range
+/// stays registered at its new place.
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+/// `UFFD_FEATURE_EVENT_REMOVE`: MADV_DONTNEED (or MADV_FREE, MADV_REMOVE) is reported.
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// `UFFD_FEATURE_EVENT_UNMAP`: munmap (and an mremap that shrinks) is reported.
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 /// `UFFD_EVENT_PAGEFAULT`.
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_REMAP`.
+const UFFD_EVENT_REMAP: u8 = 0x14;
+/// `UFFD_EVENT_REMOVE`.
+const UFFD_EVENT_REMOVE: u8 = 0x15;
+/// `UFFD_EVENT_UNMAP`.
+const UFFD_EVENT_UNMAP: u8 = 0x16;
 /// Bytes of one `struct uffd_msg`.
 const UFFD_MSG_LEN: usize = 32;
+
+/// What a userfaultfd reports (`struct uffd_msg`). The process's threads that caused a
+/// remap, remove or unmap wait in the kernel until it is read, and UFFDIO_COPY answers EAGAIN
+/// in the meantime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UffdEvent {
+    /// A thread waits for the page at this (page-aligned) address.
+    Fault(u64),
+    /// `len` bytes moved from `from` to `to` (mremap), their pages with them.
+    Remap { from: u64, to: u64, len: u64 },
+    /// The pages of `start..end` were dropped (MADV_DONTNEED and the like): they read as
+    /// zeros from now on.
+    Remove { start: u64, end: u64 },
+    /// `start..end` was unmapped.
+    Unmap { start: u64, end: u64 },
+}
 
 /// Takes descriptor `fd` of process `pid` into this one (pidfd_open + pidfd_getfd, Linux
 /// 5.6+; needs ptrace rights over it).
@@ -794,11 +823,15 @@ pub fn take_fd(pid: u32, fd: u64) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
 }
 
-/// The `struct uffdio_api` for [`UFFD_API`] with no optional features (the bytes for
-/// UFFDIO_API inside another process).
+/// The `struct uffdio_api` for [`UFFD_API`] asking for the remap, remove and unmap events
+/// (the bytes for UFFDIO_API inside another process): without them the kernel would drop
+/// a moved range's registration, and its pages still to come would read as zeros, and a
+/// page the process dropped would come back with its old contents.
 pub fn uffdio_api_bytes() -> [u8; 24] {
     let mut b = [0u8; 24];
     b[..8].copy_from_slice(&UFFD_API.to_le_bytes());
+    let features = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+    b[8..16].copy_from_slice(&features.to_le_bytes());
     b
 }
 
@@ -843,9 +876,9 @@ pub fn uffd_zeropage(uffd: &impl AsRawFd, dst: u64, len: u64) -> Result<u64, (u6
     Ok(done)
 }
 
-/// Waits up to `wait_ms` for page faults on a (non-blocking) userfaultfd and returns the
-/// page addresses of those pending, at most `max`.
-pub fn uffd_faults(uffd: &impl AsRawFd, wait_ms: i32, max: usize) -> io::Result<Vec<u64>> {
+/// Waits up to `wait_ms` for events on a (non-blocking) userfaultfd and returns those
+/// pending, in order, about `max` at most.
+pub fn uffd_events(uffd: &impl AsRawFd, wait_ms: i32, max: usize) -> io::Result<Vec<UffdEvent>> {
     let mut pfd = libc::pollfd {
         fd: uffd.as_raw_fd(),
         events: libc::POLLIN,
@@ -878,10 +911,24 @@ pub fn uffd_faults(uffd: &impl AsRawFd, wait_ms: i32, max: usize) -> io::Result<
             break;
         }
         for msg in buf[..n as usize].chunks_exact(UFFD_MSG_LEN) {
-            if msg[0] == UFFD_EVENT_PAGEFAULT {
-                let addr = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
-                out.push(addr & !4095);
-            }
+            let word = |at: usize| u64::from_le_bytes(msg[at..at + 8].try_into().expect("8 bytes"));
+            out.push(match msg[0] {
+                UFFD_EVENT_PAGEFAULT => UffdEvent::Fault(word(16) & !4095),
+                UFFD_EVENT_REMAP => UffdEvent::Remap {
+                    from: word(8),
+                    to: word(16),
+                    len: word(24),
+                },
+                UFFD_EVENT_REMOVE => UffdEvent::Remove {
+                    start: word(8),
+                    end: word(16),
+                },
+                UFFD_EVENT_UNMAP => UffdEvent::Unmap {
+                    start: word(8),
+                    end: word(16),
+                },
+                _ => continue,
+            });
         }
     }
     Ok(out)
@@ -971,6 +1018,45 @@ fn anonymous_mapping(len: usize) -> io::Result<*mut libc::c_void> {
 #[cfg(test)]
 pub(crate) fn untouched_mapping(len: usize) -> io::Result<u64> {
     anonymous_mapping(len).map(|p| p as u64)
+}
+
+/// For tests: the byte at `addr` of this process, read as a thread of the process would (so a
+/// missing page of a registered range waits for the userfaultfd's answer).
+#[cfg(test)]
+pub(crate) fn read_byte(addr: u64) -> u8 {
+    // SAFETY: tests pass an address inside a mapping they made and keep for the test's life
+    // (`untouched_mapping`); a volatile read of one byte of it.
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+/// For tests: madvise(MADV_DONTNEED) over `addr..addr+len` of this process.
+#[cfg(test)]
+pub(crate) fn drop_pages(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: tests pass a range of a mapping they made, which no Rust reference covers.
+    if unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// For tests: moves `len` bytes of this process at `from` to `to` (mremap, MREMAP_FIXED).
+#[cfg(test)]
+pub(crate) fn move_pages(from: u64, len: u64, to: u64) -> io::Result<()> {
+    // SAFETY: tests pass ranges of mappings they made, which no Rust reference covers; `to`
+    // is replaced by the moved pages.
+    let got = unsafe {
+        libc::mremap(
+            from as *mut libc::c_void,
+            len as usize,
+            len as usize,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut libc::c_void,
+        )
+    };
+    if got == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// For tests: a userfaultfd of this process with `start..start+len` registered for missing

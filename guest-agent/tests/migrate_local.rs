@@ -530,25 +530,7 @@ fn a_process_built_from_its_outline_while_it_ran_moves_with_its_changed_mappings
 
     counts_on(&out, last_before, 10, Duration::from_secs(20));
     // The dropped page reads 0 at the destination too.
-    fs::write(out.with_file_name("check"), b"").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let bytes = loop {
-        let text = fs::read_to_string(&out).unwrap();
-        let bytes: Vec<String> = text
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|b| *b != "-1")
-            .map(String::from)
-            .collect();
-        if bytes.len() >= 3 || Instant::now() > deadline {
-            break bytes;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        bytes.len() >= 3,
-        "the workload did not read the page: {bytes:?}"
-    );
+    let bytes = common::dropped_page_bytes(&out);
     assert!(
         bytes.iter().all(|b| b == "0"),
         "the page dropped before the freeze reads {bytes:?} after the move"

@@ -10,14 +10,23 @@
 //! already there (placed before, or written by the process after a zero page was placed) is
 //! left alone. Dropping a [`LazyPages`] closes the userfaultfd: pages never placed then read
 //! as zeros, so the VMM ends post-copy only once every page of the process was placed.
+//!
+//! The process runs on meanwhile, and may move (mremap), drop (MADV_DONTNEED) or unmap its
+//! memory. The userfaultfd reports each such change ([`sys::UffdEvent`]), and a [`Layout`]
+//! follows them: the VMM keeps naming pages by their address in the image (their origin),
+//! and each is placed where it is now, as zeros once the process dropped it, or not at all
+//! once it was unmapped. A fault is reported by the origin of its page; one on a page the
+//! process dropped, or on memory that was never the image's, is answered with zeros here.
+//! (A fork during post-copy is not followed: the child's pages still to come read as zeros.)
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
 use crate::migrate::image::PAGE_SIZE;
-use crate::sys::{self, PinnedBuffer};
+use crate::sys::{self, PinnedBuffer, UffdEvent};
 
 /// Slots of the staging buffer (1 MiB): one batch of the migration stream.
 pub const STAGING_SLOTS: usize = 256;
@@ -132,6 +141,105 @@ pub fn runs(pages: &[Placement]) -> Vec<Run> {
     out
 }
 
+/// The page addresses of `start..end`.
+fn pages_of(start: u64, end: u64) -> impl Iterator<Item = u64> {
+    (start - start % PAGE_SIZE..end).step_by(PAGE_SIZE as usize)
+}
+
+/// Where the lazy pages are now, after the process moved, dropped or unmapped memory during
+/// post-copy. A page is named by its origin, its address in the image.
+#[derive(Debug, Default)]
+struct Layout {
+    /// Origin to current address, for the pages mremap moved.
+    moved_to: HashMap<u64, u64>,
+    /// Current address to origin, for the same pages.
+    moved_from: HashMap<u64, u64>,
+    /// Origins of pages the process dropped: they read as zeros.
+    dropped: HashSet<u64>,
+    /// Origins of pages the process unmapped: nothing is placed for them.
+    gone: HashSet<u64>,
+}
+
+impl Layout {
+    /// The origin of the page at address `at`: a page that moved there, or the one whose
+    /// address it is, if that neither moved away nor was unmapped.
+    fn origin(&self, at: u64) -> Option<u64> {
+        if let Some(&o) = self.moved_from.get(&at) {
+            return Some(o);
+        }
+        (!self.moved_to.contains_key(&at) && !self.gone.contains(&at)).then_some(at)
+    }
+
+    /// Where `p` goes now: its page's current address, with zeros if the process dropped
+    /// it; None if the page is gone.
+    fn target(&self, p: Placement) -> Option<Placement> {
+        if self.gone.contains(&p.vaddr) {
+            return None;
+        }
+        let vaddr = self.moved_to.get(&p.vaddr).copied().unwrap_or(p.vaddr);
+        let slot = if self.dropped.contains(&p.vaddr) {
+            ZERO_SLOT
+        } else {
+            p.slot
+        };
+        Some(Placement { vaddr, slot })
+    }
+
+    /// The page at `at` no longer exists.
+    fn forget(&mut self, at: u64) {
+        if let Some(o) = self.origin(at) {
+            self.gone.insert(o);
+            self.moved_to.remove(&o);
+            self.moved_from.remove(&at);
+        }
+    }
+
+    /// Follows one change the process made.
+    fn apply(&mut self, event: UffdEvent) {
+        match event {
+            UffdEvent::Fault(_) => {}
+            UffdEvent::Remove { start, end } => {
+                for at in pages_of(start, end) {
+                    if let Some(o) = self.origin(at) {
+                        self.dropped.insert(o);
+                    }
+                }
+            }
+            UffdEvent::Unmap { start, end } => pages_of(start, end).for_each(|at| self.forget(at)),
+            UffdEvent::Remap { from, to, len } => {
+                let moving: Vec<(u64, u64)> = pages_of(from, from + len)
+                    .filter_map(|at| Some((at - from, self.origin(at)?)))
+                    .collect();
+                for &(offset, o) in &moving {
+                    self.moved_to.remove(&o);
+                    self.moved_from.remove(&(from + offset));
+                }
+                // The pages land where nothing of the image can be any more.
+                pages_of(to, to + len).for_each(|at| self.forget(at));
+                for (offset, o) in moving {
+                    let at = to + offset;
+                    self.gone.remove(&o);
+                    if at != o {
+                        self.moved_to.insert(o, at);
+                        self.moved_from.insert(at, o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How far [`LazyPages::place_run`] got.
+struct RunOutcome {
+    /// Pages placed.
+    placed: u64,
+    /// Pages of the run dealt with (placed, already there, or no longer mapped).
+    done: usize,
+    /// The kernel answered EAGAIN: the process changed its memory, and the events saying
+    /// how wait to be read before anything more is placed.
+    changing: bool,
+}
+
 /// A resumed (or about to be resumed) process whose anonymous pages come later.
 #[derive(Debug)]
 pub struct LazyPages {
@@ -140,6 +248,11 @@ pub struct LazyPages {
     staging: PinnedBuffer,
     frames: Vec<u64>,
     placed: u64,
+    layout: Layout,
+    /// Origins of pages the process waits for, not yet reported.
+    asks: Vec<u64>,
+    /// Addresses the process waits at that read as zeros, not yet answered.
+    zeros_due: Vec<u64>,
 }
 
 impl LazyPages {
@@ -155,6 +268,9 @@ impl LazyPages {
             staging,
             frames: Vec::new(),
             placed: 0,
+            layout: Layout::default(),
+            asks: Vec::new(),
+            zeros_due: Vec::new(),
         };
         lazy.frames = lazy.read_frames()?;
         Ok(lazy)
@@ -226,7 +342,8 @@ impl LazyPages {
     }
 
     /// Copies each placement's page (from its staging slot, or zeros) into the process and
-    /// wakes the threads waiting for them. A page already present is skipped, and so is one
+    /// wakes the threads waiting for them. A placement names its page by its origin; the page
+    /// goes where it is now ([`Layout`]). A page already present is skipped, and so is one
     /// whose memory the process unmapped meanwhile. Returns the pages placed. First checks
     /// that the staging frames are still the ones the VMM wrote (the guest kernel may move
     /// even locked pages, e.g. compaction): if one moved, nothing is placed.
@@ -261,14 +378,38 @@ impl LazyPages {
             }
         }
         let mut placed = 0;
-        for run in runs(pages) {
-            placed += self.place_run(run)?;
+        // The first placement not dealt with yet.
+        let mut from = 0;
+        while from < pages.len() {
+            // (index in `pages`, where it goes now)
+            let targets: Vec<(usize, Placement)> = (from..pages.len())
+                .filter_map(|i| Some((i, self.layout.target(pages[i])?)))
+                .collect();
+            let list: Vec<Placement> = targets.iter().map(|t| t.1).collect();
+            let mut at = 0;
+            let mut interrupted = None;
+            for run in runs(&list) {
+                let outcome = self.place_run(run)?;
+                placed += outcome.placed;
+                if outcome.changing {
+                    interrupted = Some(at + outcome.done);
+                    break;
+                }
+                at += run.pages as usize;
+            }
+            let Some(next) = interrupted else {
+                break;
+            };
+            // The process changed its memory: follow that, then place the rest where it now
+            // belongs.
+            self.take_events(0)?;
+            from = targets.get(next).map_or(pages.len(), |t| t.0);
         }
         self.placed += placed;
         Ok(placed)
     }
 
-    fn place_run(&mut self, run: Run) -> Result<u64, LazyError> {
+    fn place_run(&mut self, run: Run) -> Result<RunOutcome, LazyError> {
         let len = u64::from(run.pages) * PAGE_SIZE;
         let mut done = 0u64;
         let mut placed = 0u64;
@@ -276,7 +417,8 @@ impl LazyPages {
         // mapping: a run across two mappings (or into an unmapped hole) goes on page by page,
         // so that only the pages really gone are left out.
         let mut page_by_page = false;
-        while done < len {
+        let mut changing = false;
+        while done < len && !changing {
             let dst = run.vaddr + done;
             let want = if page_by_page { PAGE_SIZE } else { len - done };
             let result = if run.slot == ZERO_SLOT {
@@ -300,7 +442,8 @@ impl LazyPages {
                         Some(libc::ENOENT) if want > PAGE_SIZE => page_by_page = true,
                         // Already there, or no longer mapped: leave that page.
                         Some(libc::EEXIST) | Some(libc::ENOENT) => done += PAGE_SIZE,
-                        Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                        Some(libc::EAGAIN) => changing = true,
+                        Some(libc::EINTR) => {}
                         _ => {
                             return Err(LazyError::Place {
                                 pid: self.pid,
@@ -312,17 +455,72 @@ impl LazyPages {
                 }
             }
         }
-        Ok(placed)
+        Ok(RunOutcome {
+            placed,
+            done: (done / PAGE_SIZE) as usize,
+            changing,
+        })
     }
 
-    /// The pages the process's threads wait for, waiting up to `wait_ms` for the first (at
-    /// most [`MAX_FAULTS`]; a page may come more than once).
-    pub fn faults(&self, wait_ms: u32) -> Result<Vec<u64>, LazyError> {
+    /// Reads what the userfaultfd has to say, waiting up to `wait_ms` for the first event:
+    /// changes to the memory go into the layout, in order; each fault becomes the origin to
+    /// ask the VMM for, or an address to answer with zeros here.
+    fn take_events(&mut self, wait_ms: u32) -> Result<(), LazyError> {
         let wait = i32::try_from(wait_ms).unwrap_or(i32::MAX);
-        sys::uffd_faults(&self.uffd, wait, MAX_FAULTS).map_err(|source| LazyError::Faults {
-            pid: self.pid,
-            source,
-        })
+        let events =
+            sys::uffd_events(&self.uffd, wait, MAX_FAULTS).map_err(|source| LazyError::Faults {
+                pid: self.pid,
+                source,
+            })?;
+        for event in events {
+            match event {
+                UffdEvent::Fault(at) => match self.layout.origin(at) {
+                    Some(o) if !self.layout.dropped.contains(&o) => self.asks.push(o),
+                    _ => self.zeros_due.push(at),
+                },
+                UffdEvent::Remap { to, len, .. } => {
+                    // Zeros due where the moved pages land would overwrite them.
+                    self.zeros_due.retain(|&z| !(to..to + len).contains(&z));
+                    self.layout.apply(event);
+                }
+                UffdEvent::Unmap { start, end } => {
+                    self.zeros_due.retain(|&z| !(start..end).contains(&z));
+                    self.layout.apply(event);
+                }
+                UffdEvent::Remove { .. } => self.layout.apply(event),
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages the process's threads wait for, by origin, waiting up to `wait_ms` for the
+    /// first (at most about [`MAX_FAULTS`]; a page may come more than once). Faults on pages
+    /// that read as zeros are answered here and not returned.
+    pub fn faults(&mut self, wait_ms: u32) -> Result<Vec<u64>, LazyError> {
+        let wait = if self.asks.is_empty() && self.zeros_due.is_empty() {
+            wait_ms
+        } else {
+            0
+        };
+        self.take_events(wait)?;
+        let mut due = std::mem::take(&mut self.zeros_due);
+        due.sort_unstable();
+        due.dedup();
+        for (i, &at) in due.iter().enumerate() {
+            let run = Run {
+                vaddr: at,
+                slot: ZERO_SLOT,
+                pages: 1,
+            };
+            let outcome = self.place_run(run)?;
+            self.placed += outcome.placed;
+            if outcome.changing {
+                // Answered on the next call, after the events that wait.
+                self.zeros_due.extend_from_slice(&due[i..]);
+                break;
+            }
+        }
+        Ok(std::mem::take(&mut self.asks))
     }
 }
 
@@ -385,11 +583,7 @@ mod tests {
     #[test]
     fn a_run_into_an_unregistered_mapping_places_the_registered_pages() {
         // Frame numbers in /proc/self/pagemap need CAP_SYS_ADMIN.
-        if !std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        {
+        if !is_root() {
             eprintln!("skipped: needs root");
             return;
         }
@@ -409,6 +603,147 @@ mod tests {
         for (i, want) in [(0u64, 1u8), (1, 2)] {
             mem.read_exact_at(&mut got, base + i * page).unwrap();
             assert!(got.iter().all(|&b| b == want), "page {i}");
+        }
+    }
+
+    fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    }
+
+    #[test]
+    fn the_layout_follows_moves_drops_and_unmaps_by_origin() {
+        let page = PAGE_SIZE;
+        let (a, b, c) = (0x10_0000u64, 0x50_0000u64, 0x90_0000u64);
+        let mut l = Layout::default();
+        l.apply(UffdEvent::Remap {
+            from: a,
+            to: b,
+            len: 2 * page,
+        });
+        assert_eq!(l.target(p(a + page, 3)), Some(p(b + page, 3)));
+        assert_eq!(l.origin(b + page), Some(a + page));
+        assert_eq!(
+            l.origin(a),
+            None,
+            "the old place holds nothing of the image"
+        );
+        // Not moved: where it always was.
+        assert_eq!(l.target(p(a + 2 * page, 1)), Some(p(a + 2 * page, 1)));
+
+        l.apply(UffdEvent::Remove {
+            start: b + page,
+            end: b + 2 * page,
+        });
+        assert_eq!(l.target(p(a + page, 3)), Some(p(b + page, ZERO_SLOT)));
+        // Moved again, still zeros.
+        l.apply(UffdEvent::Remap {
+            from: b + page,
+            to: c,
+            len: page,
+        });
+        assert_eq!(l.target(p(a + page, 3)), Some(p(c, ZERO_SLOT)));
+        assert_eq!(l.origin(c), Some(a + page));
+
+        l.apply(UffdEvent::Unmap {
+            start: b,
+            end: b + page,
+        });
+        assert_eq!(l.target(p(a, 0)), None, "unmapped: nothing placed");
+
+        // Back where it came from: itself again.
+        let mut l = Layout::default();
+        l.apply(UffdEvent::Remap {
+            from: a,
+            to: b,
+            len: page,
+        });
+        l.apply(UffdEvent::Remap {
+            from: b,
+            to: a,
+            len: page,
+        });
+        assert_eq!(l.target(p(a, 0)), Some(p(a, 0)));
+        assert!(l.moved_to.is_empty() && l.moved_from.is_empty());
+
+        // Pages moved over an address that was the image's: that page is gone.
+        let mut l = Layout::default();
+        l.apply(UffdEvent::Remap {
+            from: a,
+            to: c,
+            len: page,
+        });
+        assert_eq!(l.target(p(c, 0)), None);
+        assert_eq!(l.target(p(a, 0)), Some(p(c, 0)));
+    }
+
+    /// The process drops one lazy page and moves two others (mremap) while it runs: the
+    /// dropped page reads as zeros, even when its data arrives later and when a thread
+    /// touches it first (answered here, not asked of the VMM); a thread touching a moved
+    /// page is reported by the page's origin, and the moved pages land at their new place.
+    #[test]
+    fn pages_go_where_the_process_moved_them_and_dropped_ones_read_zero() {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let page = PAGE_SIZE;
+        let base = sys::untouched_mapping(6 * page as usize).unwrap();
+        let dst = sys::untouched_mapping(2 * page as usize).unwrap();
+        let uffd = sys::own_userfaultfd(base, 6 * page).unwrap();
+        let mut lazy = LazyPages::new(std::process::id(), uffd).unwrap();
+        for slot in 0..6u8 {
+            lazy.stage(usize::from(slot), &[slot + 1; PAGE_SIZE as usize])
+                .unwrap();
+        }
+        // Each call waits in the kernel until its event is read.
+        let changes = std::thread::spawn(move || {
+            sys::drop_pages(base + 2 * page, page)?;
+            sys::move_pages(base + 4 * page, 2 * page, dst)
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !changes.is_finished() {
+            assert!(lazy.faults(50).unwrap().is_empty());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the changes never ended"
+            );
+        }
+        changes.join().unwrap().unwrap();
+
+        let moved = std::thread::spawn(move || sys::read_byte(dst));
+        let dropped = std::thread::spawn(move || sys::read_byte(base + 2 * page));
+        let mut asked = Vec::new();
+        while !asked.contains(&(base + 4 * page)) || !dropped.is_finished() {
+            asked.extend(lazy.faults(50).unwrap());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "asked only {asked:x?}"
+            );
+        }
+        assert_eq!(dropped.join().unwrap(), 0);
+        assert!(
+            !asked.contains(&(base + 2 * page)),
+            "a dropped page was asked for"
+        );
+
+        let all: Vec<Placement> = (0..6).map(|i| p(base + i * page, i as u32)).collect();
+        lazy.place(&all).unwrap();
+        assert_eq!(moved.join().unwrap(), 5);
+        let mem = File::open("/proc/self/mem").unwrap();
+        let mut got = vec![0u8; PAGE_SIZE as usize];
+        for (at, want) in [
+            (base, 1u8),
+            (base + page, 2),
+            (base + 2 * page, 0),
+            (base + 3 * page, 4),
+            (dst, 5),
+            (dst + page, 6),
+        ] {
+            mem.read_exact_at(&mut got, at).unwrap();
+            assert!(got.iter().all(|&b| b == want), "{at:#x} should hold {want}");
         }
     }
 

@@ -145,6 +145,31 @@ pub fn counts_on(path: &Path, last: Line, at_least: usize, timeout: Duration) ->
     after
 }
 
+/// For [`CHURNING_WORKLOAD`]: makes it read its dropped page (the file `check`) and returns
+/// the bytes it read, from three lines or more (within 10 s).
+pub fn dropped_page_bytes(out: &Path) -> Vec<String> {
+    fs::write(out.with_file_name("check"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bytes = loop {
+        let text = fs::read_to_string(out).unwrap();
+        let bytes: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|b| *b != "-1")
+            .map(String::from)
+            .collect();
+        if bytes.len() >= 3 || Instant::now() > deadline {
+            break bytes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        bytes.len() >= 3,
+        "the workload did not read its page: {bytes:?}"
+    );
+    bytes
+}
+
 /// Kills (and reaps) what the test started, however it ends.
 pub struct Cleanup {
     pub source: Option<Child>,
