@@ -56,13 +56,67 @@ fn run(cmd: &mut Command) -> Result<String, DebianError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The version apt would install for `name`, running `apt-get update` once if the lists are empty.
+/// The version apt would install for `name`, running `apt-get update` once if the lists are empty
+/// (or stale: [`refresh_stale_lists`]).
 pub fn candidate_version(name: &str) -> Result<String, DebianError> {
+    refresh_stale_lists();
     if let Some(v) = policy_candidate(name)? {
         return Ok(v);
     }
     update_lists()?;
     policy_candidate(name)?.ok_or_else(|| DebianError::NoCandidate(name.to_string()))
+}
+
+/// Package lists older than this are refreshed before ferry picks a version.
+const STALE_LISTS: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Runs `apt-get update` once per process when this machine's package lists are older than
+/// [`STALE_LISTS`] and may be written. A machine image's lists can be months old: the kernel
+/// picked from them then differs from the one picked after the next `apt-get update` (the one
+/// that installing QEMU for the nested host runs), and the guest image is built twice, the
+/// first cluster running the older kernel. Without a network, the old lists are used.
+fn refresh_stale_lists() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let lists = Path::new("/var/lib/apt/lists");
+        let newest = std::fs::read_dir(lists)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with("Release"))
+            .filter_map(|e| e.metadata().ok()?.modified().ok())
+            .max();
+        // No lists at all: `candidate_version` fetches them when it finds nothing.
+        let Some(age) = newest.map(|t| t.elapsed().unwrap_or_default()) else {
+            return;
+        };
+        // A mirror may date its files long ago: ferry's own mark of its last refresh keeps
+        // that from costing an `apt-get update` per command.
+        let stamp = cache_dir().join("apt-refreshed");
+        let refreshed = std::fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default());
+        let age = refreshed.map_or(age, |r| age.min(r));
+        // Read-only (inside the nested host) or not root: nothing to do about it here.
+        let writable = std::fs::OpenOptions::new()
+            .append(true)
+            .open(lists.join("lock"))
+            .is_ok();
+        if age < STALE_LISTS || !writable {
+            return;
+        }
+        eprintln!(
+            "ferry: Debian's package lists here are {} days old",
+            age.as_secs() / 86_400
+        );
+        match update_lists() {
+            Ok(()) => {
+                let _ = std::fs::create_dir_all(cache_dir());
+                let _ = std::fs::write(&stamp, b"");
+            }
+            Err(e) => eprintln!("ferry: warning: {e}; going on with the old lists"),
+        }
+    });
 }
 
 fn policy_candidate(name: &str) -> Result<Option<String>, DebianError> {
