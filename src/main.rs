@@ -990,12 +990,28 @@ fn cmd_agent_ping(cid: u32, count: u32) -> anyhow::Result<i32> {
 }
 
 /// A node name becomes its guest's address from the cluster file; an address stays as it is.
+/// The address to ssh to for `node` (a name in `file`, or an address as it is). A named
+/// node whose daemon says it is down is refused at once, with the reason, instead of ssh
+/// knocking at a dead guest for minutes.
 fn resolve_node(node: &str, file: &Path) -> anyhow::Result<String> {
     if node.parse::<std::net::IpAddr>().is_ok() {
         return Ok(node.to_string());
     }
     let cluster = control::Cluster::load(file)?;
-    Ok(cluster.node_named(node)?.address.addr.to_string())
+    let config = cluster.node_named(node)?;
+    let status = cluster.status_of(config)?;
+    let detail = status.detail.as_deref().unwrap_or("no reason given");
+    match status.state {
+        cluster::api::NodeState::Down => anyhow::bail!(
+            "{node} is down: {detail}; `ferry up {}` starts it again",
+            file.display()
+        ),
+        cluster::api::NodeState::Booting => {
+            eprintln!("ferry: {node} is still booting ({detail}); ssh keeps knocking")
+        }
+        _ => {}
+    }
+    Ok(config.address.addr.to_string())
 }
 
 fn cmd_up(file: &Path, quiet: bool) -> anyhow::Result<i32> {

@@ -37,9 +37,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
-    /// The daemon runs; the guest is booting and its agent has not answered yet.
+    /// The daemon runs; the guest is booting: its agent, or its sshd, has not answered yet.
     Booting,
-    /// The guest's agent answers.
+    /// The guest's agent and its sshd answer.
     Ready,
     /// The guest is not running (it failed, powered off, or the daemon cannot be reached).
     Down,

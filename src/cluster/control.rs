@@ -209,16 +209,24 @@ impl Cluster {
     /// Every node's status, asked of each node's own API at once; a node that does not
     /// answer is down, with the reason.
     pub fn statuses(&self) -> Result<Vec<NodeStatus>, ControlError> {
+        self.statuses_of(&self.config.nodes)
+    }
+
+    /// Node `n`'s status, as [`Cluster::statuses`] gives it.
+    pub fn status_of(&self, n: &NodeConfig) -> Result<NodeStatus, ControlError> {
+        let mut one = self.statuses_of(std::slice::from_ref(n))?;
+        Ok(one.remove(0))
+    }
+
+    fn statuses_of(&self, nodes: &[NodeConfig]) -> Result<Vec<NodeStatus>, ControlError> {
         if !self.dir.token_file().exists() {
-            return Ok(self
-                .config
-                .nodes
+            return Ok(nodes
                 .iter()
                 .map(|n| self.down(n, "the cluster has not been brought up".into()))
                 .collect());
         }
         let clients: Vec<_> = self
-            .clients(&self.config.nodes)?
+            .clients(nodes)?
             .into_iter()
             .map(|c| c.with_timeout(Duration::from_secs(5)))
             .collect();
@@ -234,9 +242,7 @@ impl Cluster {
             }
             out
         });
-        Ok(self
-            .config
-            .nodes
+        Ok(nodes
             .iter()
             .zip(results)
             .map(|(n, r)| match r {

@@ -285,6 +285,17 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
         "e2e: the others declared the killed node-4 down within {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    // ssh to it says so at once, instead of knocking at a dead guest for minutes.
+    let out = ferry(
+        &["ssh", "node-4", "--file", file, "--", "true"],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(
+        out.code() != 0 && out.stderr.contains("node-4 is down"),
+        "`ferry ssh node-4` refuses the dead node at once, with the reason",
+        &out,
+    )?;
 
     // `down` stops and forgets it: the plain three-node cluster is left for the next cases.
     let out = ferry(&["down", file], b"", BOOT_LIMIT)?;
