@@ -1002,6 +1002,10 @@ fn resolve_node(node: &str, file: &Path) -> anyhow::Result<String> {
     let status = cluster.status_of(config)?;
     let detail = status.detail.as_deref().unwrap_or("no reason given");
     match status.state {
+        // A daemon's own reason may already say what to do.
+        cluster::api::NodeState::Down if detail.contains("`ferry up`") => {
+            anyhow::bail!("{node} is down: {detail}")
+        }
         cluster::api::NodeState::Down => anyhow::bail!(
             "{node} is down: {detail}; `ferry up {}` starts it again",
             file.display()
