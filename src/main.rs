@@ -989,10 +989,9 @@ fn cmd_agent_ping(cid: u32, count: u32) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// A node name becomes its guest's address from the cluster file; an address stays as it is.
-/// The address to ssh to for `node` (a name in `file`, or an address as it is). A named
-/// node whose daemon says it is down is refused at once, with the reason, instead of ssh
-/// knocking at a dead guest for minutes.
+/// The address to ssh to for `node`: a node name becomes its guest's address from the cluster
+/// file; an address stays as it is. A named node whose daemon says it is down is refused at
+/// once, with the reason, instead of ssh knocking at a dead guest for minutes.
 fn resolve_node(node: &str, file: &Path) -> anyhow::Result<String> {
     if node.parse::<std::net::IpAddr>().is_ok() {
         return Ok(node.to_string());
