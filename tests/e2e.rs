@@ -1851,17 +1851,9 @@ impl HostConsole {
 
     /// The last lines the console gained since the mark, as a block to append to a failure.
     fn news(&self) -> String {
-        let Some((path, from)) = &self.0 else {
+        let Some(news) = self.since_mark() else {
             return String::new();
         };
-        let text = std::fs::read(path).unwrap_or_default();
-        // A restarted host starts a new console log.
-        let start = if (*from as usize) <= text.len() {
-            *from as usize
-        } else {
-            0
-        };
-        let news = String::from_utf8_lossy(&text[start..]);
         let lines: Vec<&str> = news.lines().collect();
         if lines.is_empty() {
             return "\nnested host console: nothing new".into();
@@ -1901,16 +1893,27 @@ impl HostConsole {
         ])
     }
 
+    /// What the console gained since the mark (all of it when the host was restarted since:
+    /// a restarted host starts a new log), read from the mark on only: `platform_check`
+    /// asks before every `ferry` call.
+    fn since_mark(&self) -> Option<String> {
+        use std::io::{Seek, SeekFrom};
+        let (path, from) = self.0.as_ref()?;
+        let Ok(mut file) = std::fs::File::open(path) else {
+            return Some(String::new());
+        };
+        let len = file.metadata().map_or(0, |m| m.len());
+        let start = if *from <= len { *from } else { 0 };
+        let mut text = Vec::new();
+        let _ = file
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| file.read_to_end(&mut text));
+        Some(String::from_utf8_lossy(&text).into_owned())
+    }
+
     /// The first line since the mark that contains one of `needles`.
     fn first_of(&self, needles: &[&str]) -> Option<String> {
-        let (path, from) = self.0.as_ref()?;
-        let text = std::fs::read(path).unwrap_or_default();
-        let start = if (*from as usize) <= text.len() {
-            *from as usize
-        } else {
-            0
-        };
-        String::from_utf8_lossy(&text[start..])
+        self.since_mark()?
             .lines()
             .find(|l| needles.iter().any(|w| l.contains(w)))
             .map(|l| l.trim().to_string())

@@ -589,12 +589,7 @@ mod tests {
         }
         let page = PAGE_SIZE;
         let base = sys::untouched_mapping(4 * page as usize).unwrap();
-        let uffd = sys::own_userfaultfd(base, 2 * page).unwrap();
-        let mut lazy = LazyPages::new(std::process::id(), uffd).unwrap();
-        for slot in 0..4u8 {
-            lazy.stage(usize::from(slot), &[slot + 1; PAGE_SIZE as usize])
-                .unwrap();
-        }
+        let mut lazy = own_lazy(base, 2, 4);
         let pages: Vec<Placement> = (0..4).map(|i| p(base + i * page, i as u32)).collect();
         assert_eq!(runs(&pages).len(), 1);
         assert_eq!(lazy.place(&pages).unwrap(), 2);
@@ -604,6 +599,18 @@ mod tests {
             mem.read_exact_at(&mut got, base + i * page).unwrap();
             assert!(got.iter().all(|&b| b == want), "page {i}");
         }
+    }
+
+    /// This process's memory at `base`, its first `registered` pages registered with a
+    /// userfaultfd, taken over; staging slot `i` (of the first `slots`) filled with `i + 1`.
+    fn own_lazy(base: u64, registered: u64, slots: u8) -> LazyPages {
+        let uffd = sys::own_userfaultfd(base, registered * PAGE_SIZE).unwrap();
+        let mut lazy = LazyPages::new(std::process::id(), uffd).unwrap();
+        for slot in 0..slots {
+            lazy.stage(usize::from(slot), &[slot + 1; PAGE_SIZE as usize])
+                .unwrap();
+        }
+        lazy
     }
 
     fn is_root() -> bool {
@@ -692,12 +699,7 @@ mod tests {
         let page = PAGE_SIZE;
         let base = sys::untouched_mapping(6 * page as usize).unwrap();
         let dst = sys::untouched_mapping(2 * page as usize).unwrap();
-        let uffd = sys::own_userfaultfd(base, 6 * page).unwrap();
-        let mut lazy = LazyPages::new(std::process::id(), uffd).unwrap();
-        for slot in 0..6u8 {
-            lazy.stage(usize::from(slot), &[slot + 1; PAGE_SIZE as usize])
-                .unwrap();
-        }
+        let mut lazy = own_lazy(base, 6, 6);
         // Each call waits in the kernel until its event is read.
         let changes = std::thread::spawn(move || {
             sys::drop_pages(base + 2 * page, page)?;
