@@ -519,8 +519,10 @@ impl Agent {
             Message::LazyEnd { pid } => match session.lazy.take() {
                 Some(lazy) if lazy.pid() == pid => {
                     log(format_args!(
-                        "pid {pid}: post-copy done, {} pages placed",
-                        lazy.placed()
+                        "pid {pid}: post-copy done, {} pages placed, {} children forked \
+                         meanwhile got them too",
+                        lazy.placed(),
+                        lazy.forks()
                     ));
                     drop(lazy);
                     send(writer, &Message::Released { pid })
@@ -979,13 +981,27 @@ mod tests {
     fn a_refused_page_says_the_kernels_errno() {
         let e = LazyError::Place {
             pid: 183,
+            child: false,
             vaddr: 0x7fd5_a2cc_c000,
-            source: io::Error::from_raw_os_error(libc::ESRCH),
+            source: io::Error::from_raw_os_error(libc::EFAULT),
         };
         let text = causes(&e);
         assert!(
-            text.starts_with("placing page 0x7fd5a2ccc000 into process 183: No such process"),
+            text.starts_with("placing page 0x7fd5a2ccc000 into process 183: Bad address"),
             "{text}"
+        );
+        let in_child = LazyError::Place {
+            pid: 183,
+            child: true,
+            vaddr: 0x7fd5_a2cc_c000,
+            source: io::Error::from_raw_os_error(libc::EFAULT),
+        };
+        assert!(
+            causes(&in_child).starts_with(
+                "placing page 0x7fd5a2ccc000 into process 183's child (forked during post-copy)"
+            ),
+            "{}",
+            causes(&in_child)
         );
         // A source the error already prints is not repeated.
         let wrapped = io::Error::other(format!("reading: {e}"));

@@ -768,6 +768,10 @@ const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFD_FEATURE_EVENT_FORK`: a fork is reported with a new userfaultfd for the child, whose
+/// copies of the registered ranges stay registered (needs CAP_SYS_PTRACE of whoever does
+/// UFFDIO_API).
+const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
 /// `UFFD_FEATURE_EVENT_REMAP`: mremap of a registered range is reported, and the range
 /// stays registered at its new place.
 const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
@@ -777,6 +781,8 @@ const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 /// `UFFD_EVENT_PAGEFAULT`.
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_FORK`.
+const UFFD_EVENT_FORK: u8 = 0x13;
 /// `UFFD_EVENT_REMAP`.
 const UFFD_EVENT_REMAP: u8 = 0x14;
 /// `UFFD_EVENT_REMOVE`.
@@ -787,12 +793,16 @@ const UFFD_EVENT_UNMAP: u8 = 0x16;
 const UFFD_MSG_LEN: usize = 32;
 
 /// What a userfaultfd reports (`struct uffd_msg`). The process's threads that caused a
-/// remap, remove or unmap wait in the kernel until it is read, and UFFDIO_COPY answers EAGAIN
-/// in the meantime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// fork, remap, remove or unmap wait in the kernel until it is read, and UFFDIO_COPY answers
+/// EAGAIN in the meantime.
+#[derive(Debug)]
 pub enum UffdEvent {
     /// A thread waits for the page at this (page-aligned) address.
     Fault(u64),
+    /// The process forked: the child's userfaultfd (installed in this process by the read),
+    /// for the child's copies of the registered ranges, whose missing pages are missing there
+    /// too.
+    Fork(std::os::fd::OwnedFd),
     /// `len` bytes moved from `from` to `to` (mremap), their pages with them.
     Remap { from: u64, to: u64, len: u64 },
     /// The pages of `start..end` were dropped (MADV_DONTNEED and the like): they read as
@@ -823,14 +833,20 @@ pub fn take_fd(pid: u32, fd: u64) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
 }
 
-/// The `struct uffdio_api` for [`UFFD_API`] asking for the remap, remove and unmap events
-/// (the bytes for UFFDIO_API inside another process): without them the kernel would drop
-/// a moved range's registration, and its pages still to come would read as zeros, and a
-/// page the process dropped would come back with its old contents.
-pub fn uffdio_api_bytes() -> [u8; 24] {
+/// The `struct uffdio_api` for [`UFFD_API`] asking for the remap, remove and unmap events,
+/// and with `forks` the fork event (the bytes for UFFDIO_API inside another process):
+/// without them the kernel would drop a moved range's registration, and its pages still to
+/// come would read as zeros, a page the process dropped would come back with its old
+/// contents, and a child forked meanwhile would read zeros where pages were still to come.
+/// With the fork event, a fork waits until the event is read.
+pub fn uffdio_api_bytes(forks: bool) -> [u8; 24] {
     let mut b = [0u8; 24];
     b[..8].copy_from_slice(&UFFD_API.to_le_bytes());
-    let features = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+    let mut features =
+        UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+    if forks {
+        features |= UFFD_FEATURE_EVENT_FORK;
+    }
     b[8..16].copy_from_slice(&features.to_le_bytes());
     b
 }
@@ -876,24 +892,30 @@ pub fn uffd_zeropage(uffd: &impl AsRawFd, dst: u64, len: u64) -> Result<u64, (u6
     Ok(done)
 }
 
-/// Waits up to `wait_ms` for events on a (non-blocking) userfaultfd and returns those
-/// pending, in order, about `max` at most.
-pub fn uffd_events(uffd: &impl AsRawFd, wait_ms: i32, max: usize) -> io::Result<Vec<UffdEvent>> {
-    let mut pfd = libc::pollfd {
-        fd: uffd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one valid pollfd that outlives the call.
-    let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+/// Waits up to `wait_ms` for any of `fds` to be readable (a signal ends the wait early).
+pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>], wait_ms: i32) -> io::Result<()> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a live array of `pfds.len()` valid pollfds that outlives the call.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait_ms) };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(Vec::new())
-        } else {
-            Err(e)
-        };
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
+    Ok(())
+}
+
+/// The events pending on a (non-blocking) userfaultfd, in order, about `max` at most; none
+/// when nothing is pending (see [`wait_readable`]).
+pub fn uffd_events(uffd: &impl AsRawFd, max: usize) -> io::Result<Vec<UffdEvent>> {
     let mut out = Vec::new();
     let mut buf = [0u8; UFFD_MSG_LEN * 64];
     while out.len() < max {
@@ -914,6 +936,13 @@ pub fn uffd_events(uffd: &impl AsRawFd, wait_ms: i32, max: usize) -> io::Result<
             let word = |at: usize| u64::from_le_bytes(msg[at..at + 8].try_into().expect("8 bytes"));
             out.push(match msg[0] {
                 UFFD_EVENT_PAGEFAULT => UffdEvent::Fault(word(16) & !4095),
+                UFFD_EVENT_FORK => {
+                    use std::os::fd::FromRawFd;
+                    let ufd = u32::from_le_bytes(msg[8..12].try_into().expect("4 bytes"));
+                    // SAFETY: the kernel installed this descriptor in this process for the
+                    // read that returned the event, and nothing else owns it.
+                    UffdEvent::Fork(unsafe { std::os::fd::OwnedFd::from_raw_fd(ufd as i32) })
+                }
                 UFFD_EVENT_REMAP => UffdEvent::Remap {
                     from: word(8),
                     to: word(16),
@@ -1071,7 +1100,9 @@ pub(crate) fn own_userfaultfd(start: u64, len: u64) -> io::Result<std::os::fd::O
     }
     // SAFETY: `fd` was just opened and nothing else owns it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = uffdio_api_bytes();
+    // Without the fork event: a fork of the test process (there is none meant) would wait
+    // for a read nobody does.
+    let mut api = uffdio_api_bytes(false);
     let mut reg = uffdio_register_bytes(start, len);
     for (request, arg) in [
         (UFFDIO_API, api.as_mut_ptr()),

@@ -6,7 +6,8 @@
 //! (`LazyPages::stage`, `LazyPages::place`), and pushes the rest in address order meanwhile.
 //! The process must run before its pages arrived, wait for those it touches, and go on
 //! counting with its 64 MiB buffer's checksum unchanged; one that drops and unmaps memory
-//! while its pages still come must find the dropped page empty.
+//! while its pages still come must find the dropped page empty; a child one forks before
+//! its buffer came must get the buffer too.
 //!
 //! Needs root and python3 (as `migrate_local`): skipped with a printed reason otherwise.
 
@@ -58,6 +59,37 @@ struct Resumed {
     t0: Instant,
     resumed_after: Duration,
 }
+
+/// A workload that forks once it finds a file `fork` next to its output: the child writes a
+/// file `forked`, then the CRC-32 of the 64 MiB buffer into `child-crc`, and exits. The
+/// parent never reads the buffer after its first CRC (each line's `crc`), and counts on.
+const FORKING_WORKLOAD: &str = r#"
+import os, random, sys, time, zlib
+os.closerange(3, 65536)
+random.seed(7)
+buf = bytearray(random.randbytes(64 << 20))
+crc = zlib.crc32(buf)
+out = open(sys.argv[1], "a", buffering=1)
+here = os.path.dirname(sys.argv[1])
+n, acc, forked = 0, 1, False
+while True:
+    n += 1
+    acc = (acc * 31 + n) % 1000000007
+    if not forked and os.path.exists(os.path.join(here, "fork")):
+        forked = True
+        if os.fork() == 0:
+            open(os.path.join(here, "forked"), "w").close()
+            with open(os.path.join(here, "child-crc.part"), "w") as f:
+                f.write("%d" % zlib.crc32(buf))
+            os.rename(os.path.join(here, "child-crc.part"), os.path.join(here, "child-crc"))
+            os._exit(0)
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    out.write("%d %d %d %d\n" % (n, acc, crc, time.monotonic() * 1000))
+    time.sleep(0.1)
+"#;
 
 /// Freezes `source_pid` and resumes it as a new process whose anonymous pages come later;
 /// `before_resume` runs just before the resume.
@@ -125,11 +157,12 @@ fn freeze_and_resume(
 }
 
 /// What serving the pages took: pages asked for, faults on pages never at the source, when
-/// the first fault came.
+/// the first fault came, children the process forked meanwhile.
 struct Served {
     on_demand: u64,
     zero_faults: u64,
     first_fault: Option<Duration>,
+    forks: u64,
 }
 
 /// Plays the VMM: serves what the process waits for first, then the rest in address order,
@@ -156,6 +189,7 @@ fn serve(
         on_demand: 0,
         zero_faults: 0,
         first_fault: None,
+        forks: 0,
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while placed.len() < lazy_pages.len() {
@@ -209,6 +243,7 @@ fn serve(
         );
         waiting.retain(|v| !placed.contains(v));
     }
+    served.forks = lazy.forks();
     drop(lazy);
     frozen.kill().expect("killing the source");
     if let Some(mut c) = cleanup.source.take() {
@@ -316,4 +351,72 @@ fn a_page_dropped_before_it_arrived_reads_zero_and_unmapped_memory_stays_unmappe
         bytes.iter().all(|b| b == "0"),
         "the page dropped during post-copy reads {bytes:?}"
     );
+}
+
+/// The workload forks as soon as it runs at the destination, while its 64 MiB buffer is
+/// still held back at the source: the child must get the buffer's pages as they arrive, and
+/// read it whole (without following the fork, it would read zeros there, or die on a page
+/// of its heap that never came).
+#[test]
+fn a_child_forked_before_the_pages_arrived_gets_them_too() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(Started {
+        mut cleanup,
+        pid: source_pid,
+        out,
+        ..
+    }) = start_script(
+        "postcopy-fork",
+        "ptrace, pagemap frames, userfaultfd of another process",
+        &[],
+        FORKING_WORKLOAD,
+    )
+    else {
+        return;
+    };
+    let (fork_flag, forked, child_crc) = (
+        out.with_file_name("fork"),
+        out.with_file_name("forked"),
+        out.with_file_name("child-crc"),
+    );
+    let resumed = freeze_and_resume(source_pid, &mut cleanup, || {
+        fs::write(&fork_flag, b"").unwrap()
+    });
+    let last_before = *read_lines(&out).last().unwrap();
+    // The buffer: the one anonymous mapping of 64 MiB or more.
+    let buffer = resumed
+        .frozen
+        .image()
+        .mappings
+        .iter()
+        .find(|m| !m.shared && m.kind == MappingKind::Anonymous && m.len() >= 64 << 20)
+        .map(|m| (m.start, m.end))
+        .expect("the workload's 64 MiB buffer");
+    // The buffer's pages wait until the child runs (or 30 s).
+    let hold_until = Instant::now() + Duration::from_secs(30);
+    let mut forked_while_held = false;
+    let served = serve(resumed, &mut cleanup, || {
+        if forked_while_held || Instant::now() > hold_until {
+            return None;
+        }
+        forked_while_held = forked.exists();
+        (!forked_while_held).then_some(buffer)
+    });
+    assert!(
+        forked_while_held,
+        "the child did not run within 30 s of the resume (its pages were served all the same)"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !child_crc.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = fs::read_to_string(&child_crc).expect("the child's checksum of the buffer");
+    assert_eq!(
+        got,
+        last_before.crc.to_string(),
+        "the child read another buffer than the one the process had"
+    );
+    assert_eq!(served.forks, 1, "children followed");
+    counts_on(&out, last_before, 10, Duration::from_secs(30));
 }

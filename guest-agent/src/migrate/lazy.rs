@@ -17,12 +17,16 @@
 //! and each is placed where it is now, as zeros once the process dropped it, or not at all
 //! once it was unmapped. A fault is reported by the origin of its page; one on a page the
 //! process dropped, or on memory that was never the image's, is answered with zeros here.
-//! (A fork during post-copy is not followed: the child's pages still to come read as zeros.)
+//!
+//! A child the process forks meanwhile misses the same pages: the kernel reports the fork
+//! with a userfaultfd for the child ([`sys::UffdEvent::Fork`]), and from then on each page
+//! is placed into the child too (where it is in the child's memory), and the child's faults
+//! are reported like the process's. A child that exits or execs leaves the family.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use crate::migrate::image::PAGE_SIZE;
@@ -73,10 +77,12 @@ pub enum LazyError {
         reason: &'static str,
     },
     /// The kernel refused to place a page.
-    #[error("placing page {vaddr:#x} into process {pid}")]
+    #[error("placing page {vaddr:#x} into process {pid}{}", child_note(.child))]
     Place {
-        /// The process.
+        /// The migrated process.
         pid: u32,
+        /// Into a child it forked during post-copy.
+        child: bool,
         /// The first page of the refused run.
         vaddr: u64,
         /// The kernel's error.
@@ -92,6 +98,15 @@ pub enum LazyError {
         #[source]
         source: io::Error,
     },
+}
+
+/// How a [`LazyError::Place`] names a child of the migrated process.
+fn child_note(child: &bool) -> &'static str {
+    if *child {
+        "'s child (forked during post-copy)"
+    } else {
+        ""
+    }
 }
 
 /// One page to place: its address in the process and the staging slot that holds it, or
@@ -148,7 +163,7 @@ fn pages_of(start: u64, end: u64) -> impl Iterator<Item = u64> {
 
 /// Where the lazy pages are now, after the process moved, dropped or unmapped memory during
 /// post-copy. A page is named by its origin, its address in the image.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Layout {
     /// Origin to current address, for the pages mremap moved.
     moved_to: HashMap<u64, u64>,
@@ -195,9 +210,9 @@ impl Layout {
     }
 
     /// Follows one change the process made.
-    fn apply(&mut self, event: UffdEvent) {
-        match event {
-            UffdEvent::Fault(_) => {}
+    fn apply(&mut self, event: &UffdEvent) {
+        match *event {
+            UffdEvent::Fault(_) | UffdEvent::Fork(_) => {}
             UffdEvent::Remove { start, end } => {
                 for at in pages_of(start, end) {
                     if let Some(o) = self.origin(at) {
@@ -229,7 +244,7 @@ impl Layout {
     }
 }
 
-/// How far [`LazyPages::place_run`] got.
+/// How far [`place_run`] got.
 struct RunOutcome {
     /// Pages placed.
     placed: u64,
@@ -238,21 +253,106 @@ struct RunOutcome {
     /// The kernel answered EAGAIN: the process changed its memory, and the events saying
     /// how wait to be read before anything more is placed.
     changing: bool,
+    /// The process's memory is gone (it exited, or exec'd another program): nothing more
+    /// goes there.
+    gone: bool,
+}
+
+/// Places one run through `uffd`, from `staging`; on an error the kernel's, with the address
+/// of the page it refused.
+fn place_run(
+    uffd: &OwnedFd,
+    staging: &PinnedBuffer,
+    run: Run,
+) -> Result<RunOutcome, (u64, io::Error)> {
+    let len = u64::from(run.pages) * PAGE_SIZE;
+    let mut done = 0u64;
+    let mut placed = 0u64;
+    // The kernel answers ENOENT for a whole range that is not inside one registered
+    // mapping: a run across two mappings (or into an unmapped hole) goes on page by page,
+    // so that only the pages really gone are left out.
+    let mut page_by_page = false;
+    let mut changing = false;
+    let mut gone = false;
+    while done < len && !changing && !gone {
+        let dst = run.vaddr + done;
+        let want = if page_by_page { PAGE_SIZE } else { len - done };
+        let result = if run.slot == ZERO_SLOT {
+            sys::uffd_zeropage(uffd, dst, want)
+        } else {
+            let from = run.slot as usize * PAGE_SIZE as usize + done as usize;
+            let src = &staging.as_slice()[from..from + want as usize];
+            sys::uffd_copy(uffd, dst, src)
+        };
+        match result {
+            Ok(n) if n > 0 => {
+                done += n;
+                placed += n / PAGE_SIZE;
+            }
+            // Nothing copied without an error: try the rest again.
+            Ok(_) => {}
+            Err((n, e)) => {
+                done += n;
+                placed += n / PAGE_SIZE;
+                match e.raw_os_error() {
+                    Some(libc::ENOENT) if want > PAGE_SIZE => page_by_page = true,
+                    // Already there, or no longer mapped: leave that page.
+                    Some(libc::EEXIST) | Some(libc::ENOENT) => done += PAGE_SIZE,
+                    Some(libc::EAGAIN) => changing = true,
+                    Some(libc::ESRCH) => gone = true,
+                    Some(libc::EINTR) => {}
+                    _ => return Err((run.vaddr + done, e)),
+                }
+            }
+        }
+    }
+    Ok(RunOutcome {
+        placed,
+        done: (done / PAGE_SIZE) as usize,
+        changing,
+        gone,
+    })
+}
+
+/// One process whose pages post-copy places: the migrated one, or a child it forked while
+/// pages still came, whose copies of the lazy ranges miss the same pages (the kernel gives
+/// each child a userfaultfd of its own, [`UffdEvent::Fork`]).
+#[derive(Debug)]
+struct Member {
+    uffd: OwnedFd,
+    layout: Layout,
+    /// Addresses its threads wait at that read as zeros, not yet answered.
+    zeros_due: Vec<u64>,
+    /// The migrated process itself, not a child.
+    original: bool,
+    /// Its memory is gone (exit, exec): it leaves the family.
+    gone: bool,
+}
+
+impl Member {
+    fn new(uffd: OwnedFd, layout: Layout, original: bool) -> Self {
+        Member {
+            uffd,
+            layout,
+            zeros_due: Vec::new(),
+            original,
+            gone: false,
+        }
+    }
 }
 
 /// A resumed (or about to be resumed) process whose anonymous pages come later.
 #[derive(Debug)]
 pub struct LazyPages {
     pid: u32,
-    uffd: OwnedFd,
+    /// The migrated process, and the children it forked during post-copy that still live.
+    family: Vec<Member>,
     staging: PinnedBuffer,
     frames: Vec<u64>,
     placed: u64,
-    layout: Layout,
-    /// Origins of pages the process waits for, not yet reported.
+    forks: u64,
+    /// Origins of pages a member waits for, not yet reported.
     asks: Vec<u64>,
-    /// Addresses the process waits at that read as zeros, not yet answered.
-    zeros_due: Vec<u64>,
 }
 
 impl LazyPages {
@@ -264,13 +364,12 @@ impl LazyPages {
             .map_err(|source| LazyError::Staging { slots, source })?;
         let mut lazy = LazyPages {
             pid,
-            uffd,
+            family: vec![Member::new(uffd, Layout::default(), true)],
             staging,
             frames: Vec::new(),
             placed: 0,
-            layout: Layout::default(),
+            forks: 0,
             asks: Vec::new(),
-            zeros_due: Vec::new(),
         };
         lazy.frames = lazy.read_frames()?;
         Ok(lazy)
@@ -291,9 +390,15 @@ impl LazyPages {
         self.staging.addr()
     }
 
-    /// Pages placed so far (zero pages included, pages already there not).
+    /// Pages placed so far into the migrated process (zero pages included, pages already
+    /// there not).
     pub fn placed(&self) -> u64 {
         self.placed
+    }
+
+    /// Children the process forked while its pages still came (each got them too).
+    pub fn forks(&self) -> u64 {
+        self.forks
     }
 
     /// Writes a page into staging slot `slot` from inside the guest (the VMM writes the
@@ -341,12 +446,13 @@ impl LazyPages {
             .collect()
     }
 
-    /// Copies each placement's page (from its staging slot, or zeros) into the process and
-    /// wakes the threads waiting for them. A placement names its page by its origin; the page
-    /// goes where it is now ([`Layout`]). A page already present is skipped, and so is one
-    /// whose memory the process unmapped meanwhile. Returns the pages placed. First checks
-    /// that the staging frames are still the ones the VMM wrote (the guest kernel may move
-    /// even locked pages, e.g. compaction): if one moved, nothing is placed.
+    /// Copies each placement's page (from its staging slot, or zeros) into the process, and
+    /// into each child it forked meanwhile, and wakes the threads waiting for them. A
+    /// placement names its page by its origin; the page goes where it is now in each of them
+    /// ([`Layout`]). A page already present is skipped, and so is one whose memory was
+    /// unmapped meanwhile. Returns the pages placed into the process. First checks that the
+    /// staging frames are still the ones the VMM wrote (the guest kernel may move even
+    /// locked pages, e.g. compaction): if one moved, nothing is placed.
     pub fn place(&mut self, pages: &[Placement]) -> Result<u64, LazyError> {
         let slots = self.frames.len() as u32;
         for p in pages {
@@ -378,19 +484,40 @@ impl LazyPages {
             }
         }
         let mut placed = 0;
+        // A child forked while this goes on joins the family, and gets the pages too.
+        let mut member = 0;
+        while member < self.family.len() {
+            let n = self.place_into(member, pages)?;
+            if self.family[member].original {
+                placed += n;
+            }
+            member += 1;
+        }
+        self.family.retain(|m| !m.gone);
+        self.placed += placed;
+        Ok(placed)
+    }
+
+    /// [`LazyPages::place`] for one member of the family: the pages placed.
+    fn place_into(&mut self, member: usize, pages: &[Placement]) -> Result<u64, LazyError> {
+        let mut placed = 0;
         // The first placement not dealt with yet.
         let mut from = 0;
         while from < pages.len() {
+            let m = &self.family[member];
             // (index in `pages`, where it goes now)
             let targets: Vec<(usize, Placement)> = (from..pages.len())
-                .filter_map(|i| Some((i, self.layout.target(pages[i])?)))
+                .filter_map(|i| Some((i, m.layout.target(pages[i])?)))
                 .collect();
             let list: Vec<Placement> = targets.iter().map(|t| t.1).collect();
             let mut at = 0;
             let mut interrupted = None;
             for run in runs(&list) {
-                let outcome = self.place_run(run)?;
+                let outcome = self.run_into(member, run)?;
                 placed += outcome.placed;
+                if outcome.gone {
+                    return Ok(placed);
+                }
                 if outcome.changing {
                     interrupted = Some(at + outcome.done);
                     break;
@@ -405,121 +532,100 @@ impl LazyPages {
             self.take_events(0)?;
             from = targets.get(next).map_or(pages.len(), |t| t.0);
         }
-        self.placed += placed;
         Ok(placed)
     }
 
-    fn place_run(&mut self, run: Run) -> Result<RunOutcome, LazyError> {
-        let len = u64::from(run.pages) * PAGE_SIZE;
-        let mut done = 0u64;
-        let mut placed = 0u64;
-        // The kernel answers ENOENT for a whole range that is not inside one registered
-        // mapping: a run across two mappings (or into an unmapped hole) goes on page by page,
-        // so that only the pages really gone are left out.
-        let mut page_by_page = false;
-        let mut changing = false;
-        while done < len && !changing {
-            let dst = run.vaddr + done;
-            let want = if page_by_page { PAGE_SIZE } else { len - done };
-            let result = if run.slot == ZERO_SLOT {
-                sys::uffd_zeropage(&self.uffd, dst, want)
-            } else {
-                let from = run.slot as usize * PAGE_SIZE as usize + done as usize;
-                let src = &self.staging.as_slice()[from..from + want as usize];
-                sys::uffd_copy(&self.uffd, dst, src)
-            };
-            match result {
-                Ok(n) if n > 0 => {
-                    done += n;
-                    placed += n / PAGE_SIZE;
-                }
-                // Nothing copied without an error: try the rest again.
-                Ok(_) => {}
-                Err((n, e)) => {
-                    done += n;
-                    placed += n / PAGE_SIZE;
-                    match e.raw_os_error() {
-                        Some(libc::ENOENT) if want > PAGE_SIZE => page_by_page = true,
-                        // Already there, or no longer mapped: leave that page.
-                        Some(libc::EEXIST) | Some(libc::ENOENT) => done += PAGE_SIZE,
-                        Some(libc::EAGAIN) => changing = true,
-                        Some(libc::EINTR) => {}
-                        _ => {
-                            return Err(LazyError::Place {
-                                pid: self.pid,
-                                vaddr: dst,
-                                source: e,
-                            })
-                        }
-                    }
-                }
-            }
-        }
-        Ok(RunOutcome {
-            placed,
-            done: (done / PAGE_SIZE) as usize,
-            changing,
-        })
-    }
-
-    /// Reads what the userfaultfd has to say, waiting up to `wait_ms` for the first event:
-    /// changes to the memory go into the layout, in order; each fault becomes the origin to
-    /// ask the VMM for, or an address to answer with zeros here.
-    fn take_events(&mut self, wait_ms: u32) -> Result<(), LazyError> {
-        let wait = i32::try_from(wait_ms).unwrap_or(i32::MAX);
-        let events =
-            sys::uffd_events(&self.uffd, wait, MAX_FAULTS).map_err(|source| LazyError::Faults {
+    /// Places one run into a member; one whose memory is gone is marked so.
+    fn run_into(&mut self, member: usize, run: Run) -> Result<RunOutcome, LazyError> {
+        let m = &mut self.family[member];
+        let outcome =
+            place_run(&m.uffd, &self.staging, run).map_err(|(vaddr, source)| LazyError::Place {
                 pid: self.pid,
+                child: !m.original,
+                vaddr,
                 source,
             })?;
-        for event in events {
-            match event {
-                UffdEvent::Fault(at) => match self.layout.origin(at) {
-                    Some(o) if !self.layout.dropped.contains(&o) => self.asks.push(o),
-                    _ => self.zeros_due.push(at),
-                },
-                UffdEvent::Remap { to, len, .. } => {
-                    // Zeros due where the moved pages land would overwrite them.
-                    self.zeros_due.retain(|&z| !(to..to + len).contains(&z));
-                    self.layout.apply(event);
+        m.gone |= outcome.gone;
+        Ok(outcome)
+    }
+
+    /// Reads what the family's userfaultfds have to say, waiting up to `wait_ms` for the
+    /// first event: changes to a member's memory go into its layout, in order; a fork adds
+    /// the child, with the layout its parent had; each fault becomes the origin to ask the
+    /// VMM for, or an address to answer with zeros here.
+    fn take_events(&mut self, wait_ms: u32) -> Result<(), LazyError> {
+        let failed = |pid| move |source| LazyError::Faults { pid, source };
+        if wait_ms > 0 {
+            let fds: Vec<BorrowedFd<'_>> = self.family.iter().map(|m| m.uffd.as_fd()).collect();
+            let wait = i32::try_from(wait_ms).unwrap_or(i32::MAX);
+            sys::wait_readable(&fds, wait).map_err(failed(self.pid))?;
+        }
+        // Children that join here are read too.
+        let mut member = 0;
+        while member < self.family.len() {
+            let events = sys::uffd_events(&self.family[member].uffd, MAX_FAULTS)
+                .map_err(failed(self.pid))?;
+            for event in events {
+                let m = &mut self.family[member];
+                match event {
+                    UffdEvent::Fault(at) => match m.layout.origin(at) {
+                        Some(o) if !m.layout.dropped.contains(&o) => self.asks.push(o),
+                        _ => m.zeros_due.push(at),
+                    },
+                    UffdEvent::Fork(uffd) => {
+                        let layout = m.layout.clone();
+                        self.family.push(Member::new(uffd, layout, false));
+                        self.forks += 1;
+                    }
+                    UffdEvent::Remap { to, len, .. } => {
+                        // Zeros due where the moved pages land would overwrite them.
+                        m.zeros_due.retain(|&z| !(to..to + len).contains(&z));
+                        m.layout.apply(&event);
+                    }
+                    UffdEvent::Unmap { start, end } => {
+                        m.zeros_due.retain(|&z| !(start..end).contains(&z));
+                        m.layout.apply(&event);
+                    }
+                    UffdEvent::Remove { .. } => m.layout.apply(&event),
                 }
-                UffdEvent::Unmap { start, end } => {
-                    self.zeros_due.retain(|&z| !(start..end).contains(&z));
-                    self.layout.apply(event);
-                }
-                UffdEvent::Remove { .. } => self.layout.apply(event),
             }
+            member += 1;
         }
         Ok(())
     }
 
-    /// The pages the process's threads wait for, by origin, waiting up to `wait_ms` for the
-    /// first (at most about [`MAX_FAULTS`]; a page may come more than once). Faults on pages
-    /// that read as zeros are answered here and not returned.
+    /// The pages the process's (and its children's) threads wait for, by origin, waiting up
+    /// to `wait_ms` for the first (at most about [`MAX_FAULTS`] from each; a page may come
+    /// more than once). Faults on pages that read as zeros are answered here and not
+    /// returned.
     pub fn faults(&mut self, wait_ms: u32) -> Result<Vec<u64>, LazyError> {
-        let wait = if self.asks.is_empty() && self.zeros_due.is_empty() {
-            wait_ms
-        } else {
-            0
-        };
-        self.take_events(wait)?;
-        let mut due = std::mem::take(&mut self.zeros_due);
-        due.sort_unstable();
-        due.dedup();
-        for (i, &at) in due.iter().enumerate() {
-            let run = Run {
-                vaddr: at,
-                slot: ZERO_SLOT,
-                pages: 1,
-            };
-            let outcome = self.place_run(run)?;
-            self.placed += outcome.placed;
-            if outcome.changing {
-                // Answered on the next call, after the events that wait.
-                self.zeros_due.extend_from_slice(&due[i..]);
-                break;
+        let pending = !self.asks.is_empty() || self.family.iter().any(|m| !m.zeros_due.is_empty());
+        self.take_events(if pending { 0 } else { wait_ms })?;
+        for member in 0..self.family.len() {
+            let mut due = std::mem::take(&mut self.family[member].zeros_due);
+            due.sort_unstable();
+            due.dedup();
+            for (i, &at) in due.iter().enumerate() {
+                let run = Run {
+                    vaddr: at,
+                    slot: ZERO_SLOT,
+                    pages: 1,
+                };
+                let outcome = self.run_into(member, run)?;
+                if self.family[member].original {
+                    self.placed += outcome.placed;
+                }
+                if outcome.gone {
+                    break;
+                }
+                if outcome.changing {
+                    // Answered on the next call, after the events that wait.
+                    self.family[member].zeros_due.extend_from_slice(&due[i..]);
+                    break;
+                }
             }
         }
+        self.family.retain(|m| !m.gone);
         Ok(std::mem::take(&mut self.asks))
     }
 }
@@ -625,7 +731,7 @@ mod tests {
         let page = PAGE_SIZE;
         let (a, b, c) = (0x10_0000u64, 0x50_0000u64, 0x90_0000u64);
         let mut l = Layout::default();
-        l.apply(UffdEvent::Remap {
+        l.apply(&UffdEvent::Remap {
             from: a,
             to: b,
             len: 2 * page,
@@ -640,13 +746,13 @@ mod tests {
         // Not moved: where it always was.
         assert_eq!(l.target(p(a + 2 * page, 1)), Some(p(a + 2 * page, 1)));
 
-        l.apply(UffdEvent::Remove {
+        l.apply(&UffdEvent::Remove {
             start: b + page,
             end: b + 2 * page,
         });
         assert_eq!(l.target(p(a + page, 3)), Some(p(b + page, ZERO_SLOT)));
         // Moved again, still zeros.
-        l.apply(UffdEvent::Remap {
+        l.apply(&UffdEvent::Remap {
             from: b + page,
             to: c,
             len: page,
@@ -654,7 +760,7 @@ mod tests {
         assert_eq!(l.target(p(a + page, 3)), Some(p(c, ZERO_SLOT)));
         assert_eq!(l.origin(c), Some(a + page));
 
-        l.apply(UffdEvent::Unmap {
+        l.apply(&UffdEvent::Unmap {
             start: b,
             end: b + page,
         });
@@ -662,12 +768,12 @@ mod tests {
 
         // Back where it came from: itself again.
         let mut l = Layout::default();
-        l.apply(UffdEvent::Remap {
+        l.apply(&UffdEvent::Remap {
             from: a,
             to: b,
             len: page,
         });
-        l.apply(UffdEvent::Remap {
+        l.apply(&UffdEvent::Remap {
             from: b,
             to: a,
             len: page,
@@ -677,7 +783,7 @@ mod tests {
 
         // Pages moved over an address that was the image's: that page is gone.
         let mut l = Layout::default();
-        l.apply(UffdEvent::Remap {
+        l.apply(&UffdEvent::Remap {
             from: a,
             to: c,
             len: page,

@@ -1403,7 +1403,7 @@ impl Skeleton {
     ) -> Result<std::os::fd::OwnedFd, RestoreError> {
         let t = self.t()?;
         let p = t
-            .write_scratch(&sys::uffdio_api_bytes())
+            .write_scratch(&sys::uffdio_api_bytes(true))
             .ctx(|| "writing a uffdio_api".into())?;
         self.call(libc::SYS_ioctl, [fd, sys::UFFDIO_API, p, 0, 0, 0], || {
             "UFFDIO_API on the process's userfaultfd".into()
