@@ -327,48 +327,10 @@ struct Arrivals {
     asked: Vec<bool>,
 }
 
-/// The outcome of a placement: Ok once the caller placed the pages.
-async fn placed(outcome: oneshot::Receiver<Result<(), String>>) -> Result<(), MigrationError> {
-    outcome
-        .await
-        .map_err(|_| MigrationError::Place("the agent's thread ended".into()))?
-        .map_err(MigrationError::Place)
-}
-
-/// Pages of one half of the staging frames, handed to the caller to place.
-struct InFlight {
-    outcome: oneshot::Receiver<Result<(), String>>,
-    /// Their indexes in the lazy list.
-    indexes: Vec<usize>,
-    /// The last pages of a batch: once they are placed, the source hears of it (`Placed`).
-    ends_batch: bool,
-}
-
-impl InFlight {
-    /// Waits until the pages are in place, and counts them.
-    async fn confirm(
-        self,
-        state: &Mutex<Arrivals>,
-        stats: &mut Stats,
-        placed_batches: &mpsc::UnboundedSender<u32>,
-    ) -> Result<(), MigrationError> {
-        placed(self.outcome).await?;
-        let st = state.lock().unwrap_or_else(|p| p.into_inner());
-        for &i in &self.indexes {
-            stats.requested_pages += u64::from(st.asked[i]);
-        }
-        stats.pages += self.indexes.len() as u64;
-        if self.ends_batch {
-            let _ = placed_batches.send(1);
-        }
-        Ok(())
-    }
-}
-
 /// Receives the lazy pages of a post-copy job after the process resumed (and after the
-/// first `Ack`, [`crate::Landed::finish_with_note`]): each batch is written into one half of
-/// the staging frames through `sink` and placed by the caller ([`LazyTarget::place`]) while
-/// the next is read and written into the other half; faults ([`LazyTarget::faults`]) on pages still to come are asked for, faults on
+/// first `Ack`, [`crate::Landed::finish_with_note`]): each batch is written into the staging
+/// frames through `sink` and placed by the caller ([`LazyTarget::place`]) before the next is
+/// read; faults ([`LazyTarget::faults`]) on pages still to come are asked for, faults on
 /// pages not in the list are placed as zeros. Checks `Done` and answers `Ack`. Returns the
 /// phase's statistics (pages, zero pages, [`Stats::requested_pages`]: pages asked for). On
 /// error the source was told where the connection allowed; the process cannot go on then.
@@ -412,8 +374,7 @@ where
     let placer = place.clone();
     let (mut rd, mut wr) = tokio::io::split(stream);
 
-    // Hands pages to the caller to place; the outcome comes on the receiver.
-    let send_place = |pages: Vec<(u64, Option<u32>)>| {
+    let place_pages = |pages: Vec<(u64, Option<u32>)>| {
         let placer = placer.clone();
         async move {
             let (done, outcome) = oneshot::channel();
@@ -421,32 +382,16 @@ where
                 .send(PlaceRequest { pages, done })
                 .await
                 .map_err(|_| MigrationError::Place("the agent's thread ended".into()))?;
-            Ok::<_, MigrationError>(outcome)
-        }
-    };
-    let place_pages = |pages: Vec<(u64, Option<u32>)>| {
-        let sent = send_place(pages);
-        async move { placed(sent.await?).await }
-    };
-    // The staging frames in two halves (one, with a single frame): the caller places the
-    // pages of one while the next batch is read and written into the other.
-    let halves: Vec<(u32, &[u64])> = match staging.len() {
-        1 => vec![(0, staging)],
-        n => {
-            let half = n / 2;
-            vec![
-                (0, &staging[..half]),
-                (half as u32, &staging[half..2 * half]),
-            ]
+            outcome
+                .await
+                .map_err(|_| MigrationError::Place("the agent's thread ended".into()))?
+                .map_err(MigrationError::Place)
         }
     };
 
     let reader = async {
         let mut buf = Vec::new();
         let mut checksum = Checksum::new();
-        // Per half, the pages being placed from it; the next half to write into.
-        let mut in_flight: Vec<Option<InFlight>> = halves.iter().map(|_| None).collect();
-        let mut next = 0;
         let result = async {
             loop {
                 let header = timeout(timeouts.io, read_frame(&mut rd, &mut buf, RECEIVING))
@@ -464,12 +409,6 @@ where
                 if header.message != MessageType::LazyBatch {
                     match Message::decode(header.message, payload).map_err(protocol)? {
                         Message::Done(done) => {
-                            // The last batches placed, oldest first.
-                            for h in (next..halves.len()).chain(0..next) {
-                                if let Some(f) = in_flight[h].take() {
-                                    f.confirm(&state, &mut stats, &placed_tx).await?;
-                                }
-                            }
                             if done.pages != stats.pages
                                 || done.zero_pages != stats.zero_pages
                                 || stats.pages != stats.total_pages
@@ -498,18 +437,7 @@ where
                 let batch =
                     PageBatchView::parse_as(MessageType::LazyBatch, payload).map_err(protocol)?;
                 let pages: Vec<_> = batch.pages().collect();
-                if pages.is_empty() {
-                    let _ = placed_tx.send(1);
-                }
-                let chunks = pages.len().div_ceil(halves[0].1.len()).max(1);
-                for (k, chunk) in pages.chunks(halves[0].1.len()).enumerate() {
-                    let h = next;
-                    next = (next + 1) % halves.len();
-                    // The half's earlier pages must be in place before it is written again.
-                    if let Some(f) = in_flight[h].take() {
-                        f.confirm(&state, &mut stats, &placed_tx).await?;
-                    }
-                    let (first_slot, frames) = halves[h];
+                for chunk in pages.chunks(staging.len()) {
                     let mut placements = Vec::with_capacity(chunk.len());
                     let mut indexes = Vec::with_capacity(chunk.len());
                     for (slot, page) in chunk.iter().enumerate() {
@@ -519,23 +447,19 @@ where
                                 what: "arrived but is not one of the job's lazy pages",
                             });
                         };
+                        if state.lock().unwrap_or_else(|p| p.into_inner()).arrived[i]
+                            || indexes.contains(&i)
                         {
-                            // Arrived once written: a fault on it from now on is not asked
-                            // for again, the page being on its way in.
-                            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                            if st.arrived[i] {
-                                return Err(MigrationError::NotLazy {
-                                    vaddr: page.vaddr,
-                                    what: "arrived twice",
-                                });
-                            }
-                            st.arrived[i] = true;
+                            return Err(MigrationError::NotLazy {
+                                vaddr: page.vaddr,
+                                what: "arrived twice",
+                            });
                         }
                         indexes.push(i);
                         match page.data {
                             Some(data) => {
                                 checksum.add_page(page.vaddr, data);
-                                let pfn = frames[slot];
+                                let pfn = staging[slot];
                                 sink.write_page(pfn, data).map_err(|source| {
                                     MigrationError::WritePage {
                                         vaddr: page.vaddr,
@@ -543,7 +467,7 @@ where
                                         source,
                                     }
                                 })?;
-                                placements.push((page.vaddr, Some(first_slot + slot as u32)));
+                                placements.push((page.vaddr, Some(slot as u32)));
                             }
                             None => {
                                 checksum.add_zero_page(page.vaddr);
@@ -552,12 +476,15 @@ where
                             }
                         }
                     }
-                    in_flight[h] = Some(InFlight {
-                        outcome: send_place(placements).await?,
-                        indexes,
-                        ends_batch: k + 1 == chunks,
-                    });
+                    place_pages(placements).await?;
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    for &i in &indexes {
+                        st.arrived[i] = true;
+                        stats.requested_pages += u64::from(st.asked[i]);
+                    }
+                    stats.pages += indexes.len() as u64;
                 }
+                let _ = placed_tx.send(1);
                 clock.update(&mut stats);
                 progress(&stats);
             }

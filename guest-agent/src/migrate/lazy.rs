@@ -32,9 +32,8 @@ use std::os::unix::fs::FileExt;
 use crate::migrate::image::PAGE_SIZE;
 use crate::sys::{self, PinnedBuffer, UffdEvent};
 
-/// Slots of the staging buffer (2 MiB): two batches of the migration stream, so that the
-/// VMM writes one while the agent places the other.
-pub const STAGING_SLOTS: usize = 512;
+/// Slots of the staging buffer (1 MiB): one batch of the migration stream.
+pub const STAGING_SLOTS: usize = 256;
 
 /// The slot number that means "a page of zeros" in a [`Placement`].
 pub const ZERO_SLOT: u32 = u32::MAX;

@@ -11,9 +11,9 @@
 //!
 //! Destination: the agent builds the skeleton, registers its anonymous mappings with a
 //! userfaultfd and reports its staging frames (`Lazy`); the eager pages land; the process
-//! resumes; then [`ferry_migration::receive_postcopy`] writes arriving pages into one half of
-//! the staging frames while the agent thread places those of the other (`Place`) and reports
-//! the pages the process waits for (`WaitFaults`), which become requests to the source.
+//! resumes; then [`ferry_migration::receive_postcopy`] writes arriving pages into the staging
+//! frames and the agent thread places them (`Place`) and reports the pages the process waits
+//! for (`WaitFaults`), which become requests to the source.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
