@@ -2036,13 +2036,26 @@ fn setup() -> Result<(Suite, NestedHostGuard), String> {
             .status()
             .map_err(|e| e.to_string())?
             .success();
-        let status = Command::new(FERRY)
-            .args(["host", "start"])
-            .status()
-            .map_err(|e| e.to_string())?;
+        let start = || -> Result<bool, String> {
+            let status = Command::new(FERRY)
+                .args(["host", "start"])
+                .status()
+                .map_err(|e| e.to_string())?;
+            Ok(status.success())
+        };
         guard.0 = !was_running;
-        if !status.success() {
-            return Err("`ferry host start` failed".into());
+        if !start()? {
+            // A host that does not answer (say, one a bench left wedged) is of no use to
+            // anyone: a fresh one, as `ferry host start`'s error suggests.
+            eprintln!("e2e: the nested host did not start; stopping it and starting a fresh one");
+            let _ = Command::new(FERRY).args(["host", "stop"]).status();
+            guard.0 = true;
+            if !start()? {
+                return Err(
+                    "`ferry host start` failed twice, the second time after `ferry host stop`"
+                        .into(),
+                );
+            }
         }
     }
     Ok((suite, guard))
