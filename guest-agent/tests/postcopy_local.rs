@@ -14,10 +14,11 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_guest_agent::migrate::dump;
-use ferry_guest_agent::migrate::image::{MappingKind, ProcessImage, PAGE_SIZE};
+use ferry_guest_agent::migrate::image::{Mapping, MappingKind, ProcessImage, PAGE_SIZE};
 use ferry_guest_agent::migrate::lazy::{LazyPages, Placement, STAGING_SLOTS, ZERO_SLOT};
 use ferry_guest_agent::migrate::restore;
 
@@ -154,6 +155,41 @@ fn freeze_and_resume(
         t0,
         resumed_after: t0.elapsed(),
     }
+}
+
+/// Starts `script` (None, the test skipped, without root or python3), then freezes it and
+/// resumes it with its anonymous memory to come, a file `flag` written next to its output
+/// just before the resume.
+fn start_and_resume(
+    name: &str,
+    script: &str,
+    flag: &str,
+) -> Option<(common::Cleanup, PathBuf, Resumed)> {
+    let Started {
+        mut cleanup,
+        pid,
+        out,
+        ..
+    } = start_script(
+        name,
+        "ptrace, pagemap frames, userfaultfd of another process",
+        &[],
+        script,
+    )?;
+    let flag = out.with_file_name(flag);
+    let resumed = freeze_and_resume(pid, &mut cleanup, || fs::write(&flag, b"").unwrap());
+    Some((cleanup, out, resumed))
+}
+
+/// The `(start, end)` of the frozen image's private mapping that `is` picks.
+fn mapping(r: &Resumed, what: &str, is: impl Fn(&Mapping) -> bool) -> (u64, u64) {
+    r.frozen
+        .image()
+        .mappings
+        .iter()
+        .find(|m| !m.shared && is(m))
+        .map(|m| (m.start, m.end))
+        .expect(what)
 }
 
 /// What serving the pages took: pages asked for, faults on pages never at the source, when
@@ -301,36 +337,17 @@ fn a_python_workload_runs_before_its_pages_arrive_and_keeps_counting() {
 #[test]
 fn a_page_dropped_before_it_arrived_reads_zero_and_unmapped_memory_stays_unmapped() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(Started {
-        mut cleanup,
-        pid: source_pid,
-        out,
-        ..
-    }) = start_script(
-        "postcopy-churn",
-        "ptrace, pagemap frames, userfaultfd of another process",
-        &[],
-        common::CHURNING_WORKLOAD,
-    )
+    // Once running (five lines) it has written its page (255) and mapped a few blocks.
+    let Some((mut cleanup, out, resumed)) =
+        start_and_resume("postcopy-churn", common::CHURNING_WORKLOAD, "drop")
     else {
         return;
     };
-    // It has written its page (255) and mapped a few blocks.
-    common::wait_for_lines(&out, 5, Duration::from_secs(60));
-    let drop_flag = out.with_file_name("drop");
-    let resumed = freeze_and_resume(source_pid, &mut cleanup, || {
-        fs::write(&drop_flag, b"").unwrap()
-    });
     let last_before = *read_lines(&out).last().unwrap();
     // The 1 MiB read-write-execute area that holds the page to drop.
-    let area = resumed
-        .frozen
-        .image()
-        .mappings
-        .iter()
-        .find(|m| m.prot == 7 && !m.shared && m.len() == 1 << 20)
-        .map(|m| (m.start, m.end))
-        .expect("the workload's rwx area");
+    let area = mapping(&resumed, "the workload's rwx area", |m| {
+        m.prot == 7 && m.len() == 1 << 20
+    });
     assert!(
         resumed.lazy_pages.contains(&(area.0 + 5 * PAGE_SIZE)),
         "the page to drop is not among the pages to come"
@@ -360,38 +377,20 @@ fn a_page_dropped_before_it_arrived_reads_zero_and_unmapped_memory_stays_unmappe
 #[test]
 fn a_child_forked_before_the_pages_arrived_gets_them_too() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(Started {
-        mut cleanup,
-        pid: source_pid,
-        out,
-        ..
-    }) = start_script(
-        "postcopy-fork",
-        "ptrace, pagemap frames, userfaultfd of another process",
-        &[],
-        FORKING_WORKLOAD,
-    )
+    let Some((mut cleanup, out, resumed)) =
+        start_and_resume("postcopy-fork", FORKING_WORKLOAD, "fork")
     else {
         return;
     };
-    let (fork_flag, forked, child_crc) = (
-        out.with_file_name("fork"),
+    let (forked, child_crc) = (
         out.with_file_name("forked"),
         out.with_file_name("child-crc"),
     );
-    let resumed = freeze_and_resume(source_pid, &mut cleanup, || {
-        fs::write(&fork_flag, b"").unwrap()
-    });
     let last_before = *read_lines(&out).last().unwrap();
     // The buffer: the one anonymous mapping of 64 MiB or more.
-    let buffer = resumed
-        .frozen
-        .image()
-        .mappings
-        .iter()
-        .find(|m| !m.shared && m.kind == MappingKind::Anonymous && m.len() >= 64 << 20)
-        .map(|m| (m.start, m.end))
-        .expect("the workload's 64 MiB buffer");
+    let buffer = mapping(&resumed, "the workload's 64 MiB buffer", |m| {
+        m.kind == MappingKind::Anonymous && m.len() >= 64 << 20
+    });
     // The buffer's pages wait until the child runs (or 30 s).
     let hold_until = Instant::now() + Duration::from_secs(30);
     let mut forked_while_held = false;
