@@ -1843,10 +1843,10 @@ const PLATFORM_POLL: Duration = Duration::from_secs(2);
 
 /// Err once the nested host's kernel said, during the attempt under way, that it is wedged or
 /// dying ([`HostConsole::wedged`]: a CPU stalled, a lockup, a panic). Under QEMU's emulated SVM
-/// a host CPU that stalls while it runs guests most often does not come back, or comes
-/// back only to panic (the README's notes on the nested host say more), so the attempt cannot pass any more:
-/// `ferry` calls under way and the loops that poll the API end it at once instead of at their
-/// limits, and the attempt is tried again in a new host.
+/// a host CPU that stalls while it runs guests most often does not come back, or comes back
+/// only to panic (the README's notes on the nested host say more), so the attempt cannot pass
+/// any more: `ferry` calls under way and the loops that poll the API end it at once instead of
+/// at their limits, and the attempt is tried again in a new host.
 fn platform_check() -> CaseResult {
     let attempt = ATTEMPT.lock().unwrap_or_else(|e| e.into_inner());
     match attempt.as_ref().and_then(HostConsole::wedged) {
@@ -1898,14 +1898,7 @@ impl HostConsole {
     /// The first line since the mark in which the nested host's kernel says it is wedged or
     /// dying: a stall, a lockup, a panic, a BUG. Its guests may hang for good after one.
     fn wedged(&self) -> Option<String> {
-        self.first_of(&[
-            "detected stalls on CPUs",
-            "soft lockup",
-            "hard LOCKUP",
-            "Kernel panic",
-            "BUG:",
-            "general protection fault",
-        ])
+        ferry::nested::wedged_line(&self.since_mark()?).map(str::to_string)
     }
 
     /// What the console gained since the mark (all of it when the host was restarted since:
@@ -1924,14 +1917,6 @@ impl HostConsole {
             .seek(SeekFrom::Start(start))
             .and_then(|_| file.read_to_end(&mut text));
         Some(String::from_utf8_lossy(&text).into_owned())
-    }
-
-    /// The first line since the mark that contains one of `needles`.
-    fn first_of(&self, needles: &[&str]) -> Option<String> {
-        self.since_mark()?
-            .lines()
-            .find(|l| needles.iter().any(|w| l.contains(w)))
-            .map(|l| l.trim().to_string())
     }
 }
 
