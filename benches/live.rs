@@ -219,9 +219,12 @@ impl Runner {
             .expect("the cluster is up while moves run")
     }
 
-    /// `ferry down --purge`, then up again as at the start.
+    /// `ferry down --purge` (and a new nested host if the old one wedged), then up again as at
+    /// the start.
     fn restart(&mut self) -> Result<()> {
-        self.bench = None;
+        if let Some(bench) = self.bench.take() {
+            bench.end();
+        }
         let bench = Bench::up(&SPEC)?;
         self.criu = prepare_criu(&bench);
         self.bench = Some(bench);

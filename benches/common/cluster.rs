@@ -109,6 +109,10 @@ pub struct Bench {
     pub spec: &'static Spec,
     /// The memory of the host that runs the guests, in MiB.
     pub host_mib: u64,
+    /// The nested host's console log and its length when the bench brought the cluster up, so
+    /// that the host wedging since then ends the moves ([`Bench::host_wedged`]); `None` on this
+    /// machine's KVM.
+    console_mark: Option<(PathBuf, u64)>,
 }
 
 impl Drop for Bench {
@@ -128,6 +132,11 @@ impl Bench {
     /// puts [`WORKLOAD`] on both nodes as /root/mig.py.
     pub fn up(spec: &'static Spec) -> Result<Bench> {
         let host_mib = nested_host()?;
+        let console_mark = ferry::nested::local_kvm_problem().map(|_| {
+            let log = ferry::nested::state_dir().join("console.log");
+            let len = std::fs::metadata(&log).map_or(0, |m| m.len());
+            (log, len)
+        });
         let dir =
             std::env::temp_dir().join(format!("ferry-bench-{}-{}", spec.bench, std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -148,6 +157,7 @@ impl Bench {
             cluster,
             spec,
             host_mib,
+            console_mark,
         };
         if !status.success() {
             bail!("`ferry up` exited {status}");
@@ -213,6 +223,11 @@ impl Bench {
     /// from answering `ferry status` in time); and how the nested host's kernel ended if it
     /// did. A node still booting, or whose agent is slow to answer, is not down.
     pub fn down_reason(&self) -> Option<String> {
+        if let Some(line) = self.host_wedged() {
+            return Some(format!(
+                "the nested host's kernel is wedged or dying: `{line}`"
+            ));
+        }
         let patience = Instant::now() + Duration::from_secs(60);
         let why = loop {
             let statuses = match self.cluster.statuses() {
@@ -263,6 +278,38 @@ impl Bench {
             Some(l) => format!("{why}; the nested host's kernel: {}", l.trim()),
             None => why,
         })
+    }
+
+    /// The line in which the nested host's kernel said, since the cluster came up, that it is
+    /// wedged or dying ([`ferry::nested::wedged_line`]). Its guests most often hang for good
+    /// after one, a move under way with them: without this, the move would wait out its limit
+    /// (over an hour for CRIU's pre-dumps at 1024 MiB).
+    pub fn host_wedged(&self) -> Option<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (log, mark) = self.console_mark.as_ref()?;
+        let mut file = std::fs::File::open(log).ok()?;
+        // A shorter log is a new host's: all of it is since the mark.
+        let len = file.metadata().map_or(0, |m| m.len());
+        let from = if *mark <= len { *mark } else { 0 };
+        let mut text = Vec::new();
+        file.seek(SeekFrom::Start(from))
+            .and_then(|_| file.read_to_end(&mut text))
+            .ok()?;
+        ferry::nested::wedged_line(&String::from_utf8_lossy(&text)).map(str::to_string)
+    }
+
+    /// Ends the cluster (`ferry down --purge`, as dropping the bench does) and, when the
+    /// nested host wedged under it, stops that host too, so that the next [`Bench::up`] starts
+    /// a new one instead of reusing one whose guests hang.
+    pub fn end(self) {
+        let wedged = self.host_wedged();
+        drop(self);
+        if let Some(line) = wedged {
+            eprintln!("bench: stopping the nested host, wedged (`{line}`); a new one comes up");
+            if let Err(e) = run_ferry(&["host", "stop"], b"", QUICK) {
+                eprintln!("bench: `ferry host stop` failed: {e:#}");
+            }
+        }
     }
 
     /// Why `mib` cannot be measured here, if it cannot: bench-a holds the workload and bench-b
