@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry::cluster::api::{JobState, MigrationJob, NodeState};
+use ferry::cluster::api::{JobState, MigrationJob, NodeState, NodeStatus, AGENT_SILENT};
 use ferry::cluster::control::{self, Cluster, MigrateOptions};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -219,7 +219,8 @@ impl Bench {
     }
 
     /// Why the cluster can no longer be measured, if a node is down: its daemon says its guest
-    /// is down, or no daemon has answered for a minute (a busy nested host can keep a daemon
+    /// is down, or that its guest's agent stopped answering, for a minute, or no daemon has
+    /// answered for a minute (a busy nested host can keep a daemon
     /// from answering `ferry status` in time); and how the nested host's kernel ended if it
     /// did. A node still booting, or whose agent is slow to answer, is not down.
     pub fn down_reason(&self) -> Option<String> {
@@ -234,17 +235,27 @@ impl Bench {
                 Ok(s) => s,
                 Err(e) => break format!("`ferry status` failed: {e}"),
             };
+            // A guest that was up and whose agent went silent counts too: under the nested
+            // host's emulation a guest can hang without dying, and its daemon then says
+            // `booting (the guest's agent stopped answering: ...)` for good.
+            let hung = |s: &&NodeStatus| {
+                s.state == NodeState::Booting
+                    && s.detail
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with(AGENT_SILENT))
+            };
             let down: Vec<_> = statuses
                 .iter()
-                .filter(|s| s.state == NodeState::Down)
+                .filter(|s| s.state == NodeState::Down || hung(s))
                 .collect();
             if down.is_empty() {
                 return None;
             }
             let silent = down.iter().all(|s| {
-                s.detail
-                    .as_deref()
-                    .is_some_and(|d| d.starts_with("no daemon answers"))
+                hung(s)
+                    || s.detail
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with("no daemon answers"))
             });
             if !silent || Instant::now() > patience {
                 let nodes: Vec<String> = down

@@ -55,6 +55,10 @@ impl std::fmt::Display for NodeState {
     }
 }
 
+/// How a [`NodeStatus::detail`] begins when a guest that was up stopped answering its
+/// daemon (the node is `Booting` again until its agent answers).
+pub const AGENT_SILENT: &str = "the guest's agent stopped answering";
+
 /// One node, as its daemon sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {

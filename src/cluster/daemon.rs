@@ -908,7 +908,7 @@ impl Node {
             }
             Err(e) => self.set_state(
                 NodeState::Booting,
-                Some(format!("the guest's agent stopped answering: {e}")),
+                Some(format!("{}: {e}", api::AGENT_SILENT)),
             ),
         }
     }
