@@ -44,12 +44,14 @@
 //! was; medians over the rounds. Per-move details (ferry's rounds, pages held from pre-copy,
 //! dirty rate and both daemons' log lines; CRIU's pre-dumps and phases) go to stderr.
 //!
-//! In the nested host, guests reset under a move (a triple fault) and the nested host's kernel
-//! dies every ten minutes or so (an RCU stall in its nested KVM, then a panic): when the cluster
-//! is found down after a failed move, it is brought up again (in a new nested host if the old
-//! one died) and the move runs again, at most twice for one move (then that move is
-//! `not-measured`) and ten times in a run (then what is left is); the reason includes the
-//! nested host's last kernel words.
+//! In the nested host, guests reset under a move (a triple fault) or hang, and the nested
+//! host's kernel wedges every ten minutes or so (an RCU stall in its nested KVM, often then a
+//! panic). After a failed move, and while one of CRIU's moves runs (which would otherwise wait
+//! out its limit), the bench asks whether a node is down (a guest that died, or whose agent has
+//! been silent for a minute) or the nested host's kernel reported a stall, lockup or panic; if
+//! so, the cluster is brought up again (in a new nested host if the old one wedged) and
+//! the move runs again, at most twice for one move (then that move is `not-measured`) and ten
+//! times in a run (then what is left is); the reason includes the nested host's kernel words.
 //!
 //! Output, one line per case, then one ratio line per size and rate:
 //!
