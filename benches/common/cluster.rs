@@ -218,11 +218,12 @@ impl Bench {
         Ok(out)
     }
 
-    /// Why the cluster can no longer be measured, if a node is down: its daemon says its guest
-    /// is down, or that its guest's agent stopped answering, for a minute, or no daemon has
-    /// answered for a minute (a busy nested host can keep a daemon
-    /// from answering `ferry status` in time); and how the nested host's kernel ended if it
-    /// did. A node still booting, or whose agent is slow to answer, is not down.
+    /// Why the cluster can no longer be measured, if it cannot: the nested host's kernel said
+    /// it is wedged ([`Bench::host_wedged`]); or a node is down: its daemon says its guest is
+    /// down, or for a minute that the guest's agent stopped answering, or no daemon has
+    /// answered for a minute (a busy nested host can keep a daemon from answering `ferry
+    /// status` in time); with how the nested host's kernel ended if it did. A node still
+    /// booting, or whose agent is silent for less than a minute, is not down.
     pub fn down_reason(&self) -> Option<String> {
         if let Some(line) = self.host_wedged() {
             return Some(format!(
