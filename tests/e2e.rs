@@ -1905,18 +1905,8 @@ impl HostConsole {
     /// a restarted host starts a new log), read from the mark on only: `platform_check`
     /// asks before every `ferry` call.
     fn since_mark(&self) -> Option<String> {
-        use std::io::{Seek, SeekFrom};
         let (path, from) = self.0.as_ref()?;
-        let Ok(mut file) = std::fs::File::open(path) else {
-            return Some(String::new());
-        };
-        let len = file.metadata().map_or(0, |m| m.len());
-        let start = if *from <= len { *from } else { 0 };
-        let mut text = Vec::new();
-        let _ = file
-            .seek(SeekFrom::Start(start))
-            .and_then(|_| file.read_to_end(&mut text));
-        Some(String::from_utf8_lossy(&text).into_owned())
+        Some(ferry::nested::log_since(path, *from))
     }
 }
 

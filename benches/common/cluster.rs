@@ -297,17 +297,8 @@ impl Bench {
     /// after one, a move under way with them: without this, the move would wait out its limit
     /// (over an hour for CRIU's pre-dumps at 1024 MiB).
     pub fn host_wedged(&self) -> Option<String> {
-        use std::io::{Read, Seek, SeekFrom};
         let (log, mark) = self.console_mark.as_ref()?;
-        let mut file = std::fs::File::open(log).ok()?;
-        // A shorter log is a new host's: all of it is since the mark.
-        let len = file.metadata().map_or(0, |m| m.len());
-        let from = if *mark <= len { *mark } else { 0 };
-        let mut text = Vec::new();
-        file.seek(SeekFrom::Start(from))
-            .and_then(|_| file.read_to_end(&mut text))
-            .ok()?;
-        ferry::nested::wedged_line(&String::from_utf8_lossy(&text)).map(str::to_string)
+        ferry::nested::wedged_line(&ferry::nested::log_since(log, *mark)).map(str::to_string)
     }
 
     /// Ends the cluster (`ferry down --purge`, as dropping the bench does) and, when the

@@ -1030,6 +1030,21 @@ pub fn wedged_line(console: &str) -> Option<&str> {
         .map(str::trim)
 }
 
+/// What a log file gained since it was `mark` bytes long: all of it when it is shorter now (the
+/// outer machine's console log starts over with each new host), nothing when it cannot be read.
+pub fn log_since(path: &Path, mark: u64) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let from = if mark <= len { mark } else { 0 };
+    let mut text = Vec::new();
+    let _ = file
+        .seek(SeekFrom::Start(from))
+        .and_then(|_| file.read_to_end(&mut text));
+    String::from_utf8_lossy(&text).into_owned()
+}
+
 /// The last `n` lines of a log file (at most its last 64 KiB), for error messages.
 pub fn console_tail(path: &Path, n: usize) -> String {
     let Ok(mut f) = File::open(path) else {
@@ -1147,6 +1162,21 @@ mod tests {
         let tail = console_tail(&log, 3);
         assert_eq!(tail, "  | line 38\n  | line 39\n  | line 40");
         assert!(console_tail(&d.join("none"), 3).contains("no console output"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_log_since_a_mark_is_what_it_gained_or_all_of_a_new_one() {
+        let d = std::env::temp_dir().join(format!("ferry-log-since-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let log = d.join("console.log");
+        std::fs::write(&log, "old line\nnew line\n").unwrap();
+        assert_eq!(log_since(&log, 9), "new line\n");
+        assert_eq!(log_since(&log, 18), "");
+        // A log shorter than the mark is a new host's: all of it is new.
+        std::fs::write(&log, "fresh\n").unwrap();
+        assert_eq!(log_since(&log, 18), "fresh\n");
+        assert_eq!(log_since(&d.join("missing.log"), 0), "");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
