@@ -1832,7 +1832,7 @@ const CASES: &[Case] = &[
 /// Where the nested host's console (its kernel's messages) stood when a case began, to show
 /// what the kernel said during a failed one: soft lockups, RCU stalls, KVM errors.
 #[derive(Clone)]
-struct HostConsole(Option<(PathBuf, u64)>);
+struct HostConsole(Option<ferry::nested::ConsoleMark>);
 
 /// The nested host's console as it stood when the attempt under way began; set and cleared by
 /// `main`, read by [`platform_check`].
@@ -1859,9 +1859,7 @@ fn platform_check() -> CaseResult {
 
 impl HostConsole {
     fn mark(suite: &Suite) -> Self {
-        let path = ferry::nested::state_dir().join("console.log");
-        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
-        Self(suite.nested.then_some((path, len)))
+        Self(suite.nested.then(ferry::nested::ConsoleMark::now))
     }
 
     /// The last lines the console gained since the mark, as a block to append to a failure.
@@ -1898,15 +1896,14 @@ impl HostConsole {
     /// The first line since the mark in which the nested host's kernel says it is wedged or
     /// dying: a stall, a lockup, a panic, a BUG. Its guests may hang for good after one.
     fn wedged(&self) -> Option<String> {
-        ferry::nested::wedged_line(&self.since_mark()?).map(str::to_string)
+        self.0.as_ref()?.wedged()
     }
 
     /// What the console gained since the mark (all of it when the host was restarted since:
     /// a restarted host starts a new log), read from the mark on only: `platform_check`
     /// asks before every `ferry` call.
     fn since_mark(&self) -> Option<String> {
-        let (path, from) = self.0.as_ref()?;
-        Some(ferry::nested::log_since(path, *from))
+        self.0.as_ref().map(ferry::nested::ConsoleMark::since)
     }
 }
 

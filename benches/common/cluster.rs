@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry::cluster::api::{JobState, MigrationJob, NodeState, NodeStatus, AGENT_SILENT};
 use ferry::cluster::control::{self, Cluster, MigrateOptions};
+use ferry::nested::ConsoleMark;
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub const NODE_A: &str = "bench-a";
@@ -112,7 +113,7 @@ pub struct Bench {
     /// The nested host's console log and its length when the bench brought the cluster up, so
     /// that the host wedging since then ends the moves ([`Bench::host_wedged`]); `None` on this
     /// machine's KVM.
-    console_mark: Option<(PathBuf, u64)>,
+    console_mark: Option<ferry::nested::ConsoleMark>,
 }
 
 impl Drop for Bench {
@@ -132,11 +133,7 @@ impl Bench {
     /// puts [`WORKLOAD`] on both nodes as /root/mig.py.
     pub fn up(spec: &'static Spec) -> Result<Bench> {
         let host_mib = nested_host()?;
-        let console_mark = ferry::nested::local_kvm_problem().map(|_| {
-            let log = ferry::nested::state_dir().join("console.log");
-            let len = std::fs::metadata(&log).map_or(0, |m| m.len());
-            (log, len)
-        });
+        let console_mark = ferry::nested::local_kvm_problem().map(|_| ConsoleMark::now());
         let dir =
             std::env::temp_dir().join(format!("ferry-bench-{}-{}", spec.bench, std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -276,16 +273,13 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_secs(5));
         };
-        if ferry::nested::local_kvm_problem().is_none() {
+        // A panic or a BUG since the mark returned above; what is left to name is the host
+        // running out of memory.
+        let Some(mark) = &self.console_mark else {
             return Some(why);
-        }
-        let console = ferry::nested::state_dir().join("console.log");
-        let kernel = std::fs::read_to_string(console).unwrap_or_default();
-        let end = kernel.lines().find(|l| {
-            ["Kernel panic", "BUG:", "Out of memory"]
-                .iter()
-                .any(|w| l.contains(w))
-        });
+        };
+        let since = mark.since();
+        let end = since.lines().find(|l| l.contains("Out of memory"));
         Some(match end {
             Some(l) => format!("{why}; the nested host's kernel: {}", l.trim()),
             None => why,
@@ -293,12 +287,11 @@ impl Bench {
     }
 
     /// The line in which the nested host's kernel said, since the cluster came up, that it is
-    /// wedged or dying ([`ferry::nested::wedged_line`]). Its guests most often hang for good
+    /// wedged or dying ([`ConsoleMark::wedged`]). Its guests most often hang for good
     /// after one, a move under way with them: without this, the move would wait out its limit
     /// (over an hour for CRIU's pre-dumps at 1024 MiB).
     pub fn host_wedged(&self) -> Option<String> {
-        let (log, mark) = self.console_mark.as_ref()?;
-        ferry::nested::wedged_line(&ferry::nested::log_since(log, *mark)).map(str::to_string)
+        self.console_mark.as_ref()?.wedged()
     }
 
     /// Ends the cluster (`ferry down --purge`, as dropping the bench does) and, when the

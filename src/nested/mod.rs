@@ -1021,9 +1021,38 @@ pub const WEDGED_WORDS: &[&str] = &[
     "general protection fault",
 ];
 
+/// A place in the outer machine's console log (`state_dir()/console.log`), to read what its
+/// kernel said after it: tests and benches take one when an attempt or a cluster starts.
+#[derive(Debug, Clone)]
+pub struct ConsoleMark {
+    path: PathBuf,
+    len: u64,
+}
+
+impl ConsoleMark {
+    /// The end of the console log as it is now (its start if there is none yet).
+    pub fn now() -> Self {
+        let path = state_dir().join("console.log");
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        Self { path, len }
+    }
+
+    /// What the console gained since the mark ([`log_since`]: all of it when a new host has
+    /// started a new log since).
+    pub fn since(&self) -> String {
+        log_since(&self.path, self.len)
+    }
+
+    /// The first line since the mark in which the kernel says the host is wedged or dying
+    /// ([`wedged_line`]).
+    pub fn wedged(&self) -> Option<String> {
+        wedged_line(&self.since()).map(str::to_string)
+    }
+}
+
 /// The first line of `console` (the outer machine's kernel log, or a part of it) that says the
 /// host is wedged or dying ([`WEDGED_WORDS`]), trimmed.
-pub fn wedged_line(console: &str) -> Option<&str> {
+fn wedged_line(console: &str) -> Option<&str> {
     console
         .lines()
         .find(|l| WEDGED_WORDS.iter().any(|w| l.contains(w)))
@@ -1032,7 +1061,7 @@ pub fn wedged_line(console: &str) -> Option<&str> {
 
 /// What a log file gained since it was `mark` bytes long: all of it when it is shorter now (the
 /// outer machine's console log starts over with each new host), nothing when it cannot be read.
-pub fn log_since(path: &Path, mark: u64) -> String {
+fn log_since(path: &Path, mark: u64) -> String {
     let Ok(mut file) = File::open(path) else {
         return String::new();
     };
