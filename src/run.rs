@@ -477,12 +477,16 @@ fn connect_vsock(
     }
 }
 
+/// How ferry names a guest that triple-faulted, in `ferry run`'s error and in a node daemon's
+/// log, followed by the vCPU's state in parentheses.
+pub const TRIPLE_FAULT: &str = "the guest triple-faulted";
+
 pub(crate) fn describe_exit(reason: &VmExit, tail: &ConsoleTail) -> String {
     match reason {
         VmExit::Reset if tail.contains("Kernel panic") => "the guest kernel panicked".into(),
         VmExit::Reset => "the guest rebooted".into(),
         VmExit::PowerOff => "the guest powered off".into(),
-        VmExit::TripleFault(state) => format!("the guest triple-faulted ({state})"),
+        VmExit::TripleFault(state) => format!("{TRIPLE_FAULT} ({state})"),
         VmExit::Stopped => "stopped by a signal".into(),
         VmExit::Error(e) => e.clone(),
     }

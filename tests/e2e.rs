@@ -114,7 +114,29 @@ fn ferry(args: &[&str], stdin: &[u8], limit: Duration) -> Result<Outcome, String
     std::thread::spawn(move || {
         let _ = input.write_all(&bytes);
     });
-    wait_with_limit(child, limit).map_err(|e| format!("`ferry {}`: {e}", args.join(" ")))
+    let out =
+        wait_with_limit(child, limit).map_err(|e| format!("`ferry {}`: {e}", args.join(" ")))?;
+    if args.first() == Some(&"run") {
+        note_run_deaths(&out.stderr);
+    }
+    Ok(out)
+}
+
+/// The guests of `ferry run` calls that triple-faulted, as the call's stderr said (`ferry:
+/// error: ... the guest triple-faulted (vCPU 0 at ...)`), and when: read by
+/// [`guest_deaths_since`], like the deaths a cluster's node daemons log.
+static RUN_DEATHS: Mutex<Vec<(std::time::SystemTime, String)>> = Mutex::new(Vec::new());
+
+fn note_run_deaths(stderr: &str) {
+    let mut deaths = RUN_DEATHS.lock().unwrap_or_else(|e| e.into_inner());
+    for line in stderr.lines() {
+        if line.contains(ferry::run::TRIPLE_FAULT) {
+            deaths.push((
+                std::time::SystemTime::now(),
+                format!("`ferry run`: {}", line.trim()),
+            ));
+        }
+    }
 }
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
@@ -146,6 +168,7 @@ impl Background {
                 let mut r = BufReader::new(stderr);
                 let mut line = String::new();
                 while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    note_run_deaths(&line);
                     seen.lock().unwrap().push_str(&line);
                     let _ = tx.send(std::mem::take(&mut line));
                 }
@@ -1162,6 +1185,18 @@ fn start_python(file: &str, node: &str, name: &str, script: &str) -> Result<u32,
 /// `ferry up` of the cluster in `file`, then `nodes` rid of what an earlier attempt may have
 /// left running (the workloads, the socket holder).
 fn up_with_clean_nodes(file: &str, nodes: &[&str]) -> CaseResult {
+    // A node-4 that an attempt of the join case left joined would boot with the others and
+    // load the nested host for nothing: `down` forgets joined nodes.
+    let joined = ferry::cluster::control::Cluster::load(Path::new(file))
+        .is_ok_and(|c| c.config.node("node-4").is_some());
+    if joined {
+        let out = ferry(&["down", file], b"", BOOT_LIMIT)?;
+        check(
+            out.code() == 0,
+            "`ferry down` forgets a joined node-4",
+            &out,
+        )?;
+    }
     let mut out = ferry(&["up", file], b"", BOOT_LIMIT * 2)?;
     if out.code() != 0 {
         // A node an earlier case left hung (its agent no longer answers: a guest out of
@@ -1909,15 +1944,22 @@ impl HostConsole {
 
 /// The guests of any cluster under `<cache>/clusters` that died or reset by themselves since
 /// `since`, as their daemons logged it (`[UNIX_SECONDS] the guest ended: the guest
-/// triple-faulted ...`, `... the guest rebooted ...`): `node: the line`. Under the nested
+/// triple-faulted ...`, `... the guest rebooted ...`): `node: the line`; and the guests of
+/// `ferry run` calls that triple-faulted since then ([`RUN_DEATHS`]). Under the nested
 /// host's emulated SVM, guests triple-fault now and then, idle ones included: the
 /// platform's, like a host stall. Each is printed, so a pattern would show.
 fn guest_deaths_since(since: std::time::SystemTime) -> Vec<String> {
+    let mut found: Vec<String> = RUN_DEATHS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(at, _)| *at >= since)
+        .map(|(_, line)| line.clone())
+        .collect();
     let since = since
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let clusters = ferry::debian::cache_dir().join("clusters");
-    let mut found = Vec::new();
     for cluster in std::fs::read_dir(&clusters).into_iter().flatten().flatten() {
         let nodes = cluster.path().join("nodes");
         for node in std::fs::read_dir(&nodes).into_iter().flatten().flatten() {
@@ -1972,6 +2014,63 @@ fn restart_host_if_unresponsive() -> bool {
             let _ = Command::new(FERRY).args(["host", "start"]).status();
             true
         }
+    }
+}
+
+/// How a case fared over its attempts so far.
+#[derive(Default)]
+struct Tally {
+    attempts: u32,
+    /// Failed attempts during which the platform did not fail.
+    own_failures: u32,
+    /// All its attempts together.
+    took: Duration,
+    /// The last attempt's result; None before the first.
+    last: Option<CaseResult>,
+}
+
+impl Tally {
+    fn failed(&self) -> bool {
+        matches!(self.last, Some(Err(_)))
+    }
+
+    /// One attempt of `case`, printed: `ok`, or why it failed, what the nested host's kernel
+    /// said meanwhile and whether the platform failed (the host is then restarted if it is
+    /// wedged or deaf, for the next attempt or case).
+    fn attempt(&mut self, suite: &Suite, name: &str, case: fn(&Suite) -> CaseResult) {
+        let t = Instant::now();
+        self.attempts += 1;
+        let console = HostConsole::mark(suite);
+        *ATTEMPT.lock().unwrap_or_else(|e| e.into_inner()) = Some(console.clone());
+        let began = std::time::SystemTime::now();
+        let result = case(suite);
+        *ATTEMPT.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        match &result {
+            Ok(()) => println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64()),
+            Err(why) => {
+                let news = console.news();
+                // So that one wedged host fails one attempt, not the rest.
+                let mut platform = suite.nested && recover_host(&console);
+                if suite.nested {
+                    let deaths = guest_deaths_since(began);
+                    for d in &deaths {
+                        println!("e2e: a guest died during the attempt: {d}");
+                    }
+                    platform |= !deaths.is_empty();
+                }
+                if !platform {
+                    self.own_failures += 1;
+                }
+                println!(
+                    "test {name} ... failed on attempt {} ({:.1} s{}):\n{why}{news}",
+                    self.attempts,
+                    t.elapsed().as_secs_f64(),
+                    if platform { ", the platform's" } else { "" }
+                );
+            }
+        }
+        self.took += t.elapsed();
+        self.last = Some(result);
     }
 }
 
@@ -2049,6 +2148,7 @@ fn setup() -> Result<(Suite, NestedHostGuard), String> {
 }
 
 fn main() {
+    let begun = Instant::now();
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let selected: Vec<&Case> = CASES
         .iter()
@@ -2062,84 +2162,71 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let mut passed = 0;
-    let mut failed = Vec::new();
-    let started = Instant::now();
-    // A case gets a second attempt. An attempt during which the platform failed does not
-    // count against the case: with busy guests, QEMU's emulated SVM wedges a CPU of the
+    // Every case runs once, in order. Then the cases that failed are tried again, in order,
+    // round after round, until each passed or is given up, or the suite is older than
+    // `RETRY_UNTIL`: a case's first attempt never waits behind another case's retries.
+    // Retries are for the platform: with busy guests, QEMU's emulated SVM wedges a CPU of the
     // nested host or triple-faults a guest within minutes (the README's notes on the nested
-    // host). That is: the nested host's own kernel wedged (a CPU stalled, or it panicked: see
-    // `HostConsole::wedged`; `platform_check` ends such an attempt at once), or the host
-    // stopped running commands (either way it is restarted), or a guest died or reset by
-    // itself (`guest_deaths_since`).
-    // Such a case is tried up to `MAX_ATTEMPTS` times in all, while the suite is younger than
-    // `PLATFORM_RETRY_BUDGET`; no attempt at all starts again after `RETRY_BUDGET`, so that
-    // CI's 90 minutes hold (the rest of `cargo test --workspace` takes about 5).
+    // host). An attempt during which the nested host's kernel wedged (a CPU stalled, or it
+    // panicked: see `HostConsole::wedged`; `platform_check` ends such an attempt at once), or
+    // the host stopped running commands (either way it is restarted), or a guest died or reset
+    // by itself (`guest_deaths_since`) is the platform's, and does not count against the case.
+    // A case is given up after `MAX_ATTEMPTS` attempts in all, or after two failures of its
+    // own. No retry starts once the suite (its setup included) is older than `RETRY_UNTIL`,
+    // so that CI's 90 minutes hold: the rest of `cargo test --workspace` takes about 5, and
+    // the longest attempts in the suite's runs so far took about 5.
     // Every failed attempt is printed, and the summary names the cases that needed more than
     // one, so a flaky case shows instead of hiding.
     const MAX_ATTEMPTS: u32 = 8;
-    const PLATFORM_RETRY_BUDGET: Duration = Duration::from_secs(60 * 60);
-    const RETRY_BUDGET: Duration = Duration::from_secs(70 * 60);
-    let mut retried = Vec::new();
-    for (name, case) in &selected {
-        let t = Instant::now();
+    const RETRY_UNTIL: Duration = Duration::from_secs(68 * 60);
+    let started = Instant::now();
+    let mut tallies: Vec<Tally> = selected.iter().map(|_| Tally::default()).collect();
+    for ((name, case), tally) in selected.iter().zip(&mut tallies) {
         println!("test {name} ...");
-        let mut attempt = 1;
-        let mut own_failures = 0;
-        let result = loop {
-            let console = HostConsole::mark(&suite);
-            *ATTEMPT.lock().unwrap_or_else(|e| e.into_inner()) = Some(console.clone());
-            let began = std::time::SystemTime::now();
-            let result = case(&suite);
-            *ATTEMPT.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            let Err(why) = &result else {
-                break result;
-            };
-            let news = console.news();
-            // So that one wedged host fails one attempt, not the rest.
-            let mut platform = suite.nested && recover_host(&console);
-            if suite.nested {
-                let faults = guest_deaths_since(began);
-                for f in &faults {
-                    println!("e2e: a guest died during the attempt: {f}");
-                }
-                platform |= !faults.is_empty();
+        tally.attempt(&suite, name, *case);
+    }
+    'rounds: loop {
+        let mut ran = false;
+        for ((name, case), tally) in selected.iter().zip(&mut tallies) {
+            if !tally.failed() || tally.attempts >= MAX_ATTEMPTS || tally.own_failures >= 2 {
+                continue;
             }
-            if !platform {
-                own_failures += 1;
-            }
-            let again = attempt < MAX_ATTEMPTS
-                && own_failures < 2
-                && started.elapsed() < RETRY_BUDGET
-                && (!platform || started.elapsed() < PLATFORM_RETRY_BUDGET);
-            if !again {
+            if begun.elapsed() >= RETRY_UNTIL {
                 println!(
-                    "test {name} ... FAILED ({:.1} s)\n{why}{news}",
-                    t.elapsed().as_secs_f64()
+                    "e2e: no more attempts: the suite has run {:.0} min",
+                    begun.elapsed().as_secs_f64() / 60.0
                 );
-                break result;
+                break 'rounds;
             }
-            println!(
-                "test {name} ... failed on attempt {attempt} ({:.1} s{}), trying again:\n{why}{news}",
-                t.elapsed().as_secs_f64(),
-                if platform { ", the platform's" } else { "" }
-            );
-            attempt += 1;
-        };
-        if attempt > 1 {
-            retried.push(format!("{name} ({attempt} attempts)"));
+            println!("test {name} ... attempt {}", tally.attempts + 1);
+            tally.attempt(&suite, name, *case);
+            ran = true;
         }
-        match result {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
-            }
-            Err(_) => failed.push(*name),
+        if !ran {
+            break;
         }
     }
+    let retried: Vec<String> = selected
+        .iter()
+        .zip(&tallies)
+        .filter(|(_, t)| t.attempts > 1)
+        .map(|((name, _), t)| format!("{name} ({} attempts)", t.attempts))
+        .collect();
     if !retried.is_empty() {
         println!("e2e: needed more than one attempt: {}", retried.join(", "));
     }
+    let mut failed = Vec::new();
+    for ((name, _), tally) in selected.iter().zip(&tallies) {
+        if let Some(Err(why)) = &tally.last {
+            println!(
+                "test {name} ... FAILED ({} attempts, {:.1} s in all)\n{why}",
+                tally.attempts,
+                tally.took.as_secs_f64()
+            );
+            failed.push(*name);
+        }
+    }
+    let passed = selected.len() - failed.len();
     drop(guard);
     let _ = std::fs::remove_dir_all(suite.public_kernel.parent().unwrap());
     println!(
