@@ -107,6 +107,8 @@ where
     const STREAMING: &str = "streaming post-copy pages";
     const REQUESTS: &str = "reading the destination's page requests";
     const ACK: &str = "waiting for the destination to confirm every page (Ack)";
+    const PLACED: &str =
+        "waiting for the destination to place the pages sent so far (Placed), to send more";
     let index: HashMap<u64, usize> = lazy.iter().enumerate().map(|(i, &(v, _))| (v, i)).collect();
     let queue = Mutex::new(Queue {
         credit: i64::from(LAZY_WINDOW),
@@ -183,7 +185,14 @@ where
             // window.
             if picked.is_empty() {
                 if !may_stream {
-                    wake.notified().await;
+                    // A destination that stops placing what it was sent (its guest died, its
+                    // agent hangs) fails the job here, instead of holding it for good.
+                    timeout(timeouts.io, wake.notified()).await.map_err(|_| {
+                        MigrationError::Timeout {
+                            during: PLACED,
+                            after: timeouts.io,
+                        }
+                    })?;
                     continue;
                 }
                 while picked.len() < MAX_BATCH_PAGES && next < lazy.len() {

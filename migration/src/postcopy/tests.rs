@@ -194,6 +194,42 @@ async fn a_destination_gone_after_the_resume_fails_the_source() {
 }
 
 #[tokio::test]
+async fn a_destination_that_stops_placing_pages_fails_the_source_within_the_io_limit() {
+    let (mem, _, lazy) = source(8 + 10 * MAX_BATCH_PAGES);
+    let (mut a, mut b) = duplex(64 << 20);
+    // Takes what it is sent and never answers, its end of the stream held open: a
+    // destination whose guest died while its daemon lives on.
+    let peer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut batches = 0;
+        while let Ok(m) = read_message(&mut b, &mut buf, "test").await {
+            match m {
+                Message::LazyBatch(_) => batches += 1,
+                other => panic!("{other:?} from a source with no credit left"),
+            }
+        }
+        batches
+    });
+    let timeouts = Timeouts {
+        io: std::time::Duration::from_millis(300),
+        ..Timeouts::default()
+    };
+    let e = timeout(
+        std::time::Duration::from_secs(20),
+        serve_postcopy(&mut a, &lazy, &mem, &timeouts, |_| {}),
+    )
+    .await
+    .expect("the source gives up by itself, long before the test's own limit")
+    .unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Timeout { during, .. } if during.contains("(Placed)")),
+        "{e}"
+    );
+    drop(a);
+    assert_eq!(peer.await.unwrap(), LAZY_WINDOW as usize);
+}
+
+#[tokio::test]
 async fn a_request_for_a_page_outside_the_list_is_refused() {
     let (mem, _, lazy) = source(300);
     let (mut a, mut b) = duplex(64 * 1024);
