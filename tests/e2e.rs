@@ -2172,11 +2172,11 @@ fn main() {
     // the host stopped running commands (either way it is restarted), or a guest died or reset
     // by itself (`guest_deaths_since`) is the platform's, and does not count against the case.
     // A case is given up after `MAX_ATTEMPTS` attempts in all, or after two failures of its
-    // own. No retry starts once the suite (its setup included) is older than `RETRY_UNTIL`,
-    // so that CI's 90 minutes hold: the rest of `cargo test --workspace` took about 5 there,
-    // and the longest attempts in the suite's runs so far took about 5.5. A retry runs only
-    // for a case that failed, so the later this limit, the more runs pass; none that would
-    // have passed fails for it.
+    // own. No retry starts once the suite (its setup included) is older than `RETRY_UNTIL`:
+    // the rest of `cargo test --workspace` took about 5 minutes in CI, and most attempts take
+    // under 5 (the longest in the last full run, 9.3), so CI's 90 minutes mostly hold. A
+    // retry runs only for a case that failed, so a later limit turns only runs that would be
+    // red anyway green, or over time.
     // Every failed attempt is printed, and the summary names the cases that needed more than
     // one, so a flaky case shows instead of hiding.
     const MAX_ATTEMPTS: u32 = 8;
