@@ -2187,26 +2187,20 @@ fn main() {
         println!("test {name} ...");
         tally.attempt(&suite, name, *case);
     }
-    'rounds: loop {
-        let mut ran = false;
+    let retryable = |t: &Tally| t.failed() && t.attempts < MAX_ATTEMPTS && t.own_failures < 2;
+    while tallies.iter().any(retryable) && begun.elapsed() < RETRY_UNTIL {
         for ((name, case), tally) in selected.iter().zip(&mut tallies) {
-            if !tally.failed() || tally.attempts >= MAX_ATTEMPTS || tally.own_failures >= 2 {
-                continue;
+            if retryable(tally) && begun.elapsed() < RETRY_UNTIL {
+                println!("test {name} ... attempt {}", tally.attempts + 1);
+                tally.attempt(&suite, name, *case);
             }
-            if begun.elapsed() >= RETRY_UNTIL {
-                println!(
-                    "e2e: no more attempts: the suite has run {:.0} min",
-                    begun.elapsed().as_secs_f64() / 60.0
-                );
-                break 'rounds;
-            }
-            println!("test {name} ... attempt {}", tally.attempts + 1);
-            tally.attempt(&suite, name, *case);
-            ran = true;
         }
-        if !ran {
-            break;
-        }
+    }
+    if tallies.iter().any(retryable) {
+        println!(
+            "e2e: no more attempts: the suite has run {:.0} min",
+            begun.elapsed().as_secs_f64() / 60.0
+        );
     }
     let retried: Vec<String> = selected
         .iter()

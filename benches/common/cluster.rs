@@ -110,10 +110,10 @@ pub struct Bench {
     pub spec: &'static Spec,
     /// The memory of the host that runs the guests, in MiB.
     pub host_mib: u64,
-    /// The nested host's console log and its length when the bench brought the cluster up, so
+    /// Where the nested host's console log stood when the bench brought the cluster up, so
     /// that the host wedging since then ends the moves ([`Bench::host_wedged`]); `None` on this
     /// machine's KVM.
-    console_mark: Option<ferry::nested::ConsoleMark>,
+    console_mark: Option<ConsoleMark>,
 }
 
 impl Drop for Bench {
