@@ -1862,6 +1862,10 @@ const CASES: &[Case] = &[
         "a_fourth_node_joins_from_one_members_address",
         join::a_fourth_node_joins_from_one_members_address,
     ),
+    (
+        "a_joined_node_takes_a_moved_process_and_a_balanced_job",
+        join::a_joined_node_takes_a_moved_process_and_a_balanced_job,
+    ),
 ];
 
 /// Where the nested host's console (its kernel's messages) stood when a case began, to show

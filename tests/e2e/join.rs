@@ -76,11 +76,11 @@ fn join_node_4(file: &str) -> CaseResult {
     Ok(())
 }
 
-pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseResult {
-    let file = local_cluster_file();
-    let file = file.as_str();
+/// The three-node cluster up, its nodes clean, run by daemons that know gossip; a node-4 that
+/// an earlier attempt left joined is forgotten (`up_with_clean_nodes`).
+fn three_gossiping_nodes(file: &str) -> Result<ferry::cluster::control::Cluster, String> {
     // Daemons of a build without gossip (they do not know /v1/members): the cluster starts
-    // afresh. A node-4 an earlier attempt left joined, `up_with_clean_nodes` forgets.
+    // afresh.
     let cluster =
         ferry::cluster::control::Cluster::load(Path::new(file)).map_err(|e| e.to_string())?;
     let stale = cluster_token(file).is_ok_and(|token| {
@@ -91,6 +91,34 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
         check(out.code() == 0, "`ferry down` clears what was left", &out)?;
     }
     up_with_clean_nodes(file, &["node-1"])?;
+    Ok(cluster)
+}
+
+/// `ferry down`: the cluster stops, nothing of it is left running, and node-4 is forgotten, so
+/// the plain three-node cluster is what the next case starts.
+fn down_forgets_node_4(s: &Suite, file: &str) -> CaseResult {
+    let out = ferry(&["down", file], b"", BOOT_LIMIT)?;
+    check(out.code() == 0, "`ferry down` stops the cluster", &out)?;
+    let left = cluster_leftovers(s)?;
+    if !left.trim().is_empty() {
+        return Err(format!("left after `ferry down`:\n{left}"));
+    }
+    let cluster =
+        ferry::cluster::control::Cluster::load(Path::new(file)).map_err(|e| e.to_string())?;
+    if cluster.config.nodes.len() != 3 {
+        return Err("`ferry down` must forget node-4".into());
+    }
+    Ok(())
+}
+
+/// Membership: bad joins are refused, node-4 joins through one member's peer address, every
+/// member lists it, and its leaving, return and death are seen by the others. No workload
+/// runs: the moves to a joined node are the next case's, so that a stall of the nested host in
+/// one part does not cost the other's time again.
+pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseResult {
+    let file = local_cluster_file();
+    let file = file.as_str();
+    three_gossiping_nodes(file)?;
 
     // Bad joins say why and start nothing.
     let out = ferry(
@@ -119,6 +147,91 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
 
     // node-4 joins through node-2's peer address alone.
     join_node_4(file)?;
+
+    // Every member lists it, ready, with the settings the cluster gave it.
+    let every = ["node-1", "node-2", "node-3", "node-4"];
+    nodes_agree(file, &every, QUICK_LIMIT, |nodes| {
+        nodes.len() == 4
+            && nodes.iter().all(|n| n.state == NodeState::Ready)
+            && listed(nodes, "node-4")
+                .is_some_and(|n| n.address == "10.77.1.14" && n.vcpus == 2 && n.memory_mib == 512)
+    })
+    .map_err(|e| format!("every member must list node-4 as ready:\n{e}"))?;
+    let out = ferry(&["status", file, "--json"], b"", QUICK_LIMIT)?;
+    check(
+        out.code() == 0 && out.stdout.matches("\"name\"").count() == 4,
+        "`ferry status` lists the four nodes, all ready",
+        &out,
+    )?;
+
+    // node-4 stops: it says it leaves, and every other member shows it down, with why.
+    let status = api_post(file, "node-4", "/v1/shutdown")?;
+    if status != 202 {
+        return Err(format!("POST /v1/shutdown on node-4 answered {status}"));
+    }
+    let others = ["node-1", "node-2", "node-3"];
+    nodes_agree(file, &others, QUICK_LIMIT, |nodes| {
+        nodes.len() == 4
+            && listed(nodes, "node-4").is_some_and(|n| {
+                n.state == NodeState::Down
+                    && n.detail
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with("left the cluster"))
+            })
+    })
+    .map_err(|e| format!("the others must show node-4 down, left:\n{e}"))?;
+
+    // `up` brings it back (it stays part of the cluster until `down`), and the others see it
+    // ready again; then it dies without a word, and gossip declares it down.
+    let out = ferry(&["up", file], b"", BOOT_LIMIT)?;
+    check(
+        out.code() == 0 && out.stderr.contains("node-4 ready after"),
+        "`ferry up` starts node-4 again",
+        &out,
+    )?;
+    nodes_agree(file, &others, QUICK_LIMIT, |nodes| {
+        listed(nodes, "node-4").is_some_and(|n| n.state == NodeState::Ready)
+    })
+    .map_err(|e| format!("the others must see node-4 back:\n{e}"))?;
+    let out = kill_daemon(s, "node-4")?;
+    check(out.code() == 0, "node-4's daemon is killed", &out)?;
+    let t = Instant::now();
+    nodes_agree(file, &others, QUICK_LIMIT, |nodes| {
+        listed(nodes, "node-4").is_some_and(|n| {
+            n.state == NodeState::Down
+                && n.detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("declared down by gossip: no answer since"))
+        })
+    })
+    .map_err(|e| format!("gossip must declare the killed node-4 down:\n{e}"))?;
+    println!(
+        "e2e: the others declared the killed node-4 down within {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // ssh to it says so at once, instead of knocking at a dead guest for minutes.
+    let out = ferry(
+        &["ssh", "node-4", "--file", file, "--", "true"],
+        b"",
+        QUICK_LIMIT,
+    )?;
+    check(
+        out.code() != 0 && out.stderr.contains("node-4 is down"),
+        "`ferry ssh node-4` refuses the dead node at once, with the reason",
+        &out,
+    )?;
+
+    down_forgets_node_4(s, file)
+}
+
+/// A joined node takes part: a process moved to node-4 keeps its state, and the balancer
+/// sends node-4 a CPU-bound job by itself.
+pub(crate) fn a_joined_node_takes_a_moved_process_and_a_balanced_job(s: &Suite) -> CaseResult {
+    let file = local_cluster_file();
+    let file = file.as_str();
+    let cluster = three_gossiping_nodes(file)?;
+    // node-4 joins through node-2's peer address alone.
+    join_node_4(file)?;
     // Its disk is made from the current root image. Disks kept from an older one (a
     // developer's machine) hold other builds of python3 and its libraries, which a moved
     // process maps again by path: then the cluster starts over with fresh disks.
@@ -137,22 +250,6 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
         up_with_clean_nodes(file, &["node-1"])?;
         join_node_4(file)?;
     }
-
-    // Every member lists it, ready, with the settings the cluster gave it.
-    let every = ["node-1", "node-2", "node-3", "node-4"];
-    nodes_agree(file, &every, QUICK_LIMIT, |nodes| {
-        nodes.len() == 4
-            && nodes.iter().all(|n| n.state == NodeState::Ready)
-            && listed(nodes, "node-4")
-                .is_some_and(|n| n.address == "10.77.1.14" && n.vcpus == 2 && n.memory_mib == 512)
-    })
-    .map_err(|e| format!("every member must list node-4 as ready:\n{e}"))?;
-    let out = ferry(&["status", file, "--json"], b"", QUICK_LIMIT)?;
-    check(
-        out.code() == 0 && out.stdout.matches("\"name\"").count() == 4,
-        "`ferry status` lists the four nodes, all ready",
-        &out,
-    )?;
 
     // A process moves to node-4 and keeps its state (its progress file is reopened there, so
     // node-4 has one too).
@@ -239,74 +336,5 @@ pub(crate) fn a_fourth_node_joins_from_one_members_address(s: &Suite) -> CaseRes
     }
     reached?;
 
-    // node-4 stops: it says it leaves, and every other member shows it down, with why.
-    let status = api_post(file, "node-4", "/v1/shutdown")?;
-    if status != 202 {
-        return Err(format!("POST /v1/shutdown on node-4 answered {status}"));
-    }
-    let others = ["node-1", "node-2", "node-3"];
-    nodes_agree(file, &others, QUICK_LIMIT, |nodes| {
-        nodes.len() == 4
-            && listed(nodes, "node-4").is_some_and(|n| {
-                n.state == NodeState::Down
-                    && n.detail
-                        .as_deref()
-                        .is_some_and(|d| d.starts_with("left the cluster"))
-            })
-    })
-    .map_err(|e| format!("the others must show node-4 down, left:\n{e}"))?;
-
-    // `up` brings it back (it stays part of the cluster until `down`), and the others see it
-    // ready again; then it dies without a word, and gossip declares it down.
-    let out = ferry(&["up", file], b"", BOOT_LIMIT)?;
-    check(
-        out.code() == 0 && out.stderr.contains("node-4 ready after"),
-        "`ferry up` starts node-4 again",
-        &out,
-    )?;
-    nodes_agree(file, &others, QUICK_LIMIT, |nodes| {
-        listed(nodes, "node-4").is_some_and(|n| n.state == NodeState::Ready)
-    })
-    .map_err(|e| format!("the others must see node-4 back:\n{e}"))?;
-    let out = kill_daemon(s, "node-4")?;
-    check(out.code() == 0, "node-4's daemon is killed", &out)?;
-    let t = Instant::now();
-    nodes_agree(file, &others, QUICK_LIMIT, |nodes| {
-        listed(nodes, "node-4").is_some_and(|n| {
-            n.state == NodeState::Down
-                && n.detail
-                    .as_deref()
-                    .is_some_and(|d| d.starts_with("declared down by gossip: no answer since"))
-        })
-    })
-    .map_err(|e| format!("gossip must declare the killed node-4 down:\n{e}"))?;
-    println!(
-        "e2e: the others declared the killed node-4 down within {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    // ssh to it says so at once, instead of knocking at a dead guest for minutes.
-    let out = ferry(
-        &["ssh", "node-4", "--file", file, "--", "true"],
-        b"",
-        QUICK_LIMIT,
-    )?;
-    check(
-        out.code() != 0 && out.stderr.contains("node-4 is down"),
-        "`ferry ssh node-4` refuses the dead node at once, with the reason",
-        &out,
-    )?;
-
-    // `down` stops and forgets it: the plain three-node cluster is left for the next cases.
-    let out = ferry(&["down", file], b"", BOOT_LIMIT)?;
-    check(out.code() == 0, "`ferry down` stops the cluster", &out)?;
-    let left = cluster_leftovers(s)?;
-    if !left.trim().is_empty() {
-        return Err(format!("left after `ferry down`:\n{left}"));
-    }
-    let cluster =
-        ferry::cluster::control::Cluster::load(Path::new(file)).map_err(|e| e.to_string())?;
-    if cluster.config.nodes.len() != 3 {
-        return Err("`ferry down` must forget node-4".into());
-    }
-    Ok(())
+    down_forgets_node_4(s, file)
 }
