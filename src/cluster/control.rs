@@ -573,34 +573,51 @@ pub fn up(file: &Path, quiet: bool) -> Result<Vec<NodeStatus>, ControlError> {
             }
             std::fs::write(cluster.dir.nested_marker(), "")
                 .map_err(io("marking the cluster as nested"))?;
-            let exe = std::env::current_exe().map_err(io("locating the ferry binary"))?;
-            let mut argv = vec![
-                host.stage_executable(&exe)?.to_string_lossy().into_owned(),
-                "daemon".into(),
-                "spawn".into(),
-                "--dir".into(),
-                cluster.dir.root().to_string_lossy().into_owned(),
-                "--kernel".into(),
-                img.vmlinux.to_string_lossy().into_owned(),
-                "--initrd".into(),
-                img.initrd.to_string_lossy().into_owned(),
-                "--listen".into(),
-                "0.0.0.0".into(),
-                "--api-host".into(),
-                "127.0.0.1".into(),
-            ];
-            argv.extend(names.iter().cloned());
-            let code = host.exec(&argv, Path::new("/"), &[], false)?;
-            if code != 0 {
-                return Err(ControlError::Spawn {
-                    node: names.join(", "),
-                    reason: format!("`ferry daemon spawn` in the nested host exited {code}"),
-                    log: String::new(),
-                });
-            }
+            spawn_in_nested(&host, &cluster, &img.vmlinux, &img.initrd, &names)?;
         }
     }
     wait_ready(&cluster, &to_start, started, quiet)
+}
+
+/// Starts the daemons of nodes `names` inside the nested host (`ferry daemon spawn` there,
+/// with this very binary).
+pub(super) fn spawn_in_nested(
+    host: &nested::NestedHost,
+    cluster: &Cluster,
+    kernel: &Path,
+    initrd: &Path,
+    names: &[String],
+) -> Result<(), ControlError> {
+    let exe = std::env::current_exe().map_err(io("locating the ferry binary"))?;
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let mut argv = vec![
+        s(&host.stage_executable(&exe)?),
+        "daemon".into(),
+        "spawn".into(),
+        "--dir".into(),
+        s(cluster.dir.root()),
+        "--kernel".into(),
+        s(kernel),
+        "--initrd".into(),
+        s(initrd),
+        "--listen".into(),
+        Ipv4Addr::UNSPECIFIED.to_string(),
+        "--api-host".into(),
+        Ipv4Addr::LOCALHOST.to_string(),
+    ];
+    argv.extend(names.iter().cloned());
+    let code = host.exec(&argv, Path::new("/"), &[], false)?;
+    if code != 0 {
+        return Err(ControlError::Spawn {
+            node: names.join(", "),
+            reason: format!("`ferry daemon spawn` in the nested host exited {code}"),
+            log: names
+                .iter()
+                .map(|n| log_tail(&cluster.dir.daemon_log(n)))
+                .collect(),
+        });
+    }
+    Ok(())
 }
 
 /// The nested host's memory for these nodes: their guests and a GiB for its own needs, at

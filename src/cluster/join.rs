@@ -11,7 +11,7 @@
 //! A record in the state directory keeps the node part of the cluster for `status`, `ps`,
 //! `ssh`, `migrate` and `down` (which stops it and forgets it).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -433,38 +433,15 @@ fn start_daemon(
     host.keep_for(&cfg.name).map_err(ControlError::from)?;
     host.forward_port(node.api_port)
         .map_err(ControlError::from)?;
-    let exe = std::env::current_exe().map_err(|source| ControlError::Io {
-        what: "locating the ferry binary".into(),
-        source,
-    })?;
-    let s = |p: &Path| p.to_string_lossy().into_owned();
-    let argv = vec![
-        s(&host.stage_executable(&exe).map_err(ControlError::from)?),
-        "daemon".into(),
-        "spawn".into(),
-        "--dir".into(),
-        s(cluster.dir.root()),
-        "--kernel".into(),
-        s(kernel),
-        "--initrd".into(),
-        s(initrd),
-        "--listen".into(),
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED).to_string(),
-        "--api-host".into(),
-        "127.0.0.1".into(),
-        node.name.clone(),
-    ];
-    let code = host
-        .exec(&argv, Path::new("/"), &[], false)
-        .map_err(ControlError::from)?;
-    if code != 0 {
+    if let Err(e) = control::spawn_in_nested(
+        &host,
+        cluster,
+        kernel,
+        initrd,
+        std::slice::from_ref(&node.name),
+    ) {
         let _ = host.unforward_port(node.api_port);
-        return Err(ControlError::Spawn {
-            node: node.name.clone(),
-            reason: format!("`ferry daemon spawn` in the nested host exited {code}"),
-            log: control::log_tail(&cluster.dir.daemon_log(&node.name)),
-        }
-        .into());
+        return Err(e.into());
     }
     Ok(())
 }
