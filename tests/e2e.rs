@@ -1985,6 +1985,25 @@ fn guest_deaths_since(since: std::time::SystemTime) -> Vec<String> {
     found
 }
 
+/// How long the nested host's kernel may take to report a CPU that stopped: Debian's kernel
+/// reports an RCU stall 21 s after the grace period the CPU holds up began
+/// (`CONFIG_RCU_CPU_STALL_TIMEOUT`; the CPU may have stopped before), a soft lockup after 20 s
+/// (twice `watchdog_thresh`); and the report then has to reach the console.
+const STALL_REPORT_DELAY: Duration = Duration::from_secs(30);
+
+/// After a failed attempt whose time saw no report from the nested host's kernel: waits until
+/// one comes, at most [`STALL_REPORT_DELAY`]. Such a report is of a CPU that stopped at about
+/// the time the attempt failed or before, and guests slowed or silenced by it fail in ways of
+/// their own (an agent that no longer answers within its limit): the attempt was the
+/// platform's. Seen in a full run: a move failed because the source's agent did not answer
+/// within 10 s, and the host's kernel reported a stall about 22 s later.
+fn wait_for_late_report(console: &HostConsole) {
+    let deadline = Instant::now() + STALL_REPORT_DELAY;
+    while console.wedged().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// After a failed attempt in the nested host: a host whose kernel reported a stall, a lockup
 /// or a panic during it is restarted (its guests, the cluster's nodes among them, may hang for
 /// good: the next `ferry up` brings the cluster back in the new host); otherwise, one that does
@@ -2052,6 +2071,9 @@ impl Tally {
         match &result {
             Ok(()) => println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64()),
             Err(why) => {
+                if suite.nested {
+                    wait_for_late_report(&console);
+                }
                 let news = console.news();
                 // So that one wedged host fails one attempt, not the rest.
                 let mut platform = suite.nested && recover_host(&console);
