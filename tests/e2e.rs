@@ -2200,7 +2200,7 @@ fn main() {
     // A case is given up after `MAX_ATTEMPTS` attempts in all, or after two failures of its
     // own. No retry starts once the suite (its setup included) is older than `RETRY_UNTIL`:
     // the rest of `cargo test --workspace` took about 5 minutes in CI, and most attempts take
-    // under 5 (the longest in the last full run, 9.3), so CI's 90 minutes mostly hold. A
+    // under 5 (the longest seen in a full run, 9.3), so CI's 90 minutes mostly hold. A
     // retry runs only for a case that failed, so a later limit turns only runs that would be
     // red anyway green, or over time.
     // Every failed attempt is printed, and the summary names the cases that needed more than
